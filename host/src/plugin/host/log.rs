@@ -1,0 +1,10 @@
+//! `roost:persona/log`: rate-limited lines tagged with the persona's name.
+
+use crate::plugin::bindings::log::{Host, Level};
+use crate::plugin::state::HostState;
+
+impl Host for HostState {
+    async fn log(&mut self, level: Level, text: String) {
+        self.ctx.log.line(level, &text);
+    }
+}

@@ -1,0 +1,285 @@
+//! The sandboxed runtime against hostile and well-behaved guests (built from
+//! tests/guests and plugins/ by the test build).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use roost::plugin::bindings::{Action, Message, MessageFlags};
+use roost::plugin::{
+    FailureKind, LimitHit, Limits, LoadError, PersonaContext, Runtime, RuntimeConfig, Sandbox,
+};
+
+use crate::guests::{example, guest};
+
+fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig::default()).expect("runtime")
+}
+
+fn sandbox(rt: &Runtime, path: &std::path::Path) -> Sandbox {
+    let component = Arc::new(rt.load_file(path).expect("load"));
+    let ctx = PersonaContext::sandbox(&component.label.clone());
+    Sandbox::new(rt.clone(), component, ctx, Limits::default())
+}
+
+fn msg(text: &str) -> Message {
+    Message {
+        room: "lobby".into(),
+        sender: "ada".into(),
+        text: text.into(),
+        timestamp_ms: 1_769_790_508_965,
+        flags: MessageFlags::MENTIONS_ME,
+    }
+}
+
+fn said(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Say(o) => Some(o.text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_describes_itself_and_echoes_a_mention() {
+    let rt = runtime();
+    let mut sb = sandbox(&rt, &example("echo"));
+    let m = sb.describe().await.expect("describe");
+    assert_eq!(m.name, "echo");
+    assert!(m.rooms.contains(&"lobby".to_string()));
+    let actions = sb.on_message(&msg("@echo hello there")).await.expect("call");
+    assert_eq!(said(&actions), vec!["hello there".to_string()]);
+    let actions = sb.on_message(&msg("echo: second")).await.expect("call");
+    assert_eq!(said(&actions), vec!["second".to_string()]);
+    let mut quiet = msg("nobody mentioned here");
+    quiet.flags = MessageFlags::empty();
+    assert!(sb.on_message(&quiet).await.expect("call").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_is_interrupted_and_named() {
+    let rt = runtime();
+    let mut sb = sandbox(&rt, &guest("loop"));
+    let started = Instant::now();
+    let err = sb.on_message(&msg("spin")).await.expect_err("must be interrupted");
+    let took = started.elapsed();
+    assert!(
+        matches!(err.kind, FailureKind::Limit(LimitHit::Cpu { .. })),
+        "unexpected failure: {err}"
+    );
+    let line = err.to_string();
+    assert!(line.contains("`loop`") && line.contains("CPU time limit of 200 ms"), "{line}");
+    assert!(line.contains("message from `ada` in #lobby"), "{line}");
+    // Generous: 5 × the 200 ms deadline on a noisy machine.
+    assert!(took < Duration::from_millis(1_000), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_hits_the_memory_limit() {
+    let rt = runtime();
+    let mut sb = sandbox(&rt, &guest("membomb"));
+    let err = sb.on_message(&msg("eat")).await.expect_err("must fail");
+    assert!(
+        matches!(err.kind, FailureKind::Limit(LimitHit::Memory { limit, .. }) if limit == 64 << 20),
+        "unexpected failure: {err}"
+    );
+    assert!(err.to_string().contains("memory limit of 64 MiB"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_recursion_hits_the_stack_limit() {
+    let rt = runtime();
+    let mut sb = sandbox(&rt, &guest("recursion"));
+    let err = sb.on_message(&msg("dive")).await.expect_err("must fail");
+    assert!(
+        matches!(err.kind, FailureKind::Limit(LimitHit::Stack { .. })),
+        "unexpected failure: {err}"
+    );
+    assert!(err.to_string().contains("`recursion`"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_fails_one_call_and_the_next_gets_a_fresh_instance() {
+    let rt = runtime();
+    let mut sb = sandbox(&rt, &guest("panic"));
+    let err = sb.on_message(&msg("boom")).await.expect_err("must trap");
+    assert!(matches!(err.kind, FailureKind::Trap(_)), "unexpected failure: {err}");
+    assert!(err.to_string().contains("panicked"), "{err}");
+    let before = sb.stats().instances_created;
+    let _ = sb.on_message(&msg("boom")).await;
+    assert_eq!(sb.stats().instances_created, before + 1, "a fresh instance per call after a trap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_reply_is_refused() {
+    let rt = runtime();
+    let mut sb = sandbox(&rt, &guest("bigreply"));
+    let err = sb.on_message(&msg("big")).await.expect_err("must fail");
+    assert!(
+        matches!(err.kind, FailureKind::Limit(LimitHit::ReplyBytes { .. })),
+        "unexpected failure: {err}"
+    );
+    assert!(err.to_string().contains("reply size limit of 64 KiB"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn five_failures_quarantine_with_doubling_backoff() {
+    let rt = runtime();
+    let mut sb = sandbox(&rt, &guest("panic"));
+    for _ in 0..5 {
+        let err = sb.on_message(&msg("boom")).await.expect_err("trap");
+        assert!(matches!(err.kind, FailureKind::Trap(_)));
+    }
+    let q = sb.quarantined_for().expect("quarantined after 5 failures");
+    assert!(q <= Duration::from_secs(30) && q > Duration::from_secs(29));
+    let err = sb.on_message(&msg("boom")).await.expect_err("skipped");
+    assert!(matches!(err.kind, FailureKind::Quarantined { .. }), "{err}");
+    let calls = sb.stats().calls;
+    tokio::time::advance(Duration::from_secs(31)).await;
+    // Released on probation: one more failure re-quarantines for twice as long.
+    let _ = sb.on_message(&msg("boom")).await.expect_err("trap");
+    assert_eq!(sb.stats().calls, calls + 1);
+    let q = sb.quarantined_for().expect("re-quarantined");
+    assert!(q > Duration::from_secs(59) && q <= Duration::from_secs(60), "{q:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_persona_keeps_answering_while_a_hostile_one_spins() {
+    let rt = runtime();
+    let mut hostile = sandbox(&rt, &guest("loop"));
+    let mut good = sandbox(&rt, &example("echo"));
+    good.describe().await.expect("describe");
+    let spinner = tokio::spawn(async move {
+        let mut failures = 0;
+        for _ in 0..5 {
+            if hostile.on_message(&msg("spin")).await.is_err() {
+                failures += 1;
+            }
+        }
+        failures
+    });
+    let mut answered = 0;
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let started = Instant::now();
+        let actions = good.on_message(&msg(&format!("@echo ping {i}"))).await.expect("echo");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(said(&actions), vec![format!("ping {i}")]);
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered, 20);
+    // Generous on a noisy 2-core machine: well under the hostile guest's 200 ms slice.
+    assert!(slowest < Duration::from_millis(500), "slowest echo call {slowest:?}");
+    assert_eq!(spinner.await.expect("join"), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ungranted_capabilities_answer_denied_and_log_and_config_work() {
+    let rt = runtime();
+    let component = Arc::new(rt.load_file(&guest("hoarder")).expect("load"));
+    let mut settings = std::collections::BTreeMap::new();
+    settings.insert("greeting".to_string(), "hi".to_string());
+    let ctx = PersonaContext::new("hoarder", "hoarder-1a2b", settings, Default::default());
+    let mut sb = Sandbox::new(rt.clone(), component, ctx, Limits::default());
+    let actions = sb.on_message(&msg("collect")).await.expect("hoarder must not trap");
+    let report = said(&actions).join("\n");
+    for cap in ["llm", "kv", "history"] {
+        assert!(
+            report.contains(&format!("personas.hoarder.{cap}.allow")),
+            "{cap} should be denied with its config key: {report}"
+        );
+    }
+    assert!(report.contains("hoarder-1a2b"), "bot-name visible: {report}");
+    assert!(report.contains("hi"), "settings visible: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_grants_no_files_environment_or_network() {
+    // A real listener the guest is told about: it must not be able to reach it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    // SAFETY: tests in this binary don't read this variable concurrently in ways
+    // that matter; it only has to exist in the host's environment.
+    unsafe { std::env::set_var("ROOST_TEST_CANARY", "canary-3f9c2a1b") };
+    let rt = runtime();
+    let mut sb = sandbox(&rt, &guest("escape"));
+    let actions = sb.on_message(&msg(&port.to_string())).await.expect("escape must not trap");
+    let report = said(&actions).join("\n");
+    assert!(!report.contains("canary-3f9c2a1b"), "environment leaked: {report}");
+    assert!(!report.contains("root:x:0:0"), "/etc/passwd leaked: {report}");
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "the guest reached a host socket");
+    let v: serde_json::Value = serde_json::from_str(&report).expect("escape reports JSON");
+    assert_eq!(v["leaked"], serde_json::json!([]), "{report}");
+}
+
+#[test]
+fn incompatible_files_are_refused_with_one_line() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"this is not wasm at all").expect("write");
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").expect("write");
+    let echo = std::fs::read(example("echo")).expect("echo");
+    let truncated = dir.path().join("truncated.wasm");
+    std::fs::write(&truncated, &echo[..echo.len() / 2]).expect("write");
+
+    let cases: Vec<(std::path::PathBuf, &str)> = vec![
+        (garbage, "is not a WebAssembly file"),
+        (core, "is a core WebAssembly module, not a component"),
+        (truncated, "is not a valid component"),
+        (dir.path().join("missing.wasm"), "no such file"),
+        (guest("wrong-world"), "is not a roost persona: it does not export"),
+        (guest("future-version"), "was built for roost:persona@0.2.0"),
+    ];
+    for (path, want) in cases {
+        let err = rt.load_file(&path).expect_err("must be refused");
+        let line = err.to_string();
+        assert!(line.contains(want), "{}: {line}", path.display());
+        assert!(!line.contains('\n'), "one line: {line}");
+        if matches!(err, LoadError::Read { .. }) {
+            continue;
+        }
+    }
+}
+
+#[test]
+fn roost_check_prints_the_manifest_or_one_line_and_fails() {
+    let bin = env!("CARGO_BIN_EXE_roost");
+    let out = std::process::Command::new(bin)
+        .args(["check"])
+        .arg(example("echo"))
+        .output()
+        .expect("run roost");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("name:         echo"), "{stdout}");
+    assert!(stdout.contains("roost:persona@0.1.0"), "{stdout}");
+
+    let out = std::process::Command::new(bin)
+        .args(["check", "--json"])
+        .arg(example("echo"))
+        .output()
+        .expect("run roost");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["name"], "echo");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, [0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9]).expect("write");
+    for path in [garbage, dir.path().join("missing.wasm"), guest("wrong-world")] {
+        let out = std::process::Command::new(bin)
+            .arg("check")
+            .arg(&path)
+            .output()
+            .expect("run roost");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
