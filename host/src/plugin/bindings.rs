@@ -12,10 +12,12 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use roost::persona::types::{
+// `self::`: the generated module `roost` would otherwise be ambiguous with this
+// crate's own name when rustdoc compiles the crate for doctests.
+pub use self::roost::persona::types::{
     Denied, MessageFlags, Outgoing, Subscriptions,
 };
-pub use roost::persona::{config, history, kv, llm, log};
+pub use self::roost::persona::{config, history, kv, llm, log};
 
 /// The WIT package version this host serves.
 pub const WIT_PACKAGE: &str = "roost:persona";
