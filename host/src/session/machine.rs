@@ -1,0 +1,314 @@
+//! The connection state machine, as pure data and pure functions.
+//!
+//! ```text
+//!            ┌──────────────────────────── shutdown / fatal config error ───────────────┐
+//!            ▼                                                                          │
+//!  Stopped ◀─┴─ Connecting ──socket open, joins sent──▶ Joined ──missed messages──▶ Active
+//!                 ▲   │                                  │        recovered          │
+//!                 │   └──────── error / timeout ─────────┴──── close / dead peer ─────┤
+//!                 │                                                                   ▼
+//!                 └──────────────── backoff elapsed ─────────────────── Disconnected { attempt }
+//! ```
+//!
+//! The supervisor (`supervisor.rs`) does the I/O; what to do after a connection ends is
+//! decided here: [`on_close`] maps a WebSocket close code to a [`Next`] step,
+//! [`Disconnect::next`] does the same for every other way a connection can end, and
+//! [`plan_retry`] turns that into the next attempt number and delay.
+
+use std::fmt;
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::backoff::Backoff;
+
+/// Where a session is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SessionState {
+    /// Obtaining an identity (stored or registered) and opening the socket.
+    Connecting,
+    /// The socket is open and the rooms are joined; missed messages are being recovered.
+    Joined,
+    /// Live: messages flow both ways, the outbox drains.
+    Active,
+    /// Waiting out a backoff before connection attempt `attempt` (1-based, since the last
+    /// healthy connection).
+    Disconnected { attempt: u32 },
+    /// Ended by shutdown or an unrecoverable configuration error. Final.
+    Stopped,
+}
+
+impl fmt::Display for SessionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionState::Connecting => f.write_str("connecting"),
+            SessionState::Joined => f.write_str("joined"),
+            SessionState::Active => f.write_str("active"),
+            SessionState::Disconnected { attempt } => write!(f, "disconnected (attempt {attempt})"),
+            SessionState::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// What to do after a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Next {
+    /// Reconnect after the ordinary backoff.
+    Reconnect,
+    /// The server rejected our credentials: forget the key and register again.
+    Reregister,
+    /// Rate limited or told to come back later: reconnect after a longer backoff.
+    SlowDown,
+}
+
+/// Maps the close code a server sent (None: no close frame, the connection just died).
+///
+/// - 1008 (policy violation) and 4001/4003/4004/4401/4403 (auth-ish application codes):
+///   the key is not accepted, [`Next::Reregister`].
+/// - 1013 (try again later) and 4008/4029/4429 (rate-limit-ish): [`Next::SlowDown`].
+/// - Everything else, including 1000 normal, 1001 going away, 1006, 1011, 1012 restart,
+///   protocol and size errors: [`Next::Reconnect`].
+pub fn on_close(code: Option<u16>) -> Next {
+    match code {
+        Some(1008 | 4001 | 4003 | 4004 | 4401 | 4403) => Next::Reregister,
+        Some(1013 | 4008 | 4029 | 4429) => Next::SlowDown,
+        _ => Next::Reconnect,
+    }
+}
+
+/// How a connection (or an attempt at one) ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// The server sent a close frame (code, if any).
+    Closed(Option<u16>),
+    /// The stream ended or failed without a close frame.
+    Io(String),
+    /// No frame of any kind for the dead-peer window.
+    DeadPeer,
+    /// The WebSocket handshake did not finish within the connect timeout.
+    ConnectTimeout,
+    /// The WebSocket upgrade was answered with this HTTP status.
+    HandshakeStatus(u16),
+    /// A REST call answered 401: the key is gone.
+    Unauthorized,
+    /// A REST call answered 429, or registration keeps colliding (what happened).
+    RateLimited(String),
+    /// Registration or recovery failed for a transient reason.
+    Transient(String),
+}
+
+impl Disconnect {
+    /// The step after this ending.
+    pub fn next(&self) -> Next {
+        match self {
+            Disconnect::Closed(code) => on_close(*code),
+            Disconnect::HandshakeStatus(401 | 403) | Disconnect::Unauthorized => Next::Reregister,
+            Disconnect::HandshakeStatus(429) | Disconnect::RateLimited(_) => Next::SlowDown,
+            Disconnect::Io(_)
+            | Disconnect::DeadPeer
+            | Disconnect::ConnectTimeout
+            | Disconnect::HandshakeStatus(_)
+            | Disconnect::Transient(_) => Next::Reconnect,
+        }
+    }
+}
+
+impl fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Disconnect::Closed(Some(code)) => write!(f, "closed by server (code {code})"),
+            Disconnect::Closed(None) => f.write_str("closed by server"),
+            Disconnect::Io(e) => write!(f, "connection lost: {e}"),
+            Disconnect::DeadPeer => f.write_str("no sign of life from the server; declared dead"),
+            Disconnect::ConnectTimeout => f.write_str("connect timed out"),
+            Disconnect::HandshakeStatus(s) => write!(f, "websocket upgrade refused (HTTP {s})"),
+            Disconnect::Unauthorized => f.write_str("API key rejected (401)"),
+            Disconnect::RateLimited(e) => write!(f, "slowing down: {e}"),
+            Disconnect::Transient(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Inputs to [`plan_retry`] that come from configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub backoff: Backoff,
+    /// A connection that stayed up this long resets the attempt count.
+    pub healthy_after: Duration,
+    /// The least delay after [`Next::SlowDown`].
+    pub rate_limit_backoff: Duration,
+}
+
+/// The decision after a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retry {
+    /// The attempt number for [`SessionState::Disconnected`] (1-based).
+    pub attempt: u32,
+    /// How long to wait before the next attempt.
+    pub delay: Duration,
+    /// Whether to throw the key away and register again.
+    pub reregister: bool,
+}
+
+/// Decides the next attempt.
+///
+/// - `attempt`: failed attempts since the last healthy connection (0 after a healthy one).
+/// - `up_for`: how long the connection that just ended was up (None: it never opened).
+/// - `reregistered`: whether we already re-registered since the last healthy connection.
+///   The first re-registration is immediate; a key rejected again right after a fresh
+///   registration backs off before registering again, so a broken server cannot make
+///   us register in a tight loop.
+pub fn plan_retry<R: Rng + ?Sized>(
+    policy: &RetryPolicy,
+    attempt: u32,
+    up_for: Option<Duration>,
+    next: Next,
+    reregistered: bool,
+    rng: &mut R,
+) -> Retry {
+    let attempt = if up_for.is_some_and(|d| d >= policy.healthy_after) {
+        0
+    } else {
+        attempt
+    };
+    let delay = match next {
+        Next::Reregister if !reregistered => Duration::ZERO,
+        Next::SlowDown => policy
+            .backoff
+            .delay_at_least(attempt, policy.rate_limit_backoff, rng),
+        Next::Reconnect | Next::Reregister => policy
+            .backoff
+            .delay(attempt, rng)
+            .unwrap_or(policy.backoff.cap),
+    };
+    Retry {
+        attempt: attempt.saturating_add(1),
+        delay,
+        reregister: next == Next::Reregister,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            backoff: Backoff::default(),
+            healthy_after: Duration::from_secs(30),
+            rate_limit_backoff: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn close_codes() {
+        assert_eq!(on_close(None), Next::Reconnect);
+        for code in [
+            1000, 1001, 1002, 1003, 1006, 1007, 1009, 1011, 1012, 4000, 4999,
+        ] {
+            assert_eq!(on_close(Some(code)), Next::Reconnect, "{code}");
+        }
+        for code in [1008, 4001, 4003, 4004, 4401, 4403] {
+            assert_eq!(on_close(Some(code)), Next::Reregister, "{code}");
+        }
+        for code in [1013, 4008, 4029, 4429] {
+            assert_eq!(on_close(Some(code)), Next::SlowDown, "{code}");
+        }
+    }
+
+    #[test]
+    fn disconnect_kinds() {
+        assert_eq!(Disconnect::DeadPeer.next(), Next::Reconnect);
+        assert_eq!(Disconnect::ConnectTimeout.next(), Next::Reconnect);
+        assert_eq!(Disconnect::HandshakeStatus(401).next(), Next::Reregister);
+        assert_eq!(Disconnect::HandshakeStatus(429).next(), Next::SlowDown);
+        assert_eq!(Disconnect::HandshakeStatus(503).next(), Next::Reconnect);
+        assert_eq!(Disconnect::HandshakeStatus(502).next(), Next::Reconnect);
+        assert_eq!(Disconnect::Unauthorized.next(), Next::Reregister);
+        assert_eq!(Disconnect::Closed(Some(4029)).next(), Next::SlowDown);
+        assert_eq!(Disconnect::Io("reset".into()).next(), Next::Reconnect);
+    }
+
+    #[test]
+    fn attempts_grow_and_reset_after_a_healthy_connection() {
+        let p = policy();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut attempt = 0;
+        for expected in 1..=5 {
+            let r = plan_retry(&p, attempt, None, Next::Reconnect, false, &mut rng);
+            assert_eq!(r.attempt, expected);
+            assert!(r.delay <= p.backoff.ceiling(attempt));
+            attempt = r.attempt;
+        }
+        // Up briefly: no reset.
+        let r = plan_retry(
+            &p,
+            attempt,
+            Some(Duration::from_secs(3)),
+            Next::Reconnect,
+            false,
+            &mut rng,
+        );
+        assert_eq!(r.attempt, 6);
+        // Up for the healthy period: back to the first attempt.
+        let r = plan_retry(
+            &p,
+            6,
+            Some(Duration::from_secs(30)),
+            Next::Reconnect,
+            false,
+            &mut rng,
+        );
+        assert_eq!(r.attempt, 1);
+        assert!(r.delay <= Duration::from_millis(250));
+    }
+
+    #[test]
+    fn slow_down_waits_at_least_the_floor() {
+        let p = policy();
+        let mut rng = StdRng::seed_from_u64(2);
+        for a in 0..10 {
+            let r = plan_retry(&p, a, None, Next::SlowDown, false, &mut rng);
+            assert!(r.delay >= Duration::from_secs(5), "{r:?}");
+            assert!(!r.reregister);
+        }
+    }
+
+    #[test]
+    fn reregister_is_immediate_once_then_backs_off() {
+        let p = policy();
+        let mut rng = StdRng::seed_from_u64(3);
+        let first = plan_retry(
+            &p,
+            0,
+            Some(Duration::from_secs(1)),
+            Next::Reregister,
+            false,
+            &mut rng,
+        );
+        assert!(first.reregister);
+        assert_eq!(first.delay, Duration::ZERO);
+        let mut saw_nonzero = false;
+        for _ in 0..20 {
+            let again = plan_retry(&p, 3, None, Next::Reregister, true, &mut rng);
+            assert!(again.reregister);
+            assert!(again.delay <= p.backoff.ceiling(3));
+            saw_nonzero |= again.delay > Duration::ZERO;
+        }
+        assert!(saw_nonzero);
+    }
+
+    #[test]
+    fn state_display() {
+        assert_eq!(
+            SessionState::Disconnected { attempt: 3 }.to_string(),
+            "disconnected (attempt 3)"
+        );
+        assert_eq!(SessionState::Active.to_string(), "active");
+    }
+}

@@ -1,0 +1,490 @@
+//! The chat session: one bot's identity and its connection to the network.
+//!
+//! [`spawn`] starts a session task for one bot and returns a cloneable [`SessionHandle`]
+//! and the bounded receiver of everything said in the bot's rooms. The task owns the
+//! socket; nothing else touches it.
+//!
+//! - **Identity** ([`identity`]): `{name, key}` registered once and kept in the [`Store`],
+//!   reused on every start; 409 → suffixed names; 401 on a stored key → register again
+//!   (once immediately, then with backoff).
+//! - **Supervisor**: the state machine of [`machine`] (`Connecting → Joined → Active →
+//!   Disconnected{attempt} → …`, `Stopped`), full-jitter [`backoff`], a connect timeout, the
+//!   attempt count reset after a healthy connection. Network errors never end a session;
+//!   only [`SessionHandle::shutdown`] (or dropping every handle) and unrecoverable
+//!   configuration errors do.
+//! - **Keepalive**: a WebSocket ping every `ping_interval`; any received frame is a sign of
+//!   life; none for `dead_after_intervals` intervals and the connection is replaced.
+//! - **Recovery**: after every (re)connect the rooms are joined again and
+//!   `GET /api/rooms/:room/messages?after=` fills the gap; messages are handed over in
+//!   timestamp order, exactly once (deduplicated on room, sender, timestamp, text), nothing
+//!   older than `retention`. Live frames that arrive meanwhile are held and merged.
+//! - **Outbox**: [`SessionHandle::send`] persists the message first and returns its id; the
+//!   task sends it on a connection that joined the room, in order per room, and confirms it
+//!   by its echo. After a reconnect an unconfirmed entry is re-sent only if the recovered
+//!   history does not contain it. Entries older than `outbox_ttl` are dropped with a log
+//!   line. Pending entries survive a restart.
+//!
+//! ```no_run
+//! use roost::session::{self, SessionConfig};
+//! use roost::store::Store;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::open(std::path::Path::new("/var/lib/roost"))?;
+//! let config = SessionConfig {
+//!     name: "echo-bot".into(),
+//!     description: "repeats what you say".into(),
+//!     rooms: vec!["lobby".into()],
+//!     ..SessionConfig::default() // https://nohumans.chat, documented defaults
+//! };
+//! let (handle, mut inbound) = session::spawn(config, store)?;
+//! while let Some(msg) = inbound.recv().await {
+//!     if msg.from != handle.status().name.unwrap_or_default() && !msg.is_system() {
+//!         handle.send(&msg.room, &format!("you said: {}", msg.text))?;
+//!     }
+//! }
+//! handle.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Known limitation: the network has no message ids, so a message written to a connection
+//! that *we* then declared dead may still be processed by a server that was only stalled;
+//! if its echo is not in the history when we reconnect it is sent again. To keep that
+//! window small, nothing is sent on a connection that has been silent for longer than one
+//! ping interval.
+
+pub mod backoff;
+pub mod dedupe;
+pub mod http;
+pub mod identity;
+pub mod machine;
+pub mod outbox;
+pub mod recovery;
+mod supervisor;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+pub use backoff::Backoff;
+pub use identity::{Identity, RegisterError};
+pub use machine::{Next, SessionState, on_close};
+
+use crate::protocol::{ChatMessage, ProtocolStats, ProtocolStatsSnapshot};
+use crate::store::{OutboxEntry, OutboxId, Store, StoreError};
+
+/// Every knob of a session. `Default` gives the documented defaults; `name` must be set.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Server base URL, `http://` or `https://` (default `https://nohumans.chat`). The
+    /// WebSocket URL is derived: http→ws, https→wss, path `/ws?key=KEY`.
+    pub server: String,
+    /// The persona's identity in the store (credentials and outbox are keyed by it).
+    /// Empty: the name is used.
+    pub persona: String,
+    /// The name to register with (2-30 characters).
+    pub name: String,
+    /// The description to register with.
+    pub description: String,
+    /// Rooms to join on every connection (default `["lobby"]`).
+    pub rooms: Vec<String>,
+    /// Reconnect backoff (default: full jitter, base 250 ms, cap 30 s, unlimited).
+    pub backoff: Backoff,
+    /// WebSocket connect + handshake timeout (default 10 s).
+    pub connect_timeout: Duration,
+    /// Timeout of one REST request (default 10 s).
+    pub request_timeout: Duration,
+    /// WebSocket ping period (default 15 s).
+    pub ping_interval: Duration,
+    /// A connection without any received frame for this many ping intervals is dead
+    /// (default 2).
+    pub dead_after_intervals: u32,
+    /// A connection up this long resets the attempt count (default 30 s).
+    pub healthy_after: Duration,
+    /// The least delay after a rate limit (429 / close 4029 / 1013) (default 5 s).
+    pub rate_limit_backoff: Duration,
+    /// Names tried on 409 before giving up on a registration round (default 8).
+    pub max_name_attempts: u32,
+    /// How far back recovery may replay: the network's retention (default 1 h).
+    pub retention: Duration,
+    /// Overlap allowed between our clock and the server's: recovery fetches this much
+    /// before the last timestamp seen, and an echo in recovered history may be this much
+    /// older than its outbox entry (default 5 s).
+    pub clock_skew: Duration,
+    /// How long to wait after joining for the server to confirm the joins (any message
+    /// from the room, normally its "joined" line) before recovering anyway (default 3 s).
+    pub join_ack_timeout: Duration,
+    /// `limit` of each history request (default 50, the network's maximum).
+    pub history_page_limit: u32,
+    /// Outbox entries older than this are dropped as stale (default 5 min).
+    pub outbox_ttl: Duration,
+    /// How long [`SessionHandle::shutdown`] waits for the outbox to drain (default 5 s).
+    pub shutdown_flush: Duration,
+    /// Capacity of the inbound channel (default 256).
+    pub inbound_capacity: usize,
+    /// Messages buffered for a slow bot beyond the channel before new ones are dropped
+    /// with a warning (default 10 000).
+    pub max_buffered_inbound: usize,
+    /// Largest WebSocket message accepted; a bigger one ends the connection, which is then
+    /// replaced (default 1 MiB).
+    pub max_frame_bytes: usize,
+    /// Messages remembered for deduplication (default 4096).
+    pub seen_capacity: usize,
+    /// Seed for jitter and name suffixes (default: from the OS).
+    pub rng_seed: Option<u64>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            server: "https://nohumans.chat".into(),
+            persona: String::new(),
+            name: String::new(),
+            description: String::new(),
+            rooms: vec!["lobby".into()],
+            backoff: Backoff::default(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(15),
+            dead_after_intervals: 2,
+            healthy_after: Duration::from_secs(30),
+            rate_limit_backoff: Duration::from_secs(5),
+            max_name_attempts: 8,
+            retention: Duration::from_secs(3600),
+            clock_skew: Duration::from_secs(5),
+            join_ack_timeout: Duration::from_secs(3),
+            history_page_limit: 50,
+            outbox_ttl: Duration::from_secs(300),
+            shutdown_flush: Duration::from_secs(5),
+            inbound_capacity: 256,
+            max_buffered_inbound: 10_000,
+            max_frame_bytes: crate::protocol::MAX_FRAME_BYTES,
+            seen_capacity: 4096,
+            rng_seed: None,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// The persona identity used as the store key.
+    pub fn persona_id(&self) -> &str {
+        if self.persona.is_empty() {
+            &self.name
+        } else {
+            &self.persona
+        }
+    }
+
+    fn validate(&self) -> Result<http::Endpoints, SessionError> {
+        let endpoints = http::Endpoints::parse(&self.server)
+            .map_err(|e| SessionError::Config(e.to_string()))?;
+        identity::validate_name(&self.name).map_err(SessionError::Config)?;
+        for room in &self.rooms {
+            validate_room(room)?;
+        }
+        let positive = [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("ping_interval", self.ping_interval),
+            ("outbox_ttl", self.outbox_ttl),
+            ("retention", self.retention),
+        ];
+        for (what, d) in positive {
+            if d.is_zero() {
+                return Err(SessionError::Config(format!("{what} must be above zero")));
+            }
+        }
+        if self.dead_after_intervals == 0 {
+            return Err(SessionError::Config(
+                "dead_after_intervals must be at least 1".into(),
+            ));
+        }
+        if self.inbound_capacity == 0 || self.history_page_limit == 0 || self.max_frame_bytes < 1024
+        {
+            return Err(SessionError::Config(
+                "inbound_capacity and history_page_limit must be above zero, \
+                 max_frame_bytes at least 1024"
+                    .into(),
+            ));
+        }
+        Ok(endpoints)
+    }
+}
+
+fn validate_room(room: &str) -> Result<(), SessionError> {
+    if room.is_empty() || room.len() > 100 || room.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(SessionError::InvalidRoom(room.to_string()));
+    }
+    Ok(())
+}
+
+/// Errors of the session API. None contains the API key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error("invalid session configuration: {0}")]
+    Config(String),
+    #[error("invalid room name {0:?}")]
+    InvalidRoom(String),
+    #[error("not in room {0:?}: join it first")]
+    NotJoined(String),
+    #[error("empty message")]
+    EmptyText,
+    #[error("the session has stopped")]
+    Stopped,
+    #[error("sessions must be spawned inside a tokio runtime")]
+    NoRuntime,
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A point-in-time view of a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionStatus {
+    pub state: SessionState,
+    /// The name on the network, once known.
+    pub name: Option<String>,
+    /// Since [`spawn`].
+    pub uptime: Duration,
+    /// How long the current connection has been active (None when not active).
+    pub connected_for: Option<Duration>,
+    /// Connections after the first one.
+    pub reconnects: u64,
+    /// The last thing that went wrong (never contains the key).
+    pub last_error: Option<String>,
+    /// Messages handed to the bot.
+    pub messages_in: u64,
+    /// Send frames written (re-sends included).
+    pub messages_out: u64,
+    /// Open outbox entries (pending or awaiting their echo).
+    pub outbox_depth: usize,
+    /// Rooms the bot is (or will be, once connected) in.
+    pub rooms: Vec<String>,
+    /// Messages dropped because the bot did not keep up.
+    pub inbound_dropped: u64,
+    /// Outbox entries dropped as stale.
+    pub outbox_stale: u64,
+    /// Frames received, unknown and undecodable.
+    pub protocol: ProtocolStatsSnapshot,
+}
+
+/// What [`SessionHandle::watch`] publishes on every state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateSnapshot {
+    pub state: SessionState,
+    /// Connections that reached `Joined` so far (1 after the first connect).
+    pub connections: u64,
+}
+
+#[derive(Debug)]
+struct StatusInner {
+    state: SessionState,
+    name: Option<String>,
+    last_error: Option<String>,
+    active_since: Option<Instant>,
+    rooms: BTreeSet<String>,
+}
+
+/// State shared between the handles and the task.
+#[derive(Debug)]
+struct Shared {
+    bot: String,
+    started: Instant,
+    status: Mutex<StatusInner>,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    connections: AtomicU64,
+    inbound_dropped: AtomicU64,
+    outbox_stale: AtomicU64,
+    outbox_depth: AtomicUsize,
+    protocol: ProtocolStats,
+    state_tx: watch::Sender<StateSnapshot>,
+}
+
+impl Shared {
+    fn status(&self) -> MutexGuard<'_, StatusInner> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Debug)]
+enum Command {
+    Enqueued(OutboxEntry),
+    Join(String),
+    Leave(String),
+    Shutdown,
+}
+
+/// A cloneable handle on a running session. Dropping every handle shuts the session down.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    cmds: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+    store: Store,
+}
+
+impl SessionHandle {
+    /// Queues `text` for `room` (persisted before this returns) and wakes the session.
+    /// Never waits on the network. The bot must be in `room`.
+    pub fn send(&self, room: &str, text: &str) -> Result<OutboxId, SessionError> {
+        if self.cmds.is_closed() {
+            return Err(SessionError::Stopped);
+        }
+        if text.trim().is_empty() {
+            return Err(SessionError::EmptyText);
+        }
+        if !self.shared.status().rooms.contains(room) {
+            return Err(SessionError::NotJoined(room.to_string()));
+        }
+        let created_at = crate::store::now_ms();
+        let id = self
+            .store
+            .outbox_push(&self.shared.bot, room, text, created_at)?;
+        let entry = OutboxEntry {
+            id,
+            bot: self.shared.bot.clone(),
+            room: room.to_string(),
+            text: text.to_string(),
+            created_at,
+            state: crate::store::OutboxState::Pending,
+            attempts: 0,
+            sent_at: None,
+        };
+        // If the task just stopped, the entry stays in the store for the next start.
+        let _ = self.cmds.send(Command::Enqueued(entry));
+        Ok(id)
+    }
+
+    /// Joins `room` now (if connected) and on every later connection.
+    pub fn join(&self, room: &str) -> Result<(), SessionError> {
+        validate_room(room)?;
+        if self.cmds.is_closed() {
+            return Err(SessionError::Stopped);
+        }
+        self.shared.status().rooms.insert(room.to_string());
+        self.cmds
+            .send(Command::Join(room.to_string()))
+            .map_err(|_| SessionError::Stopped)
+    }
+
+    /// Leaves `room`; its unsent outbox entries are dropped.
+    pub fn leave(&self, room: &str) -> Result<(), SessionError> {
+        if self.cmds.is_closed() {
+            return Err(SessionError::Stopped);
+        }
+        self.shared.status().rooms.remove(room);
+        self.cmds
+            .send(Command::Leave(room.to_string()))
+            .map_err(|_| SessionError::Stopped)
+    }
+
+    /// A snapshot of state and counters.
+    pub fn status(&self) -> SessionStatus {
+        let s = &self.shared;
+        let inner = s.status();
+        SessionStatus {
+            state: inner.state,
+            name: inner.name.clone(),
+            uptime: s.started.elapsed(),
+            connected_for: inner.active_since.map(|t| t.elapsed()),
+            reconnects: s.connections.load(Ordering::Relaxed).saturating_sub(1),
+            last_error: inner.last_error.clone(),
+            messages_in: s.messages_in.load(Ordering::Relaxed),
+            messages_out: s.messages_out.load(Ordering::Relaxed),
+            outbox_depth: s.outbox_depth.load(Ordering::Relaxed),
+            rooms: inner.rooms.iter().cloned().collect(),
+            inbound_dropped: s.inbound_dropped.load(Ordering::Relaxed),
+            outbox_stale: s.outbox_stale.load(Ordering::Relaxed),
+            protocol: s.protocol.snapshot(),
+        }
+    }
+
+    /// State changes as they happen (latest value wins).
+    pub fn watch(&self) -> watch::Receiver<StateSnapshot> {
+        self.shared.state_tx.subscribe()
+    }
+
+    /// Graceful shutdown: while connected, waits up to `shutdown_flush` for the outbox to
+    /// drain, then closes the socket with a normal close (1000). Returns once the session
+    /// has stopped.
+    pub async fn shutdown(&self) {
+        let mut rx = self.watch();
+        let _ = self.cmds.send(Command::Shutdown);
+        // The task publishes Stopped last; if it is gone the sender is dropped.
+        let _ = rx.wait_for(|s| s.state == SessionState::Stopped).await;
+    }
+}
+
+/// Starts a session for one bot. Must be called inside a tokio runtime.
+///
+/// Fails only on configuration errors (unparseable server URL, invalid name or room) or if
+/// the outbox cannot be read from the store; everything on the network is retried.
+pub fn spawn(
+    config: SessionConfig,
+    store: Store,
+) -> Result<(SessionHandle, mpsc::Receiver<ChatMessage>), SessionError> {
+    let endpoints = config.validate()?;
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| SessionError::NoRuntime)?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| SessionError::Http(http::error_chain(&e)))?;
+    let bot = config.persona_id().to_string();
+    // Finished outbox rows older than a day are only history.
+    let _ = store.outbox_prune(crate::store::now_ms() - 86_400_000);
+    let outbox = outbox::Outbox::load(store.clone(), &bot)?;
+    let (state_tx, _) = watch::channel(StateSnapshot {
+        state: SessionState::Connecting,
+        connections: 0,
+    });
+    let shared = Arc::new(Shared {
+        bot: bot.clone(),
+        started: Instant::now(),
+        status: Mutex::new(StatusInner {
+            state: SessionState::Connecting,
+            name: None,
+            last_error: None,
+            active_since: None,
+            rooms: config.rooms.iter().cloned().collect(),
+        }),
+        messages_in: AtomicU64::new(0),
+        messages_out: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
+        inbound_dropped: AtomicU64::new(0),
+        outbox_stale: AtomicU64::new(0),
+        outbox_depth: AtomicUsize::new(outbox.depth()),
+        protocol: ProtocolStats::default(),
+        state_tx,
+    });
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_capacity);
+    let (deliver_tx, deliver_rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(AtomicUsize::new(0));
+    runtime.spawn(supervisor::deliver(deliver_rx, inbound_tx, backlog.clone()));
+    let task = supervisor::Supervisor::new(supervisor::Parts {
+        config,
+        endpoints,
+        store: store.clone(),
+        http,
+        shared: shared.clone(),
+        cmds: cmd_rx,
+        deliver_tx,
+        backlog,
+        outbox,
+    });
+    runtime.spawn(task.run());
+    Ok((
+        SessionHandle {
+            cmds: cmd_tx,
+            shared,
+            store,
+        },
+        inbound_rx,
+    ))
+}

@@ -1,0 +1,329 @@
+//! The in-memory view of a bot's persisted outbox.
+//!
+//! Every outbound message is a row in the store's `outbox` table before anything touches
+//! the socket (see [`crate::store`]); this type keeps the open rows of one bot in id order
+//! and makes the decisions:
+//!
+//! - which entries may go out now ([`Outbox::sendable`]): rooms joined on the current
+//!   connection, in id order, each entry once per connection; an entry sent on an earlier
+//!   connection goes out again only after the supervisor has checked the recovered history
+//!   for its echo (it calls `sendable` only once the connection is active);
+//! - which entry an echo confirms ([`Outbox::confirm_echo`]): the oldest sent entry of that
+//!   room with the same text;
+//! - which entries are stale ([`Outbox::expire`]).
+//!
+//! Store failures here are logged and do not stop the session: the in-memory state stays
+//! authoritative for this run.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::protocol::ChatMessage;
+use crate::store::{OutboxEntry, OutboxId, OutboxState, Store};
+
+#[derive(Debug)]
+struct Open {
+    entry: OutboxEntry,
+    /// The connection it was last written to (None: never in this run).
+    sent_conn: Option<u64>,
+}
+
+/// Open (pending or sent-unconfirmed) entries of one bot, in id order.
+#[derive(Debug)]
+pub struct Outbox {
+    bot: String,
+    store: Store,
+    open: BTreeMap<OutboxId, Open>,
+}
+
+impl Outbox {
+    /// Loads the bot's open entries (queued before a restart) from the store.
+    pub fn load(store: Store, bot: &str) -> Result<Self, crate::store::StoreError> {
+        let open = store
+            .outbox_pending(bot)?
+            .into_iter()
+            .map(|entry| {
+                (
+                    entry.id,
+                    Open {
+                        entry,
+                        sent_conn: None,
+                    },
+                )
+            })
+            .collect();
+        Ok(Outbox {
+            bot: bot.to_string(),
+            store,
+            open,
+        })
+    }
+
+    /// Adds an entry the handle already persisted.
+    pub fn add(&mut self, entry: OutboxEntry) {
+        if entry.state.is_open() {
+            self.open.insert(
+                entry.id,
+                Open {
+                    entry,
+                    sent_conn: None,
+                },
+            );
+        }
+    }
+
+    /// Open entries.
+    pub fn depth(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Open entries in the given rooms.
+    pub fn depth_in(&self, rooms: &HashSet<String>) -> usize {
+        self.open
+            .values()
+            .filter(|o| rooms.contains(&o.entry.room))
+            .count()
+    }
+
+    pub fn get(&self, id: OutboxId) -> Option<&OutboxEntry> {
+        self.open.get(&id).map(|o| &o.entry)
+    }
+
+    /// The oldest creation time (Unix ms) of a sent, unconfirmed entry in `room`.
+    pub fn oldest_unconfirmed(&self, room: &str) -> Option<i64> {
+        self.open
+            .values()
+            .filter(|o| o.entry.room == room && o.entry.state == OutboxState::Sent)
+            .map(|o| o.entry.created_at)
+            .min()
+    }
+
+    /// Entries to write on connection `conn` now, in id order: those in `joined` rooms not
+    /// yet written to this connection.
+    pub fn sendable(&self, conn: u64, joined: &HashSet<String>) -> Vec<OutboxId> {
+        self.open
+            .values()
+            .filter(|o| o.sent_conn != Some(conn) && joined.contains(&o.entry.room))
+            .map(|o| o.entry.id)
+            .collect()
+    }
+
+    /// Records that `id` was written to connection `conn` at `now_ms`.
+    pub fn mark_sent(&mut self, id: OutboxId, conn: u64, now_ms: i64) {
+        if let Some(o) = self.open.get_mut(&id) {
+            o.sent_conn = Some(conn);
+            o.entry.state = OutboxState::Sent;
+            o.entry.attempts = o.entry.attempts.saturating_add(1);
+            o.entry.sent_at = Some(now_ms);
+            if let Err(e) = self.store.outbox_mark_sent(id, now_ms) {
+                tracing::error!(bot = %self.bot, %id, error = %e, "cannot record outbox send");
+            }
+        }
+    }
+
+    /// If `msg` (from us) is the echo of a sent entry, confirms the oldest such entry of
+    /// that room and returns it. With `floor_ms`, only entries created at or after
+    /// `msg.timestamp_ms - floor_ms` match (used for recovered history, where an identical
+    /// older message must not confirm a newer entry).
+    pub fn confirm_echo(
+        &mut self,
+        msg: &ChatMessage,
+        floor_ms: Option<u64>,
+    ) -> Option<OutboxEntry> {
+        let ts = i64::try_from(msg.timestamp_ms).unwrap_or(i64::MAX);
+        let id = self
+            .open
+            .values()
+            .find(|o| {
+                o.entry.state == OutboxState::Sent
+                    && o.entry.room == msg.room
+                    && same_text(&o.entry.text, &msg.text)
+                    && floor_ms.is_none_or(|skew| {
+                        ts.saturating_add(i64::try_from(skew).unwrap_or(i64::MAX))
+                            >= o.entry.created_at
+                    })
+            })
+            .map(|o| o.entry.id)?;
+        let open = self.open.remove(&id)?;
+        if let Err(e) = self.store.outbox_finish(id, OutboxState::Confirmed) {
+            tracing::error!(bot = %self.bot, %id, error = %e, "cannot record outbox confirmation");
+        }
+        let mut entry = open.entry;
+        entry.state = OutboxState::Confirmed;
+        Some(entry)
+    }
+
+    /// Drops entries created before `now_ms - ttl_ms` as stale and returns them.
+    pub fn expire(&mut self, now_ms: i64, ttl_ms: i64) -> Vec<OutboxEntry> {
+        let cutoff = now_ms.saturating_sub(ttl_ms);
+        let stale: Vec<OutboxId> = self
+            .open
+            .values()
+            .filter(|o| o.entry.created_at < cutoff)
+            .map(|o| o.entry.id)
+            .collect();
+        self.finish_all(&stale, OutboxState::Stale)
+    }
+
+    /// Drops the open entries of `room` (the bot left it).
+    pub fn cancel_room(&mut self, room: &str) -> Vec<OutboxEntry> {
+        let ids: Vec<OutboxId> = self
+            .open
+            .values()
+            .filter(|o| o.entry.room == room)
+            .map(|o| o.entry.id)
+            .collect();
+        self.finish_all(&ids, OutboxState::Cancelled)
+    }
+
+    fn finish_all(&mut self, ids: &[OutboxId], state: OutboxState) -> Vec<OutboxEntry> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(o) = self.open.remove(id) {
+                if let Err(e) = self.store.outbox_finish(*id, state) {
+                    tracing::error!(bot = %self.bot, %id, error = %e, "cannot record outbox drop");
+                }
+                let mut entry = o.entry;
+                entry.state = state;
+                out.push(entry);
+            }
+        }
+        out
+    }
+}
+
+/// Echo matching: exact, or equal after trimming (a server may trim what it stores).
+fn same_text(sent: &str, echoed: &str) -> bool {
+    sent == echoed || sent.trim() == echoed.trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (Store, Outbox) {
+        let store = Store::open_in_memory().unwrap();
+        let ob = Outbox::load(store.clone(), "bot").unwrap();
+        (store, ob)
+    }
+
+    fn push(store: &Store, ob: &mut Outbox, room: &str, text: &str, at: i64) -> OutboxId {
+        let id = store.outbox_push("bot", room, text, at).unwrap();
+        ob.add(store.outbox_get(id).unwrap().unwrap());
+        id
+    }
+
+    fn echo(room: &str, text: &str, ts: u64) -> ChatMessage {
+        ChatMessage {
+            room: room.into(),
+            from: "me".into(),
+            text: text.into(),
+            timestamp_ms: ts,
+        }
+    }
+
+    fn joined(rooms: &[&str]) -> HashSet<String> {
+        rooms.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[test]
+    fn sends_in_order_once_per_connection() {
+        let (store, mut ob) = setup();
+        let a = push(&store, &mut ob, "r1", "one", 1_000);
+        let b = push(&store, &mut ob, "r2", "two", 1_001);
+        let c = push(&store, &mut ob, "r1", "three", 1_002);
+        assert_eq!(ob.sendable(1, &joined(&["r1"])), vec![a, c]);
+        ob.mark_sent(a, 1, 2_000);
+        assert_eq!(ob.sendable(1, &joined(&["r1", "r2"])), vec![b, c]);
+        ob.mark_sent(b, 1, 2_000);
+        ob.mark_sent(c, 1, 2_000);
+        assert!(ob.sendable(1, &joined(&["r1", "r2"])).is_empty());
+        // A new connection: everything unconfirmed is eligible again, in order.
+        assert_eq!(ob.sendable(2, &joined(&["r1", "r2"])), vec![a, b, c]);
+        assert_eq!(
+            store.outbox_get(a).unwrap().unwrap().state,
+            OutboxState::Sent
+        );
+    }
+
+    #[test]
+    fn echo_confirms_oldest_matching_sent_entry() {
+        let (store, mut ob) = setup();
+        let a = push(&store, &mut ob, "r", "same", 1_000);
+        let b = push(&store, &mut ob, "r", "same", 1_001);
+        let pending = push(&store, &mut ob, "r", "later", 1_002);
+        // Unsent entries are never confirmed.
+        assert!(ob.confirm_echo(&echo("r", "later", 5_000), None).is_none());
+        ob.mark_sent(a, 1, 1_500);
+        ob.mark_sent(b, 1, 1_500);
+        assert!(
+            ob.confirm_echo(&echo("other", "same", 5_000), None)
+                .is_none()
+        );
+        assert_eq!(
+            ob.confirm_echo(&echo("r", "same", 5_000), None).unwrap().id,
+            a
+        );
+        assert_eq!(
+            ob.confirm_echo(&echo("r", " same ", 5_001), None)
+                .unwrap()
+                .id,
+            b
+        );
+        assert!(ob.confirm_echo(&echo("r", "same", 5_002), None).is_none());
+        assert_eq!(
+            store.outbox_get(a).unwrap().unwrap().state,
+            OutboxState::Confirmed
+        );
+        assert_eq!(ob.depth(), 1);
+        assert!(ob.get(pending).is_some());
+    }
+
+    #[test]
+    fn floor_keeps_old_identical_messages_from_confirming() {
+        let (store, mut ob) = setup();
+        let a = push(&store, &mut ob, "r", "lol", 100_000);
+        ob.mark_sent(a, 1, 100_000);
+        assert!(
+            ob.confirm_echo(&echo("r", "lol", 50_000), Some(5_000))
+                .is_none()
+        );
+        assert_eq!(
+            ob.confirm_echo(&echo("r", "lol", 99_000), Some(5_000))
+                .unwrap()
+                .id,
+            a
+        );
+    }
+
+    #[test]
+    fn expiry_and_cancel() {
+        let (store, mut ob) = setup();
+        let old = push(&store, &mut ob, "r", "old", 1_000);
+        let new = push(&store, &mut ob, "r", "new", 9_000);
+        let other = push(&store, &mut ob, "x", "x", 9_000);
+        let stale = ob.expire(10_000, 5_000);
+        assert_eq!(stale.iter().map(|e| e.id).collect::<Vec<_>>(), vec![old]);
+        assert_eq!(
+            store.outbox_get(old).unwrap().unwrap().state,
+            OutboxState::Stale
+        );
+        let cancelled = ob.cancel_room("x");
+        assert_eq!(cancelled[0].id, other);
+        assert_eq!(ob.depth(), 1);
+        assert!(ob.get(new).is_some());
+        assert_eq!(ob.depth_in(&joined(&["r"])), 1);
+    }
+
+    #[test]
+    fn survives_reload() {
+        let (store, mut ob) = setup();
+        let a = push(&store, &mut ob, "r", "one", 1_000);
+        let b = push(&store, &mut ob, "r", "two", 1_001);
+        ob.mark_sent(a, 7, 2_000);
+        let reloaded = Outbox::load(store.clone(), "bot").unwrap();
+        assert_eq!(reloaded.depth(), 2);
+        assert_eq!(reloaded.oldest_unconfirmed("r"), Some(1_000));
+        // After a restart nothing has been written to the new connection yet.
+        assert_eq!(reloaded.sendable(1, &joined(&["r"])), vec![a, b]);
+    }
+}

@@ -1,0 +1,250 @@
+//! Recovering what was missed while disconnected:
+//! `GET /api/rooms/:room/messages?after=TS&limit=50` per room.
+//!
+//! The reference returns messages newest first and has no `before`, so a full page means
+//! older messages in the gap could not be fetched: that is logged. A server that answers
+//! oldest first is paged forward with `after` = the newest timestamp seen. Items that fail
+//! to decode are skipped and counted, never fatal. Transient failures are retried a few
+//! times; 401 and 429 are reported to the supervisor, which re-registers or backs off.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::Value;
+
+use super::backoff::Backoff;
+use super::http::{Endpoints, MAX_READ_BYTES, error_chain, excerpt, read_limited};
+use crate::protocol::{ApiKey, ChatMessage};
+
+/// Why recovery of a room failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("history request rejected the API key (401)")]
+    Unauthorized,
+    #[error("history request throttled (HTTP {0})")]
+    RateLimited(u16),
+    #[error("history request failed: {0}")]
+    Transient(String),
+}
+
+/// What to fetch for one room.
+#[derive(Clone, Debug)]
+pub struct RoomFetch {
+    pub room: String,
+    /// Exclusive lower bound, Unix ms.
+    pub after_ms: u64,
+    /// Everything up to this timestamp is known already; a full newest-first page whose
+    /// oldest message is newer than this means a gap that cannot be fetched.
+    pub have_until_ms: u64,
+}
+
+/// Parameters shared by every room of one recovery.
+#[derive(Clone, Debug)]
+pub struct FetchParams {
+    pub limit: u32,
+    pub max_pages: u32,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub retry_backoff: Backoff,
+}
+
+/// The recovered messages of one room, oldest first, and how many items were unreadable.
+#[derive(Clone, Debug, Default)]
+pub struct Recovered {
+    pub room: String,
+    pub messages: Vec<ChatMessage>,
+    pub skipped: usize,
+}
+
+/// Fetches every room (concurrently); the first hard failure wins.
+pub async fn recover_all(
+    http: reqwest::Client,
+    endpoints: Endpoints,
+    key: ApiKey,
+    rooms: Vec<RoomFetch>,
+    params: FetchParams,
+    seed: u64,
+) -> Result<Vec<Recovered>, FetchError> {
+    let futures = rooms.into_iter().enumerate().map(|(i, room)| {
+        let (http, endpoints, key, params) = (&http, &endpoints, &key, &params);
+        async move {
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(
+                seed.wrapping_add(i as u64),
+            );
+            fetch_room(http, endpoints, key, &room, params, &mut rng).await
+        }
+    });
+    futures_util::future::join_all(futures)
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Fetches one room with retries.
+pub async fn fetch_room<R: Rng + Send>(
+    http: &reqwest::Client,
+    endpoints: &Endpoints,
+    key: &ApiKey,
+    room: &RoomFetch,
+    params: &FetchParams,
+    rng: &mut R,
+) -> Result<Recovered, FetchError> {
+    let mut attempt = 0;
+    loop {
+        match fetch_pages(http, endpoints, key, room, params).await {
+            Ok(r) => return Ok(r),
+            Err(FetchError::Transient(e)) if attempt < params.retries => {
+                let delay = params
+                    .retry_backoff
+                    .delay(attempt, rng)
+                    .unwrap_or(params.retry_backoff.cap);
+                tracing::debug!(room = %room.room, error = %e, ?delay, "history fetch failed; retrying");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn fetch_pages(
+    http: &reqwest::Client,
+    endpoints: &Endpoints,
+    key: &ApiKey,
+    room: &RoomFetch,
+    params: &FetchParams,
+) -> Result<Recovered, FetchError> {
+    let mut out = Recovered {
+        room: room.room.clone(),
+        ..Recovered::default()
+    };
+    let mut after = room.after_ms;
+    for _ in 0..params.max_pages.max(1) {
+        let (mut page, skipped) =
+            fetch_page(http, endpoints, key, &room.room, after, params).await?;
+        out.skipped += skipped;
+        let full = page.len() + skipped >= params.limit as usize;
+        let newest_first = page.len() >= 2
+            && page.first().map(|m| m.timestamp_ms) > page.last().map(|m| m.timestamp_ms);
+        if newest_first {
+            page.reverse();
+        }
+        let newest = page.iter().map(|m| m.timestamp_ms).max();
+        let oldest = page.iter().map(|m| m.timestamp_ms).min();
+        out.messages.extend(page);
+        match (full, newest) {
+            (true, Some(newest)) if !newest_first && newest > after => after = newest,
+            (true, _) => {
+                if oldest.is_some_and(|o| o > room.have_until_ms.saturating_add(1)) {
+                    tracing::warn!(
+                        room = %room.room,
+                        after = room.after_ms,
+                        limit = params.limit,
+                        "history page full: messages missed before the oldest one returned \
+                         cannot be recovered"
+                    );
+                }
+                break;
+            }
+            (false, _) => break,
+        }
+    }
+    // Stable: equal timestamps keep the server's order.
+    out.messages.sort_by_key(|m| m.timestamp_ms);
+    out.messages
+        .retain(|m| m.room == room.room || m.room.is_empty());
+    Ok(out)
+}
+
+async fn fetch_page(
+    http: &reqwest::Client,
+    endpoints: &Endpoints,
+    key: &ApiKey,
+    room: &str,
+    after: u64,
+    params: &FetchParams,
+) -> Result<(Vec<ChatMessage>, usize), FetchError> {
+    let resp = http
+        .get(endpoints.messages(room, after, params.limit))
+        .header("x-api-key", key.expose())
+        .timeout(params.timeout)
+        .send()
+        .await
+        .map_err(|e| FetchError::Transient(error_chain(&e)))?;
+    let status = resp.status().as_u16();
+    let (body, truncated) = read_limited(resp, MAX_READ_BYTES)
+        .await
+        .map_err(|e| FetchError::Transient(error_chain(&e)))?;
+    match status {
+        200..=299 => {}
+        401 | 403 => return Err(FetchError::Unauthorized),
+        404 => return Ok((Vec::new(), 0)), // the room does not exist (yet): nothing missed
+        429 => return Err(FetchError::RateLimited(status)),
+        _ => {
+            return Err(FetchError::Transient(format!(
+                "HTTP {status}: {}",
+                excerpt(&body)
+            )));
+        }
+    }
+    if truncated {
+        return Err(FetchError::Transient(format!(
+            "history answer larger than {MAX_READ_BYTES} bytes"
+        )));
+    }
+    decode_lenient(&body).ok_or_else(|| {
+        FetchError::Transient(format!(
+            "history answer is not a message list: {}",
+            excerpt(&body)
+        ))
+    })
+}
+
+/// Decodes a message list (a bare array or `{"messages": [...]}`) item by item; returns
+/// the readable messages and how many items were skipped. `None` if it is not a list.
+fn decode_lenient(body: &[u8]) -> Option<(Vec<ChatMessage>, usize)> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Object(mut map) => match map.remove("messages") {
+            Some(Value::Array(items)) => items,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let mut out = Vec::with_capacity(items.len());
+    let mut skipped = 0;
+    for item in items {
+        match ChatMessage::decode(&item.to_string()) {
+            Ok(m) => out.push(m),
+            Err(e) => {
+                skipped += 1;
+                tracing::debug!(error = %e, "unreadable history item skipped");
+            }
+        }
+    }
+    Some((out, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenient_decoding() {
+        let body = br#"[
+            {"type":"message","room":"r","from":"a","text":"new","timestamp":1769790508966},
+            {"room":"r","from":"b","text":"no type, seconds","timestamp":1769790508},
+            {"room":"r","text":"no sender","timestamp":1},
+            42
+        ]"#;
+        let (msgs, skipped) = decode_lenient(body).unwrap();
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(skipped, 2);
+        assert_eq!(msgs[1].timestamp_ms, 1_769_790_508_000);
+        let (msgs, _) = decode_lenient(br#"{"messages":[]}"#).unwrap();
+        assert!(msgs.is_empty());
+        assert!(decode_lenient(b"<html>").is_none());
+        assert!(decode_lenient(br#"{"error":"x"}"#).is_none());
+    }
+}

@@ -1,0 +1,1000 @@
+//! The session task: owns the socket, drives the state machine of `machine.rs`.
+//!
+//! One task per bot. Per connection it spawns a writer task (so a socket that stops
+//! draining can never block the loop that reads frames, answers commands and watches for
+//! a dead peer) and a recovery task (the history fetch). Messages reach the bot through a
+//! separate delivery task, so a slow bot only delays delivery, never keepalive.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::dedupe::SeenSet;
+use super::http::{Endpoints, error_chain, excerpt, redact};
+use super::identity::{self, Identity, Registration};
+use super::machine::{Disconnect, RetryPolicy, SessionState, plan_retry};
+use super::outbox::Outbox;
+use super::recovery::{self, FetchError, FetchParams, Recovered, RoomFetch};
+use super::{Backoff, Command, SessionConfig, Shared, StateSnapshot};
+use crate::protocol::{ChatMessage, ClientFrame, ServerFrame};
+use crate::store::{Store, now_ms};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Frames queued for the writer task per connection.
+const OUT_QUEUE: usize = 1024;
+/// Period of outbox expiry, flush retries and the healthy check while connected.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
+/// Period of outbox expiry while disconnected.
+const OFFLINE_HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Live messages held during a recovery beyond this are delivered unmerged.
+const MAX_HELD: usize = 10_000;
+/// How long a graceful close waits for the close frame to be written.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Retries of a history request within one connection.
+const HISTORY_RETRIES: u32 = 2;
+
+/// Everything `spawn` hands to the task.
+pub(super) struct Parts {
+    pub config: SessionConfig,
+    pub endpoints: Endpoints,
+    pub store: Store,
+    pub http: reqwest::Client,
+    pub shared: Arc<Shared>,
+    pub cmds: mpsc::UnboundedReceiver<Command>,
+    pub deliver_tx: mpsc::UnboundedSender<ChatMessage>,
+    pub backlog: Arc<AtomicUsize>,
+    pub outbox: Outbox,
+}
+
+/// Forwards messages to the bot's bounded channel. Runs as its own task so that a bot
+/// that does not keep up holds back only delivery. `backlog` counts messages between the
+/// session and the bot's channel.
+pub(super) async fn deliver(
+    mut rx: mpsc::UnboundedReceiver<ChatMessage>,
+    tx: mpsc::Sender<ChatMessage>,
+    backlog: Arc<AtomicUsize>,
+) {
+    while let Some(msg) = rx.recv().await {
+        backlog.fetch_sub(1, Ordering::Relaxed);
+        if tx.send(msg).await.is_err() {
+            // The bot dropped its receiver: discard from now on.
+            rx.close();
+            while rx.recv().await.is_some() {
+                backlog.fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RoomState {
+    /// Unix ms when the room was first joined in this run: recovery never replays
+    /// anything older (what was said before the bot arrived is not "missed").
+    since_ms: u64,
+    /// The newest timestamp delivered from this room.
+    last_ts: Option<u64>,
+}
+
+enum ConnEnd {
+    Shutdown,
+    Fatal(String),
+    Lost {
+        cause: Disconnect,
+        up_for: Option<Duration>,
+    },
+}
+
+fn lost(cause: Disconnect, up_for: Option<Duration>) -> ConnEnd {
+    ConnEnd::Lost { cause, up_for }
+}
+
+/// Aborts a task when dropped (every exit path of a connection cleans up its tasks).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Publishes `Stopped` however the task ends (return, panic, runtime shutdown).
+struct StoppedGuard(Arc<Shared>);
+
+impl Drop for StoppedGuard {
+    fn drop(&mut self) {
+        publish_state(&self.0, SessionState::Stopped);
+    }
+}
+
+/// Records a state and notifies watchers; returns false if it was already the state.
+fn publish_state(shared: &Shared, state: SessionState) -> bool {
+    {
+        let mut st = shared.status();
+        if st.state == state {
+            return false;
+        }
+        st.state = state;
+        if state != SessionState::Active {
+            st.active_since = None;
+        }
+    }
+    shared.state_tx.send_replace(StateSnapshot {
+        state,
+        connections: shared.connections.load(Ordering::Relaxed),
+    });
+    true
+}
+
+pub(super) struct Supervisor {
+    cfg: SessionConfig,
+    endpoints: Endpoints,
+    store: Store,
+    http: reqwest::Client,
+    shared: Arc<Shared>,
+    cmds: mpsc::UnboundedReceiver<Command>,
+    deliver_tx: mpsc::UnboundedSender<ChatMessage>,
+    backlog: Arc<AtomicUsize>,
+    outbox: Outbox,
+    rng: StdRng,
+    identity: Option<Identity>,
+    /// Names that are "us" in echoes (the registered name, the name in `connected`, and
+    /// earlier names of this run after a re-registration).
+    own_names: Vec<String>,
+    previous_name: Option<String>,
+    rooms: BTreeMap<String, RoomState>,
+    seen: SeenSet,
+    /// Live messages received while a recovery is running.
+    held: Vec<ChatMessage>,
+    /// Failed attempts since the last healthy connection.
+    attempt: u32,
+    /// Re-registered since the last healthy connection.
+    reregistered: bool,
+    /// The stored key was rejected: register again before the next connect.
+    force_register: bool,
+    /// Shutdown requested; the flush deadline.
+    stopping: Option<Instant>,
+    conn_seq: u64,
+}
+
+impl Supervisor {
+    pub(super) fn new(parts: Parts) -> Self {
+        let rng = match parts.config.rng_seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        let now = now_u64();
+        let rooms = parts
+            .config
+            .rooms
+            .iter()
+            .map(|r| {
+                (
+                    r.clone(),
+                    RoomState {
+                        since_ms: now,
+                        last_ts: None,
+                    },
+                )
+            })
+            .collect();
+        let seen = SeenSet::new(parts.config.seen_capacity);
+        Supervisor {
+            cfg: parts.config,
+            endpoints: parts.endpoints,
+            store: parts.store,
+            http: parts.http,
+            shared: parts.shared,
+            cmds: parts.cmds,
+            deliver_tx: parts.deliver_tx,
+            backlog: parts.backlog,
+            outbox: parts.outbox,
+            rng,
+            identity: None,
+            own_names: Vec::new(),
+            previous_name: None,
+            rooms,
+            seen,
+            held: Vec::new(),
+            attempt: 0,
+            reregistered: false,
+            force_register: false,
+            stopping: None,
+            conn_seq: 0,
+        }
+    }
+
+    fn bot(&self) -> &str {
+        &self.shared.bot
+    }
+
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            backoff: self.cfg.backoff,
+            healthy_after: self.cfg.healthy_after,
+            rate_limit_backoff: self.cfg.rate_limit_backoff,
+        }
+    }
+
+    fn redact(&self, text: &str) -> String {
+        redact(text, self.identity.as_ref().map(|i| &i.key))
+    }
+
+    pub(super) async fn run(mut self) {
+        let _stopped = StoppedGuard(self.shared.clone());
+        tracing::info!(
+            bot = self.bot(),
+            server = self.endpoints.base(),
+            rooms = ?self.rooms.keys().collect::<Vec<_>>(),
+            outbox = self.outbox.depth(),
+            "session starting"
+        );
+        self.update_depth();
+        loop {
+            if self.stopping.is_some() {
+                break;
+            }
+            self.set_state(SessionState::Connecting);
+            match self.connection().await {
+                ConnEnd::Shutdown => break,
+                ConnEnd::Fatal(msg) => {
+                    tracing::error!(bot = self.bot(), error = %msg, "session stopped: unrecoverable configuration error");
+                    self.set_error(msg);
+                    break;
+                }
+                ConnEnd::Lost { cause, up_for } => {
+                    if self.stopping.is_some() {
+                        break;
+                    }
+                    let policy = self.policy();
+                    let retry = plan_retry(
+                        &policy,
+                        self.attempt,
+                        up_for,
+                        cause.next(),
+                        self.reregistered,
+                        &mut self.rng,
+                    );
+                    if retry.reregister {
+                        self.force_register = true;
+                        self.reregistered = true;
+                    }
+                    self.attempt = retry.attempt;
+                    let error = self.redact(&cause.to_string());
+                    self.set_error(error.clone());
+                    self.set_state(SessionState::Disconnected {
+                        attempt: retry.attempt,
+                    });
+                    tracing::warn!(
+                        bot = self.bot(),
+                        error = %error,
+                        attempt = retry.attempt,
+                        delay_ms = retry.delay.as_millis() as u64,
+                        reregister = retry.reregister,
+                        "disconnected; will reconnect"
+                    );
+                    if self.race(tokio::time::sleep(retry.delay)).await.is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.set_state(SessionState::Stopped);
+        tracing::info!(
+            bot = self.bot(),
+            outbox = self.outbox.depth(),
+            "session stopped"
+        );
+    }
+
+    // ---- status ----------------------------------------------------------------------
+
+    fn set_state(&self, state: SessionState) {
+        if !publish_state(&self.shared, state) {
+            return;
+        }
+        let s = &self.shared;
+        let (name, last_error) = {
+            let st = s.status();
+            (st.name.clone(), st.last_error.clone())
+        };
+        tracing::info!(
+            bot = self.bot(),
+            state = %state,
+            name = name.as_deref().unwrap_or(""),
+            uptime_s = s.started.elapsed().as_secs(),
+            reconnects = s.connections.load(Ordering::Relaxed).saturating_sub(1),
+            last_error = last_error.as_deref().unwrap_or(""),
+            messages_in = s.messages_in.load(Ordering::Relaxed),
+            messages_out = s.messages_out.load(Ordering::Relaxed),
+            outbox_depth = self.outbox.depth(),
+            "session state"
+        );
+    }
+
+    fn set_error(&self, error: String) {
+        self.shared.status().last_error = Some(error);
+    }
+
+    fn update_depth(&self) {
+        self.shared
+            .outbox_depth
+            .store(self.outbox.depth(), Ordering::Relaxed);
+    }
+
+    // ---- commands and waiting while not connected ------------------------------------
+
+    /// Runs `fut` while answering commands. `None`: shutdown was requested.
+    async fn race<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(OFFLINE_HOUSEKEEPING);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return Some(out),
+                cmd = self.cmds.recv() => {
+                    if !self.command_offline(cmd) {
+                        return None;
+                    }
+                }
+                _ = tick.tick() => self.expire_outbox(),
+            }
+        }
+    }
+
+    /// Handles a command while there is no connection; false means stop.
+    fn command_offline(&mut self, cmd: Option<Command>) -> bool {
+        match cmd {
+            None | Some(Command::Shutdown) => {
+                self.stopping = Some(Instant::now());
+                false
+            }
+            Some(Command::Enqueued(entry)) => {
+                self.outbox.add(entry);
+                self.update_depth();
+                true
+            }
+            Some(Command::Join(room)) => {
+                self.add_room(room);
+                true
+            }
+            Some(Command::Leave(room)) => {
+                self.remove_room(&room);
+                true
+            }
+        }
+    }
+
+    fn add_room(&mut self, room: String) {
+        self.rooms.entry(room).or_insert_with(|| RoomState {
+            since_ms: now_u64(),
+            last_ts: None,
+        });
+    }
+
+    fn remove_room(&mut self, room: &str) {
+        self.rooms.remove(room);
+        for entry in self.outbox.cancel_room(room) {
+            tracing::warn!(
+                bot = self.bot(),
+                room = %entry.room,
+                id = %entry.id,
+                reason = "left the room",
+                "outbox entry dropped"
+            );
+        }
+        self.update_depth();
+    }
+
+    fn expire_outbox(&mut self) {
+        let ttl = i64::try_from(self.cfg.outbox_ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = now_ms();
+        let stale = self.outbox.expire(now, ttl);
+        if stale.is_empty() {
+            return;
+        }
+        for entry in &stale {
+            tracing::warn!(
+                bot = self.bot(),
+                room = %entry.room,
+                id = %entry.id,
+                age_s = (now - entry.created_at) / 1000,
+                attempts = entry.attempts,
+                reason = if entry.attempts == 0 { "stale: never sent" } else { "stale: never confirmed" },
+                "outbox entry dropped"
+            );
+        }
+        self.shared
+            .outbox_stale
+            .fetch_add(stale.len() as u64, Ordering::Relaxed);
+        self.update_depth();
+    }
+
+    // ---- one connection ------------------------------------------------------------------
+
+    async fn connection(&mut self) -> ConnEnd {
+        self.expire_outbox();
+        let identity = match self.identity().await {
+            Ok(identity) => identity,
+            Err(end) => return end,
+        };
+        let url = self.endpoints.websocket(&identity.key).to_string();
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(self.cfg.max_frame_bytes))
+            .max_frame_size(Some(self.cfg.max_frame_bytes));
+        let connect = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true),
+        );
+        let ws = match self.race(connect).await {
+            None => return ConnEnd::Shutdown,
+            Some(Err(_elapsed)) => return lost(Disconnect::ConnectTimeout, None),
+            Some(Ok(Err(tungstenite::Error::Http(resp)))) => {
+                return lost(Disconnect::HandshakeStatus(resp.status().as_u16()), None);
+            }
+            Some(Ok(Err(e))) => return lost(Disconnect::Io(self.redact(&error_chain(&e))), None),
+            Some(Ok(Ok((ws, _response)))) => ws,
+        };
+        self.serve(ws, identity).await
+    }
+
+    /// The identity to connect with: in memory, else stored, else registered.
+    async fn identity(&mut self) -> Result<Identity, ConnEnd> {
+        let persona = self.cfg.persona_id().to_string();
+        if self.force_register {
+            if let Some(old) = self.identity.take() {
+                tracing::warn!(bot = self.bot(), name = %old.name, "API key rejected; registering again");
+                self.previous_name = Some(old.name);
+            }
+            if let Err(e) = self
+                .store
+                .delete_credentials(self.endpoints.base(), &persona)
+            {
+                tracing::error!(bot = self.bot(), error = %e, "cannot forget rejected credentials");
+            }
+        } else if let Some(identity) = &self.identity {
+            return Ok(identity.clone());
+        } else {
+            match identity::load(&self.store, &self.endpoints, &persona) {
+                Ok(Some(identity)) => {
+                    tracing::info!(bot = self.bot(), name = %identity.name, "using stored identity");
+                    self.adopt(identity.clone());
+                    return Ok(identity);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(lost(
+                        Disconnect::Transient(format!("cannot read credentials: {e}")),
+                        None,
+                    ));
+                }
+            }
+        }
+        let reg = Registration {
+            base_name: self.cfg.name.clone(),
+            first_try: self
+                .previous_name
+                .clone()
+                .unwrap_or_else(|| self.cfg.name.clone()),
+            description: self.cfg.description.clone(),
+            max_tries: self.cfg.max_name_attempts,
+            timeout: self.cfg.request_timeout,
+        };
+        let (http, endpoints, store) = (
+            self.http.clone(),
+            self.endpoints.clone(),
+            self.store.clone(),
+        );
+        let mut rng = StdRng::seed_from_u64(self.rng.random());
+        let register = async move {
+            identity::register(&http, &endpoints, &store, &persona, &reg, &mut rng).await
+        };
+        match self.race(register).await {
+            None => Err(ConnEnd::Shutdown),
+            Some(Ok(identity)) => {
+                self.force_register = false;
+                self.adopt(identity.clone());
+                Ok(identity)
+            }
+            Some(Err(e)) if e.is_fatal() => Err(ConnEnd::Fatal(e.to_string())),
+            Some(Err(e)) if e.is_rate_limited() => {
+                Err(lost(Disconnect::RateLimited(e.to_string()), None))
+            }
+            Some(Err(e)) => Err(lost(Disconnect::Transient(e.to_string()), None)),
+        }
+    }
+
+    fn adopt(&mut self, identity: Identity) {
+        if !self.own_names.contains(&identity.name) {
+            self.own_names.push(identity.name.clone());
+        }
+        self.shared.status().name = Some(identity.name.clone());
+        self.identity = Some(identity);
+    }
+
+    /// What to fetch per room after a reconnect. `after` is the newest timestamp delivered
+    /// (a server timestamp: exact, minus 1 ms for same-millisecond siblings); when it has
+    /// to come from our own clock (the join time, an unconfirmed entry's creation time)
+    /// it is moved back by `clock_skew`. Never before the retention.
+    fn recovery_plan(&self) -> Vec<RoomFetch> {
+        let skew = u64::try_from(self.cfg.clock_skew.as_millis()).unwrap_or(u64::MAX);
+        let retention = u64::try_from(self.cfg.retention.as_millis()).unwrap_or(u64::MAX);
+        let oldest_allowed = now_u64().saturating_sub(retention);
+        self.rooms
+            .iter()
+            .map(|(room, st)| {
+                let (mut after, have_until) = match st.last_ts {
+                    Some(ts) if ts >= st.since_ms => (ts.saturating_sub(1), ts),
+                    _ => (st.since_ms.saturating_sub(skew), st.since_ms),
+                };
+                if let Some(created) = self.outbox.oldest_unconfirmed(room) {
+                    let created = u64::try_from(created).unwrap_or(0);
+                    after = after.min(created.saturating_sub(skew));
+                }
+                RoomFetch {
+                    room: room.clone(),
+                    after_ms: after.max(oldest_allowed),
+                    have_until_ms: have_until,
+                }
+            })
+            .collect()
+    }
+
+    async fn serve(&mut self, ws: Ws, identity: Identity) -> ConnEnd {
+        self.conn_seq += 1;
+        let conn = self.conn_seq;
+        let (sink, mut stream) = ws.split();
+        let (out_tx, out_rx) = mpsc::channel::<Message>(OUT_QUEUE);
+        let mut writer = AbortOnDrop(tokio::spawn(write_loop(sink, out_rx)));
+
+        // Join every room again: joining is per connection.
+        let mut joined: HashSet<String> = HashSet::new();
+        for room in self.rooms.keys() {
+            let frame = ClientFrame::Join { room: room.clone() }.encode();
+            if out_tx.try_send(Message::Text(frame.into())).is_err() {
+                return lost(
+                    Disconnect::Io("write queue full while joining".into()),
+                    None,
+                );
+            }
+            joined.insert(room.clone());
+        }
+        self.shared.connections.fetch_add(1, Ordering::Relaxed);
+        self.set_state(SessionState::Joined);
+
+        // Recover what was missed once the server has processed our joins (the history
+        // request travels on another connection and could otherwise overtake them: a
+        // message posted in between would be in neither). Any message from a room proves
+        // the join (the server announces it with a system line); after
+        // `join_ack_timeout` we recover anyway. Live messages are held meanwhile.
+        let mut unacked: HashSet<String> = joined.clone();
+        let mut recovery: Option<AbortOnDrop<Result<Vec<Recovered>, FetchError>>> = None;
+        if unacked.is_empty() {
+            recovery = Some(self.start_recovery(&identity));
+        }
+        let ack_wait = tokio::time::sleep(self.cfg.join_ack_timeout);
+        tokio::pin!(ack_wait);
+
+        let ping_every = self.cfg.ping_interval;
+        let dead_after = ping_every.saturating_mul(self.cfg.dead_after_intervals);
+        let mut last_life = Instant::now();
+        let dead = tokio::time::sleep(dead_after);
+        tokio::pin!(dead);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(HOUSEKEEPING);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut active_since: Option<Instant> = None;
+
+        loop {
+            if let Some(deadline) = self.stopping {
+                let left = self.outbox.depth_in(&joined);
+                if left == 0 || Instant::now() >= deadline {
+                    if left > 0 {
+                        tracing::info!(
+                            bot = self.bot(),
+                            left,
+                            "shutdown: outbox not drained in time; entries kept for the next start"
+                        );
+                    }
+                    close_gracefully(out_tx, writer).await;
+                    return ConnEnd::Shutdown;
+                }
+            }
+            let up_for = active_since.map(|t| t.elapsed());
+            tokio::select! {
+                cmd = self.cmds.recv() => {
+                    match cmd {
+                        None | Some(Command::Shutdown) => {
+                            if self.stopping.is_none() {
+                                self.stopping = Some(Instant::now() + self.cfg.shutdown_flush);
+                            }
+                        }
+                        Some(Command::Enqueued(entry)) => {
+                            self.outbox.add(entry);
+                            self.update_depth();
+                        }
+                        Some(Command::Join(room)) => {
+                            self.add_room(room.clone());
+                            if joined.insert(room.clone()) {
+                                let frame = ClientFrame::Join { room }.encode();
+                                let _ = out_tx.try_send(Message::Text(frame.into()));
+                            }
+                        }
+                        Some(Command::Leave(room)) => {
+                            self.remove_room(&room);
+                            if joined.remove(&room) {
+                                let frame = ClientFrame::Leave { room }.encode();
+                                let _ = out_tx.try_send(Message::Text(frame.into()));
+                            }
+                        }
+                    }
+                    unacked.retain(|r| joined.contains(r));
+                    if unacked.is_empty() && recovery.is_none() && active_since.is_none() {
+                        recovery = Some(self.start_recovery(&identity));
+                    }
+                    if active_since.is_some()
+                        && let Err(cause) = self.flush(conn, &out_tx, &joined, last_life)
+                    {
+                        return lost(cause, up_for);
+                    }
+                }
+                frame = stream.next() => {
+                    last_life = Instant::now();
+                    dead.as_mut().reset(last_life + dead_after);
+                    match frame {
+                        None => {
+                            return lost(Disconnect::Io("connection closed without a close frame".into()), up_for);
+                        }
+                        Some(Err(e)) => return lost(Disconnect::Io(self.describe_ws_error(&e)), up_for),
+                        Some(Ok(Message::Text(text))) => {
+                            let room = self.on_text(text.as_str(), active_since.is_none());
+                            if let Some(room) = room
+                                && unacked.remove(&room)
+                                && unacked.is_empty()
+                                && recovery.is_none()
+                                && active_since.is_none()
+                            {
+                                recovery = Some(self.start_recovery(&identity));
+                            }
+                        }
+                        Some(Ok(Message::Binary(bytes))) => {
+                            tracing::debug!(bot = self.bot(), len = bytes.len(), "binary frame ignored");
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            if let Some(f) = &frame {
+                                tracing::info!(
+                                    bot = self.bot(),
+                                    code = u16::from(f.code),
+                                    reason = %excerpt(f.reason.as_bytes()),
+                                    "server closed the connection"
+                                );
+                            }
+                            return lost(Disconnect::Closed(frame.map(|f| u16::from(f.code))), up_for);
+                        }
+                        Some(Ok(_)) => {} // ping, pong: life, nothing else
+                    }
+                }
+                _ = ping.tick() => {
+                    let _ = out_tx.try_send(Message::Ping(Default::default()));
+                }
+                () = &mut dead => return lost(Disconnect::DeadPeer, up_for),
+                () = &mut ack_wait, if recovery.is_none() && active_since.is_none() => {
+                    tracing::debug!(
+                        bot = self.bot(),
+                        rooms = ?unacked,
+                        "joins not confirmed by the server in time; recovering anyway"
+                    );
+                    recovery = Some(self.start_recovery(&identity));
+                }
+                result = wait_recovery(&mut recovery), if recovery.is_some() => {
+                    recovery = None;
+                    match result {
+                        Ok(recovered) => {
+                            self.finish_recovery(recovered);
+                            let now = Instant::now();
+                            active_since = Some(now);
+                            self.set_state(SessionState::Active);
+                            self.shared.status().active_since = Some(now);
+                            if let Err(cause) = self.flush(conn, &out_tx, &joined, last_life) {
+                                return lost(cause, Some(Duration::ZERO));
+                            }
+                        }
+                        Err(FetchError::Unauthorized) => return lost(Disconnect::Unauthorized, None),
+                        Err(e @ FetchError::RateLimited(_)) => {
+                            return lost(Disconnect::RateLimited(e.to_string()), None);
+                        }
+                        Err(e) => {
+                            return lost(Disconnect::Transient(format!("recovering missed messages: {e}")), None);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    self.expire_outbox();
+                    if let Some(since) = active_since
+                        && since.elapsed() >= self.cfg.healthy_after
+                        && (self.attempt != 0 || self.reregistered)
+                    {
+                        self.attempt = 0;
+                        self.reregistered = false;
+                    }
+                    if active_since.is_some()
+                        && let Err(cause) = self.flush(conn, &out_tx, &joined, last_life)
+                    {
+                        return lost(cause, up_for);
+                    }
+                }
+                result = &mut writer.0 => {
+                    let why = match result {
+                        Ok(Ok(())) => "writer stopped".to_string(),
+                        Ok(Err(e)) => self.redact(&e),
+                        Err(e) => format!("writer task failed: {e}"),
+                    };
+                    return lost(Disconnect::Io(why), up_for);
+                }
+            }
+        }
+    }
+
+    fn start_recovery(
+        &mut self,
+        identity: &Identity,
+    ) -> AbortOnDrop<Result<Vec<Recovered>, FetchError>> {
+        let params = FetchParams {
+            limit: self.cfg.history_page_limit,
+            max_pages: 20,
+            timeout: self.cfg.request_timeout,
+            retries: HISTORY_RETRIES,
+            retry_backoff: Backoff {
+                base: self.cfg.backoff.base,
+                cap: self.cfg.backoff.cap.min(Duration::from_secs(2)),
+                max_attempts: None,
+            },
+        };
+        AbortOnDrop(tokio::spawn(recovery::recover_all(
+            self.http.clone(),
+            self.endpoints.clone(),
+            identity.key.clone(),
+            self.recovery_plan(),
+            params,
+            self.rng.random(),
+        )))
+    }
+
+    fn describe_ws_error(&self, e: &tungstenite::Error) -> String {
+        match e {
+            tungstenite::Error::Capacity(c) => format!(
+                "oversized frame from the server (limit {} bytes): {c}",
+                self.cfg.max_frame_bytes
+            ),
+            other => self.redact(&error_chain(other)),
+        }
+    }
+
+    /// Writes every sendable outbox entry (in id order) to the connection. Holds back while
+    /// the connection has been silent for more than a ping interval.
+    fn flush(
+        &mut self,
+        conn: u64,
+        out_tx: &mpsc::Sender<Message>,
+        joined: &HashSet<String>,
+        last_life: Instant,
+    ) -> Result<(), Disconnect> {
+        if last_life.elapsed() > self.cfg.ping_interval {
+            return Ok(());
+        }
+        for id in self.outbox.sendable(conn, joined) {
+            let Some(entry) = self.outbox.get(id) else {
+                continue;
+            };
+            let frame = ClientFrame::Send {
+                room: entry.room.clone(),
+                text: entry.text.clone(),
+            }
+            .encode();
+            match out_tx.try_reserve() {
+                Ok(permit) => {
+                    // Recorded as sent before it can reach the wire.
+                    self.outbox.mark_sent(id, conn, now_ms());
+                    permit.send(Message::Text(frame.into()));
+                    self.shared.messages_out.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(TrySendError::Full(())) => break,
+                Err(TrySendError::Closed(())) => {
+                    return Err(Disconnect::Io("connection writer is gone".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- inbound -------------------------------------------------------------------------
+
+    /// Handles one text frame; returns the room of a chat message.
+    fn on_text(&mut self, text: &str, recovering: bool) -> Option<String> {
+        match self.shared.protocol.decode_server_frame(text) {
+            Ok(ServerFrame::Message(msg)) => {
+                let room = msg.room.clone();
+                if recovering {
+                    self.held.push(msg);
+                    if self.held.len() > MAX_HELD {
+                        let oldest = self.held.remove(0);
+                        self.accept(oldest, true);
+                    }
+                } else {
+                    self.accept(msg, true);
+                }
+                return Some(room);
+            }
+            Ok(ServerFrame::Connected { agent, .. }) => {
+                if !agent.is_empty() && !self.own_names.contains(&agent) {
+                    tracing::info!(bot = self.bot(), name = %agent, "the server knows us by another name");
+                    self.own_names.push(agent.clone());
+                    self.shared.status().name = Some(agent);
+                }
+            }
+            Ok(ServerFrame::Error { message, code }) => {
+                tracing::warn!(
+                    bot = self.bot(),
+                    code = code.as_deref().unwrap_or(""),
+                    message = %self.redact(&excerpt(message.as_bytes())),
+                    "server reported an error"
+                );
+            }
+            Ok(other) => {
+                tracing::debug!(bot = self.bot(), frame = ?other, "unknown frame ignored");
+            }
+            Err(e) => {
+                tracing::debug!(bot = self.bot(), error = %e, len = text.len(), "undecodable frame ignored");
+            }
+        }
+        None
+    }
+
+    /// Merges recovered history with the live messages held meanwhile and hands them over
+    /// in timestamp order (live copies first on ties).
+    fn finish_recovery(&mut self, recovered: Vec<Recovered>) {
+        let mut batch: Vec<(ChatMessage, bool)> = Vec::new();
+        for r in recovered {
+            if r.skipped > 0 {
+                tracing::warn!(bot = self.bot(), room = %r.room, skipped = r.skipped, "unreadable history items skipped");
+            }
+            batch.extend(r.messages.into_iter().map(|m| (m, false)));
+        }
+        batch.extend(self.held.drain(..).map(|m| (m, true)));
+        batch.sort_by_key(|(m, live)| (m.timestamp_ms, !*live));
+        for (msg, live) in batch {
+            self.accept(msg, live);
+        }
+    }
+
+    /// Whether a recovered (not live) message may be handed to the bot.
+    fn replayable(&self, msg: &ChatMessage) -> bool {
+        let retention = u64::try_from(self.cfg.retention.as_millis()).unwrap_or(u64::MAX);
+        let fresh = msg.timestamp_ms >= now_u64().saturating_sub(retention);
+        let after_join = self
+            .rooms
+            .get(&msg.room)
+            .is_some_and(|r| msg.timestamp_ms >= r.since_ms);
+        fresh && after_join
+    }
+
+    /// The one path every message takes: dedupe, confirm our own echoes, deliver.
+    fn accept(&mut self, msg: ChatMessage, live: bool) {
+        if self.seen.contains(&msg) {
+            return;
+        }
+        let own = self.own_names.contains(&msg.from);
+        let skew = u64::try_from(self.cfg.clock_skew.as_millis()).unwrap_or(u64::MAX);
+        if !live && !self.replayable(&msg) {
+            // Not for the bot (older than its arrival or the retention), but it may still be
+            // the echo of an entry sent before a restart.
+            if own && let Some(entry) = self.outbox.confirm_echo(&msg, Some(skew)) {
+                tracing::debug!(bot = self.bot(), id = %entry.id, "outbox entry confirmed by history");
+                self.seen.insert(&msg);
+                self.update_depth();
+            }
+            return;
+        }
+        self.seen.insert(&msg);
+        if own {
+            let floor = if live { None } else { Some(skew) };
+            if let Some(entry) = self.outbox.confirm_echo(&msg, floor) {
+                tracing::debug!(bot = self.bot(), id = %entry.id, live, "outbox entry confirmed");
+                self.update_depth();
+            }
+        }
+        if let Some(room) = self.rooms.get_mut(&msg.room) {
+            room.last_ts = Some(
+                room.last_ts
+                    .map_or(msg.timestamp_ms, |t| t.max(msg.timestamp_ms)),
+            );
+        }
+        self.deliver(msg);
+    }
+
+    fn deliver(&mut self, msg: ChatMessage) {
+        if self.backlog.load(Ordering::Relaxed) >= self.cfg.max_buffered_inbound {
+            let dropped = self.shared.inbound_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    bot = self.bot(),
+                    room = %msg.room,
+                    dropped,
+                    "bot is not keeping up with its messages; dropping new ones"
+                );
+            }
+            return;
+        }
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        if self.deliver_tx.send(msg).is_err() {
+            self.backlog.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.shared.messages_in.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn wait_recovery(
+    recovery: &mut Option<AbortOnDrop<Result<Vec<Recovered>, FetchError>>>,
+) -> Result<Vec<Recovered>, FetchError> {
+    match recovery {
+        Some(task) => match (&mut task.0).await {
+            Ok(result) => result,
+            Err(e) => Err(FetchError::Transient(format!("recovery task failed: {e}"))),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_loop(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Message>,
+) -> Result<(), String> {
+    while let Some(msg) = rx.recv().await {
+        let closing = matches!(msg, Message::Close(_));
+        sink.feed(msg).await.map_err(|e| error_chain(&e))?;
+        if closing || rx.is_empty() {
+            sink.flush().await.map_err(|e| error_chain(&e))?;
+        }
+        if closing {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+async fn close_gracefully(
+    out_tx: mpsc::Sender<Message>,
+    mut writer: AbortOnDrop<Result<(), String>>,
+) {
+    let close = Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "shutting down".into(),
+    }));
+    if out_tx.try_send(close).is_ok() {
+        let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer.0).await;
+    }
+}
+
+fn now_u64() -> u64 {
+    u64::try_from(now_ms()).unwrap_or(0)
+}

@@ -1,0 +1,1057 @@
+//! roost's embedded state: one SQLite database at `<state dir>/roost.db`.
+//!
+//! What lives here: the credentials each persona registered with (per server URL and
+//! persona identity), the persisted outbox of messages waiting to be sent, and tables for
+//! per-persona key/value data and recent history (filled by other modules).
+//!
+//! - The state directory is created (mode 0700) if missing; the database file and its
+//!   `-wal`/`-shm` companions are kept at mode 0600 because they hold API keys.
+//! - WAL journal, `synchronous=NORMAL`, a busy timeout of 5 s.
+//! - The schema is versioned with `PRAGMA user_version`; [`Store::open`] applies the
+//!   migrations it knows, refuses a database newer than itself, and reports a corrupt or
+//!   foreign file as [`StoreError::Corrupt`] naming the file (never a panic).
+//!
+//! # Blocking
+//!
+//! `Store` is a cloneable handle (`Arc<Mutex<Connection>>`) with a synchronous API. Every
+//! call is one or a few indexed statements on a local WAL database and takes microseconds
+//! to a few milliseconds, so async callers (the session task, `SessionHandle::send`) call it
+//! directly and accept that brief lock, the way they would a `std::sync::Mutex`. roost is
+//! the only process using the file, so the busy timeout is a safety net, not a normal wait.
+//! Callers that do bulk work (imports, large history scans) should use
+//! `tokio::task::spawn_blocking`.
+//!
+//! ```
+//! # fn main() -> Result<(), roost::store::StoreError> {
+//! let dir = std::env::temp_dir().join(format!("roost-doc-{}", std::process::id()));
+//! let store = roost::store::Store::open(&dir)?;
+//! let key = roost::protocol::ApiKey::new("k-123");
+//! store.save_credentials("https://nohumans.chat", "echo", "echo-bot", &key)?;
+//! let creds = store.credentials("https://nohumans.chat", "echo")?;
+//! assert_eq!(creds.map(|c| c.name).as_deref(), Some("echo-bot"));
+//! let id = store.outbox_push("echo", "lobby", "hello", 1_000)?;
+//! assert_eq!(store.outbox_pending("echo")?[0].id, id);
+//! # drop(store); let _ = std::fs::remove_dir_all(&dir);
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::protocol::ApiKey;
+
+/// The database file name inside the state directory.
+pub const DB_FILE: &str = "roost.db";
+
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Migrations, index `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1
+    r#"
+    CREATE TABLE credentials (
+        server     TEXT NOT NULL,
+        persona    TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (server, persona)
+    );
+    CREATE TABLE outbox (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        bot        TEXT NOT NULL,
+        room       TEXT NOT NULL,
+        text       TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        state      TEXT NOT NULL DEFAULT 'pending',
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        sent_at    INTEGER
+    );
+    CREATE INDEX outbox_bot_state ON outbox (bot, state, id);
+    CREATE TABLE kv (
+        persona TEXT NOT NULL,
+        key     TEXT NOT NULL,
+        value   BLOB NOT NULL,
+        PRIMARY KEY (persona, key)
+    );
+    CREATE TABLE history (
+        id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        bot    TEXT NOT NULL,
+        room   TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        text   TEXT NOT NULL,
+        ts     INTEGER NOT NULL,
+        flags  INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX history_bot_room_ts ON history (bot, room, ts);
+    "#,
+];
+
+/// Errors of the state store. Every variant names the database file; none contains a key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot create state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot secure state database {path} (mode 0600): {source}")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "state database {path} is corrupt or not a roost database ({detail}); \
+         move it aside to start with a fresh state"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "state database {path} has schema version {found}, newer than this roost \
+         supports ({supported}); upgrade roost"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state database {path}: unexpected value {value:?} in {what}")]
+    Invalid {
+        path: PathBuf,
+        what: &'static str,
+        value: String,
+    },
+}
+
+/// A cloneable handle on the state database. See the module docs for the blocking policy.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// Credentials a persona registered with on one server.
+#[derive(Clone)]
+pub struct StoredCredentials {
+    /// The name the server gave the agent (may differ from the one asked for).
+    pub name: String,
+    /// The API key. Never logged: `Debug` prints `[redacted]`.
+    pub key: ApiKey,
+}
+
+impl fmt::Debug for StoredCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredCredentials")
+            .field("name", &self.name)
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+/// The id of an outbox entry (unique in one database, increasing in insertion order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OutboxId(pub i64);
+
+impl fmt::Display for OutboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Where an outbox entry is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutboxState {
+    /// Queued, not yet written to any connection.
+    Pending,
+    /// Written to a connection at least once; its echo has not been seen.
+    Sent,
+    /// The server echoed it back: delivered.
+    Confirmed,
+    /// Dropped unsent or unconfirmed because it outlived the outbox TTL.
+    Stale,
+    /// Dropped because the bot left the room (or the session gave up on it).
+    Cancelled,
+}
+
+impl OutboxState {
+    fn as_str(self) -> &'static str {
+        match self {
+            OutboxState::Pending => "pending",
+            OutboxState::Sent => "sent",
+            OutboxState::Confirmed => "confirmed",
+            OutboxState::Stale => "stale",
+            OutboxState::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => OutboxState::Pending,
+            "sent" => OutboxState::Sent,
+            "confirmed" => OutboxState::Confirmed,
+            "stale" => OutboxState::Stale,
+            "cancelled" => OutboxState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// True for states that still need work (pending or sent-unconfirmed).
+    pub fn is_open(self) -> bool {
+        matches!(self, OutboxState::Pending | OutboxState::Sent)
+    }
+}
+
+impl fmt::Display for OutboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One persisted outbound message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub id: OutboxId,
+    pub bot: String,
+    pub room: String,
+    pub text: String,
+    /// Unix milliseconds when it was queued.
+    pub created_at: i64,
+    pub state: OutboxState,
+    /// How many times it was written to a connection.
+    pub attempts: u32,
+    /// Unix milliseconds of the last write to a connection.
+    pub sent_at: Option<i64>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `<state_dir>/roost.db` and migrates it to the current schema.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        create_state_dir(state_dir)?;
+        let path = state_dir.join(DB_FILE);
+        secure_file(&path, true)?;
+        let conn = Connection::open(&path).map_err(|source| classify_open(&path, source))?;
+        let store = Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        };
+        store.init(true)?;
+        // SQLite creates -wal/-shm with the main file's mode; make sure anyway.
+        for suffix in ["-wal", "-shm"] {
+            let companion = PathBuf::from(format!("{}{suffix}", store.path.display()));
+            secure_file(&companion, false)?;
+        }
+        Ok(store)
+    }
+
+    /// An in-memory database (tests, `roost replay`). Nothing is persisted.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let store = Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path),
+        };
+        store.init(false)?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave the connection half-updated (every
+        // multi-statement change is a transaction), so a poisoned lock is still usable.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        classify(&self.path, source)
+    }
+
+    fn init(&self, on_disk: bool) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.err(e))?;
+        // Reading the header is the first thing that notices a foreign or corrupt file.
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| self.err(e))?;
+        if on_disk {
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+                .map_err(|e| self.err(e))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(path = %self.path.display(), %mode, "state database is not in WAL mode");
+            }
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| self.err(e))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(|e| self.err(e))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                path: self.path.to_path_buf(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < 0 {
+            return Err(StoreError::Corrupt {
+                path: self.path.to_path_buf(),
+                detail: format!("negative schema version {version}"),
+            });
+        }
+        for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let to = from as i64 + 1;
+            let tx = conn.transaction().map_err(|e| self.err(e))?;
+            tx.execute_batch(sql).map_err(|e| self.err(e))?;
+            tx.pragma_update(None, "user_version", to)
+                .map_err(|e| self.err(e))?;
+            tx.commit().map_err(|e| self.err(e))?;
+            tracing::debug!(path = %self.path.display(), to, "state database migrated");
+        }
+        Ok(())
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.lock()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    // ---- credentials -------------------------------------------------------------
+
+    /// The credentials `persona` registered with on `server`, if any.
+    pub fn credentials(
+        &self,
+        server: &str,
+        persona: &str,
+    ) -> Result<Option<StoredCredentials>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT name, key FROM credentials WHERE server = ?1 AND persona = ?2",
+                params![server, persona],
+                |row| {
+                    Ok(StoredCredentials {
+                        name: row.get(0)?,
+                        key: ApiKey::new(row.get::<_, String>(1)?),
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Stores (replacing) the credentials of `persona` on `server`.
+    pub fn save_credentials(
+        &self,
+        server: &str,
+        persona: &str,
+        name: &str,
+        key: &ApiKey,
+    ) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "INSERT INTO credentials (server, persona, name, key, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (server, persona) DO UPDATE
+                 SET name = excluded.name, key = excluded.key, created_at = excluded.created_at",
+                params![server, persona, name, key.expose(), now_ms()],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets the credentials of `persona` on `server` (the server revoked the key).
+    pub fn delete_credentials(&self, server: &str, persona: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "DELETE FROM credentials WHERE server = ?1 AND persona = ?2",
+                params![server, persona],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    // ---- outbox --------------------------------------------------------------------
+
+    /// Queues a message; returns its id. `created_at` is Unix milliseconds.
+    pub fn outbox_push(
+        &self,
+        bot: &str,
+        room: &str,
+        text: &str,
+        created_at: i64,
+    ) -> Result<OutboxId, StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO outbox (bot, room, text, created_at, state, attempts)
+             VALUES (?1, ?2, ?3, ?4, 'pending', 0)",
+            params![bot, room, text, created_at],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(OutboxId(conn.last_insert_rowid()))
+    }
+
+    /// The open (pending or sent, unconfirmed) entries of `bot`, oldest first.
+    pub fn outbox_pending(&self, bot: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, bot, room, text, created_at, state, attempts, sent_at
+                 FROM outbox WHERE bot = ?1 AND state IN ('pending', 'sent') ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![bot], |row| {
+                Ok((
+                    OutboxId(row.get(0)?),
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, String>(5)?,
+                    row.get::<_, i64>(6)?,
+                    row.get::<_, Option<i64>>(7)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, bot, room, text, created_at, state, attempts, sent_at) =
+                row.map_err(|e| self.err(e))?;
+            let state = OutboxState::parse(&state).ok_or_else(|| StoreError::Invalid {
+                path: self.path.to_path_buf(),
+                what: "outbox.state",
+                value: state.clone(),
+            })?;
+            out.push(OutboxEntry {
+                id,
+                bot,
+                room,
+                text,
+                created_at,
+                state,
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                sent_at,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One entry by id.
+    pub fn outbox_get(&self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError> {
+        let conn = self.lock();
+        let row = conn
+            .query_row(
+                "SELECT id, bot, room, text, created_at, state, attempts, sent_at
+                 FROM outbox WHERE id = ?1",
+                params![id.0],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, String>(5)?,
+                        row.get::<_, i64>(6)?,
+                        row.get::<_, Option<i64>>(7)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((bot, room, text, created_at, state, attempts, sent_at)) = row else {
+            return Ok(None);
+        };
+        let state = OutboxState::parse(&state).ok_or_else(|| StoreError::Invalid {
+            path: self.path.to_path_buf(),
+            what: "outbox.state",
+            value: state.clone(),
+        })?;
+        Ok(Some(OutboxEntry {
+            id,
+            bot,
+            room,
+            text,
+            created_at,
+            state,
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            sent_at,
+        }))
+    }
+
+    /// Records that the entry was written to a connection at `sent_at` (Unix ms).
+    pub fn outbox_mark_sent(&self, id: OutboxId, sent_at: i64) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?2
+                 WHERE id = ?1 AND state IN ('pending', 'sent')",
+                params![id.0, sent_at],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Moves an entry to a final state (confirmed, stale, cancelled).
+    pub fn outbox_finish(&self, id: OutboxId, state: OutboxState) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE outbox SET state = ?2 WHERE id = ?1",
+                params![id.0, state.as_str()],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Deletes finished (confirmed, stale, cancelled) entries created before `before` (Unix ms).
+    /// Returns how many rows went.
+    pub fn outbox_prune(&self, before: i64) -> Result<usize, StoreError> {
+        self.lock()
+            .execute(
+                "DELETE FROM outbox WHERE state NOT IN ('pending', 'sent') AND created_at < ?1",
+                params![before],
+            )
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn create_state_dir(dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|source| StoreError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Creates `path` with mode 0600 if `create`, or tightens an existing file to 0600.
+fn secure_file(path: &Path, create: bool) -> Result<(), StoreError> {
+    let perm_err = |source| StoreError::Permissions {
+        path: path.to_path_buf(),
+        source,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if create && !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(perm_err)?;
+        }
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(perm_err)?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => {}
+            Err(e) => return Err(perm_err(e)),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, create, perm_err);
+    }
+    Ok(())
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+fn classify_open(path: &Path, source: rusqlite::Error) -> StoreError {
+    if is_corruption(&source) {
+        StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: source.to_string(),
+        }
+    } else {
+        StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn classify(path: &Path, source: rusqlite::Error) -> StoreError {
+    if is_corruption(&source) {
+        StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: source.to_string(),
+        }
+    } else {
+        StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn creates_dir_schema_and_modes() {
+        let tmp = tempdir();
+        let dir = tmp.path().join("nested/state");
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.path(), dir.join(DB_FILE));
+        store.outbox_push("b", "r", "t", 1).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for name in ["roost.db", "roost.db-wal", "roost.db-shm"] {
+                let p = dir.join(name);
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
+            }
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700);
+        }
+        let mode: String = store
+            .lock()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn tightens_existing_file_mode() {
+        let tmp = tempdir();
+        let path = tmp.path().join(DB_FILE);
+        std::fs::write(&path, b"").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            Store::open(tmp.path()).unwrap();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+    }
+
+    #[test]
+    fn corrupt_file_is_a_clear_error() {
+        let tmp = tempdir();
+        let path = tmp.path().join(DB_FILE);
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        let err = Store::open(tmp.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let tmp = tempdir();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            store
+                .lock()
+                .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let err = Store::open(tmp.path()).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn reopen_keeps_data_and_migrations_are_idempotent() {
+        let tmp = tempdir();
+        let key = ApiKey::new("secret-key-1");
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            store
+                .save_credentials("http://a", "p", "name-1", &key)
+                .unwrap();
+        }
+        let store = Store::open(tmp.path()).unwrap();
+        let creds = store.credentials("http://a", "p").unwrap().unwrap();
+        assert_eq!(creds.name, "name-1");
+        assert_eq!(creds.key.expose(), "secret-key-1");
+        assert!(!format!("{creds:?}").contains("secret-key-1"));
+        assert!(store.credentials("http://b", "p").unwrap().is_none());
+        store
+            .save_credentials("http://a", "p", "name-2", &ApiKey::new("k2"))
+            .unwrap();
+        assert_eq!(
+            store.credentials("http://a", "p").unwrap().unwrap().name,
+            "name-2"
+        );
+        store.delete_credentials("http://a", "p").unwrap();
+        assert!(store.credentials("http://a", "p").unwrap().is_none());
+    }
+
+    #[test]
+    fn outbox_lifecycle() {
+        let store = Store::open_in_memory().unwrap();
+        let a = store.outbox_push("bot", "lobby", "one", 10).unwrap();
+        let b = store.outbox_push("bot", "lobby", "two", 11).unwrap();
+        let c = store.outbox_push("other", "lobby", "x", 12).unwrap();
+        assert!(a < b && b < c);
+        let pending = store.outbox_pending("bot").unwrap();
+        assert_eq!(pending.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
+        assert_eq!(pending[0].state, OutboxState::Pending);
+        store.outbox_mark_sent(a, 20).unwrap();
+        store.outbox_mark_sent(a, 30).unwrap();
+        let e = store.outbox_get(a).unwrap().unwrap();
+        assert_eq!(
+            (e.state, e.attempts, e.sent_at),
+            (OutboxState::Sent, 2, Some(30))
+        );
+        store.outbox_finish(a, OutboxState::Confirmed).unwrap();
+        store.outbox_finish(b, OutboxState::Stale).unwrap();
+        // A finished entry is not revived by a late mark_sent.
+        store.outbox_mark_sent(b, 40).unwrap();
+        assert_eq!(
+            store.outbox_get(b).unwrap().unwrap().state,
+            OutboxState::Stale
+        );
+        assert!(store.outbox_pending("bot").unwrap().is_empty());
+        assert_eq!(store.outbox_prune(100).unwrap(), 2);
+        assert_eq!(store.outbox_pending("other").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn clones_share_one_connection() {
+        let store = Store::open_in_memory().unwrap();
+        let other = store.clone();
+        let id = other.outbox_push("b", "r", "t", 1).unwrap();
+        assert_eq!(store.outbox_get(id).unwrap().unwrap().text, "t");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// per-persona key/value data (the `kv` capability)
+
+/// Size limits of one persona's key/value namespace. Sizes count the key's UTF-8 bytes
+/// plus the value's bytes of every entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvQuota {
+    /// Most bytes (keys + values) one persona may hold. Default 1 MiB.
+    pub total_bytes: u64,
+    /// Largest single value. Default 64 KiB.
+    pub value_bytes: u64,
+}
+
+impl Default for KvQuota {
+    fn default() -> Self {
+        KvQuota {
+            total_bytes: 1 << 20,
+            value_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Why [`Store::kv_set`] stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum KvSetError {
+    #[error("a value of {size} bytes is larger than the limit of {limit} bytes per value")]
+    ValueTooLarge { size: u64, limit: u64 },
+    #[error(
+        "storing this would bring the namespace to {would_use} bytes, over its quota of \
+         {quota} bytes ({used} bytes in use)"
+    )]
+    QuotaExceeded {
+        used: u64,
+        would_use: u64,
+        quota: u64,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Key/value data, one namespace per persona (its label). The caller scopes every call
+/// to one persona; nothing here lets one namespace reach another. Quotas are checked
+/// and the write made in one transaction, so concurrent writers cannot overshoot.
+///
+/// ```
+/// use roost::store::{KvQuota, KvSetError, Store};
+/// let store = Store::open_in_memory().unwrap();
+/// let quota = KvQuota { total_bytes: 16, value_bytes: 8 };
+/// store.kv_set("rook", "seen/ada", b"2", quota).unwrap();
+/// assert_eq!(store.kv_get("rook", "seen/ada").unwrap().as_deref(), Some(&b"2"[..]));
+/// assert_eq!(store.kv_get("sage", "seen/ada").unwrap(), None);
+/// assert_eq!(store.kv_usage("rook").unwrap(), 9);
+/// assert!(matches!(
+///     store.kv_set("rook", "seen/bob", b"12345678", quota),
+///     Err(KvSetError::QuotaExceeded { .. })
+/// ));
+/// assert_eq!(store.kv_list("rook", "seen/").unwrap(), ["seen/ada"]);
+/// assert!(store.kv_delete("rook", "seen/ada").unwrap());
+/// ```
+impl Store {
+    /// The value of `key` in `persona`'s namespace.
+    pub fn kv_get(&self, persona: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT value FROM kv WHERE persona = ?1 AND key = ?2",
+                params![persona, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Stores `value` under `key`, replacing an earlier value, if the value fits
+    /// `quota.value_bytes` and the namespace stays within `quota.total_bytes` (the
+    /// replaced entry no longer counts).
+    pub fn kv_set(
+        &self,
+        persona: &str,
+        key: &str,
+        value: &[u8],
+        quota: KvQuota,
+    ) -> Result<(), KvSetError> {
+        let size = value.len() as u64;
+        if size > quota.value_bytes {
+            return Err(KvSetError::ValueTooLarge {
+                size,
+                limit: quota.value_bytes,
+            });
+        }
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let used: i64 = tx
+            .query_row(
+                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0)
+                 FROM kv WHERE persona = ?1",
+                params![persona],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        let replaced: i64 = tx
+            .query_row(
+                "SELECT length(CAST(key AS BLOB)) + length(value)
+                 FROM kv WHERE persona = ?1 AND key = ?2",
+                params![persona, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .unwrap_or(0);
+        let used = used.max(0) as u64;
+        let would_use = used - (replaced.max(0) as u64).min(used) + key.len() as u64 + size;
+        if would_use > quota.total_bytes {
+            // Dropping `tx` rolls back (nothing was written).
+            return Err(KvSetError::QuotaExceeded {
+                used,
+                would_use,
+                quota: quota.total_bytes,
+            });
+        }
+        tx.execute(
+            "INSERT INTO kv (persona, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (persona, key) DO UPDATE SET value = excluded.value",
+            params![persona, key, value],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Removes `key`; `true` if it existed.
+    pub fn kv_delete(&self, persona: &str, key: &str) -> Result<bool, StoreError> {
+        self.lock()
+            .execute(
+                "DELETE FROM kv WHERE persona = ?1 AND key = ?2",
+                params![persona, key],
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The keys of `persona` starting with `prefix` (`""`: every key), in byte order.
+    pub fn kv_list(&self, persona: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        // A range scan on the primary key: TEXT compares as UTF-8 bytes (BINARY), so
+        // every key with the prefix sorts at or after it, and they come first.
+        let mut stmt = conn
+            .prepare_cached("SELECT key FROM kv WHERE persona = ?1 AND key >= ?2 ORDER BY key")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![persona, prefix], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        let mut keys = Vec::new();
+        for key in rows {
+            let key = key.map_err(|e| self.err(e))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Bytes (keys + values) `persona` holds.
+    pub fn kv_usage(&self, persona: &str) -> Result<u64, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0)
+                 FROM kv WHERE persona = ?1",
+                params![persona],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod kv_tests {
+    use super::*;
+
+    const Q: KvQuota = KvQuota {
+        total_bytes: 100,
+        value_bytes: 40,
+    };
+
+    #[test]
+    fn set_get_replace_delete() {
+        let s = Store::open_in_memory().unwrap();
+        assert_eq!(s.kv_get("p", "k").unwrap(), None);
+        s.kv_set("p", "k", b"one", Q).unwrap();
+        s.kv_set("p", "k", b"two!", Q).unwrap();
+        assert_eq!(s.kv_get("p", "k").unwrap().unwrap(), b"two!");
+        assert_eq!(s.kv_usage("p").unwrap(), 5);
+        s.kv_set("p", "empty", b"", Q).unwrap();
+        assert_eq!(s.kv_get("p", "empty").unwrap().unwrap(), b"");
+        assert!(s.kv_delete("p", "k").unwrap());
+        assert!(!s.kv_delete("p", "k").unwrap());
+        assert_eq!(s.kv_usage("p").unwrap(), 5);
+    }
+
+    #[test]
+    fn quotas_count_key_and_value_bytes() {
+        let s = Store::open_in_memory().unwrap();
+        let too_big = s.kv_set("p", "k", &[0; 41], Q).unwrap_err();
+        assert!(
+            matches!(
+                too_big,
+                KvSetError::ValueTooLarge {
+                    size: 41,
+                    limit: 40
+                }
+            ),
+            "{too_big}"
+        );
+        // 2 x (2 + 40) = 84 bytes; a third would make 126.
+        s.kv_set("p", "a1", &[1; 40], Q).unwrap();
+        s.kv_set("p", "a2", &[2; 40], Q).unwrap();
+        let over = s.kv_set("p", "a3", &[3; 40], Q).unwrap_err();
+        assert!(
+            matches!(
+                over,
+                KvSetError::QuotaExceeded {
+                    used: 84,
+                    would_use: 126,
+                    quota: 100
+                }
+            ),
+            "{over}"
+        );
+        assert_eq!(
+            s.kv_get("p", "a3").unwrap(),
+            None,
+            "a refused write leaves nothing"
+        );
+        // Replacing counts the new size only; multibyte keys count their bytes.
+        s.kv_set("p", "a2", &[2; 10], Q).unwrap();
+        s.kv_set("p", "é", &[0; 10], Q).unwrap();
+        assert_eq!(s.kv_usage("p").unwrap(), 42 + 12 + 12);
+        // The quota is per persona.
+        s.kv_set("q", "a3", &[3; 40], Q).unwrap();
+    }
+
+    #[test]
+    fn list_is_by_prefix_in_byte_order_and_per_persona() {
+        let s = Store::open_in_memory().unwrap();
+        for k in ["b/2", "b/10", "a", "b/é", "b/Z", "c"] {
+            s.kv_set("p", k, b"x", Q).unwrap();
+        }
+        s.kv_set("other", "b/secret", b"x", Q).unwrap();
+        assert_eq!(s.kv_list("p", "b/").unwrap(), ["b/10", "b/2", "b/Z", "b/é"]);
+        assert_eq!(s.kv_list("p", "").unwrap().len(), 6);
+        assert!(s.kv_list("p", "zz").unwrap().is_empty());
+        assert_eq!(s.kv_list("p", "%").unwrap(), Vec::<String>::new());
+        assert_eq!(s.kv_get("p", "b/secret").unwrap(), None);
+    }
+
+    #[test]
+    fn data_survives_reopening() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(tmp.path()).unwrap();
+            s.kv_set("p", "k", b"kept", Q).unwrap();
+        }
+        let s = Store::open(tmp.path()).unwrap();
+        assert_eq!(s.kv_get("p", "k").unwrap().unwrap(), b"kept");
+    }
+}

@@ -1,0 +1,790 @@
+//! The chat session against the local chat server, in process, over real loopback
+//! sockets (127.0.0.1:0).
+//!
+//! Time: every test runs on tokio's paused clock (`start_paused`). The server, the
+//! session and the test share one current-thread runtime and loopback I/O completes
+//! synchronously, so the clock only auto-advances when everything is waiting on a timer:
+//! a 30 s dead-peer window or a 5 s backoff passes instantly and deterministically. Every
+//! wait is bounded by a (virtual) timeout, so a hang fails the test instead of blocking it.
+//! Wall-clock timestamps (message `timestamp`, outbox `created_at`) still come from the
+//! system clock, which is why no test depends on the outbox TTL or the 1 h retention.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use roost::devserver::{self, DevServer, ServerConfig, ServerEvent, ServerState};
+use roost::protocol::ChatMessage;
+use roost::session::{self, SessionConfig, SessionHandle, SessionState, StateSnapshot};
+use roost::store::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+/// Upper bound of any single wait (virtual time).
+const WAIT: Duration = Duration::from_secs(120);
+
+async fn server() -> DevServer {
+    devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .unwrap()
+}
+
+fn config(base_url: &str, name: &str) -> SessionConfig {
+    SessionConfig {
+        server: base_url.to_string(),
+        name: name.to_string(),
+        description: "integration test bot".to_string(),
+        rooms: vec!["lobby".to_string()],
+        rng_seed: Some(42),
+        ..SessionConfig::default()
+    }
+}
+
+struct Bot {
+    handle: SessionHandle,
+    rx: mpsc::Receiver<ChatMessage>,
+}
+
+fn start(config: SessionConfig, store: &Store) -> Bot {
+    let (handle, rx) = session::spawn(config, store.clone()).unwrap();
+    Bot { handle, rx }
+}
+
+fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    (dir, store)
+}
+
+async fn wait_for(
+    handle: &SessionHandle,
+    what: &str,
+    pred: impl FnMut(&StateSnapshot) -> bool,
+) -> StateSnapshot {
+    let mut rx = handle.watch();
+    match timeout(WAIT, rx.wait_for(pred)).await {
+        Ok(Ok(s)) => *s,
+        Ok(Err(_)) => panic!("session gone while waiting for {what}"),
+        Err(_) => panic!("timed out waiting for {what}; status {:?}", handle.status()),
+    }
+}
+
+/// Waits until the bot is active on its `n`th connection (or a later one).
+async fn active(handle: &SessionHandle, n: u64) -> StateSnapshot {
+    wait_for(handle, &format!("active on connection {n}"), |s| {
+        s.state == SessionState::Active && s.connections >= n
+    })
+    .await
+}
+
+async fn disconnected(handle: &SessionHandle) -> StateSnapshot {
+    wait_for(handle, "disconnected", |s| {
+        matches!(s.state, SessionState::Disconnected { .. })
+    })
+    .await
+}
+
+/// Receives until a message satisfies `pred`; returns everything received up to and
+/// including it.
+async fn recv_until(
+    rx: &mut mpsc::Receiver<ChatMessage>,
+    what: &str,
+    mut pred: impl FnMut(&ChatMessage) -> bool,
+) -> Vec<ChatMessage> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m)) => {
+                let done = pred(&m);
+                got.push(m);
+                if done {
+                    return got;
+                }
+            }
+            Ok(None) => panic!("inbound channel closed while waiting for {what}; got {got:?}"),
+            Err(_) => panic!("timed out waiting for {what}; got {got:?}"),
+        }
+    }
+}
+
+fn count_text(msgs: &[ChatMessage], text: &str) -> usize {
+    msgs.iter().filter(|m| m.text == text).count()
+}
+
+fn history_count(state: &ServerState, room: &str, from: &str, text: &str) -> usize {
+    state
+        .messages(room, None, 1000)
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| m.from == from && m.text == text)
+        .count()
+}
+
+async fn wait_outbox_empty(handle: &SessionHandle) {
+    let deadline = Instant::now() + WAIT;
+    while handle.status().outbox_depth > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "outbox never drained: {:?}",
+            handle.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Posts a marker as another agent and returns everything the bot receives up to it:
+/// the way to assert that something was *not* delivered (again).
+async fn drain_to_marker(bot: &mut Bot, state: &ServerState, marker: &str) -> Vec<ChatMessage> {
+    state.post_message("marker-bot", "lobby", marker).unwrap();
+    recv_until(&mut bot.rx, marker, |m| m.text == marker).await
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn server_killed_and_restarted_on_the_same_port() {
+    let srv = server().await;
+    let (_dir, store) = temp_store();
+    let mut bot = start(config(&srv.base_url(), "phoenix"), &store);
+    active(&bot.handle, 1).await;
+    let name = bot.handle.status().name.unwrap();
+
+    let (addr, state) = (srv.addr(), srv.state());
+    srv.shutdown().await;
+    disconnected(&bot.handle).await;
+    // Down for a while: several failed attempts (connection refused), none fatal.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let st = bot.handle.status();
+    assert!(
+        matches!(
+            st.state,
+            SessionState::Disconnected { .. } | SessionState::Connecting
+        ),
+        "{st:?}"
+    );
+    assert!(st.last_error.is_some());
+
+    let srv = devserver::spawn_with_state(addr, state.clone())
+        .await
+        .unwrap();
+    active(&bot.handle, 2).await;
+    let st = bot.handle.status();
+    assert_eq!(
+        st.name.as_deref(),
+        Some(name.as_str()),
+        "same identity after the restart"
+    );
+    assert_eq!(st.reconnects, 1);
+    assert_eq!(state.agents().len(), 1, "no second registration");
+
+    let got = drain_to_marker(&mut bot, &state, "after the restart").await;
+    assert_eq!(count_text(&got, "after the restart"), 1);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_connection_is_declared_dead_and_replaced() {
+    let srv = server().await;
+    let (_dir, store) = temp_store();
+    let mut cfg = config(&srv.base_url(), "staller");
+    cfg.ping_interval = Duration::from_secs(15);
+    let bot = start(cfg, &store);
+    active(&bot.handle, 1).await;
+
+    // Stall longer than the dead-peer window (2 x 15 s): no frames, no pongs.
+    let t0 = Instant::now();
+    srv.faults().stall(Duration::from_secs(120));
+    disconnected(&bot.handle).await;
+    let declared = t0.elapsed();
+    assert!(
+        declared >= Duration::from_secs(15) && declared <= Duration::from_secs(31),
+        "declared dead after {declared:?}"
+    );
+    let err = bot.handle.status().last_error.unwrap_or_default();
+    assert!(err.contains("declared dead"), "{err}");
+
+    // While the server stays stalled, reconnects time out and are retried.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(bot.handle.watch().borrow().connections, 1);
+    srv.faults().end_stall();
+    active(&bot.handle, 2).await;
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_answers_pings_but_talks_is_kept() {
+    // A server that sends a message every 10 s and never reads (so never pongs).
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/api/rooms/{room}/messages", get(|| async { "[]" }))
+        .route(
+            "/ws",
+            get(|ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(|mut socket| async move {
+                    let hello = r#"{"type":"connected","agent":"mute","rooms":["lobby"]}"#;
+                    if socket.send(Message::Text(hello.into())).await.is_err() {
+                        return;
+                    }
+                    for i in 0..1000u64 {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        let frame = format!(
+                            r#"{{"type":"message","room":"lobby","from":"chatty","text":"tick {i}","timestamp":{}}}"#,
+                            roost::store::now_ms() + i as i64
+                        );
+                        if socket.send(Message::Text(frame.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let (_dir, store) = temp_store();
+    store
+        .save_credentials(
+            &base,
+            "mute",
+            "mute",
+            &roost::protocol::ApiKey::new("k-mute"),
+        )
+        .unwrap();
+    let mut bot = start(config(&base, "mute"), &store);
+    active(&bot.handle, 1).await;
+    // 90 s: three dead-peer windows (2 x 15 s) without a single pong.
+    let got = recv_until(&mut bot.rx, "tick 8", |m| m.text == "tick 8").await;
+    assert_eq!(got.len(), 9);
+    let snap = *bot.handle.watch().borrow();
+    assert_eq!(
+        snap,
+        StateSnapshot {
+            state: SessionState::Active,
+            connections: 1
+        }
+    );
+    bot.handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_taken_name_gets_a_suffix() {
+    let srv = server().await;
+    let (_dir, store) = temp_store();
+    srv.state().register("popular", "the original").unwrap();
+    let mut cfg = config(&srv.base_url(), "popular");
+    cfg.max_name_attempts = 3;
+    // The real name is taken and the next two suffixed names "collide" too (3 faults for 3 tries): the first
+    // round gives up with a clear error, the second round (after backoff) succeeds.
+    srv.faults().conflict_registrations(3);
+    let mut events = srv.state().subscribe();
+    let bot = start(cfg, &store);
+    disconnected(&bot.handle).await;
+    let err = bot.handle.status().last_error.unwrap_or_default();
+    assert!(err.contains("taken") && err.contains("popular"), "{err}");
+    active(&bot.handle, 1).await;
+    let name = bot.handle.status().name.unwrap();
+    assert!(
+        name.starts_with("popular-") && name.len() == "popular-".len() + 4,
+        "{name}"
+    );
+    let stored = store
+        .credentials(&srv.base_url(), "popular")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.name, name);
+    let mut registered = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let ServerEvent::Registered { name } = ev {
+            registered.push(name);
+        }
+    }
+    assert_eq!(registered, vec![name]);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn registration_survives_three_503s() {
+    let srv = server().await;
+    let (_dir, store) = temp_store();
+    srv.faults().fail_registrations(3);
+    let bot = start(config(&srv.base_url(), "patient"), &store);
+    let mut saw_503 = false;
+    let mut rx = bot.handle.watch();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let snap = *rx.borrow_and_update();
+        if let Some(err) = bot.handle.status().last_error
+            && err.contains("503")
+        {
+            saw_503 = true;
+            assert!(err.chars().count() < 400, "error too long: {err}");
+            assert!(!err.contains('\n'));
+        }
+        if snap.state == SessionState::Active {
+            break;
+        }
+        timeout(deadline - Instant::now(), rx.changed())
+            .await
+            .expect("never became active")
+            .unwrap();
+    }
+    assert!(saw_503);
+    assert_eq!(bot.handle.status().name.as_deref(), Some("patient"));
+    assert_eq!(srv.state().agents().len(), 1);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_key_leads_to_a_new_registration() {
+    let srv = server().await;
+    let (_dir, store) = temp_store();
+    let mut bot = start(config(&srv.base_url(), "revenant"), &store);
+    active(&bot.handle, 1).await;
+    let old_key = store
+        .credentials(&srv.base_url(), "revenant")
+        .unwrap()
+        .unwrap()
+        .key;
+
+    assert!(srv.faults().revoke_key("revenant"));
+    // The live socket stays up; the next connect meets the 401.
+    srv.faults().drop_connections();
+    active(&bot.handle, 2).await;
+    let st = bot.handle.status();
+    let name = st.name.clone().unwrap();
+    // The old name still belongs to the revoked agent on this server: suffixed.
+    assert!(name.starts_with("revenant-"), "{name}");
+    let stored = store
+        .credentials(&srv.base_url(), "revenant")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.name, name);
+    assert_ne!(stored.key, old_key);
+    assert!(!format!("{st:?}").contains(old_key.expose()));
+    assert!(!format!("{st:?}").contains(stored.key.expose()));
+
+    // And the new identity works both ways.
+    let id = bot.handle.send("lobby", "back again").unwrap();
+    assert!(id.0 > 0);
+    let got = recv_until(&mut bot.rx, "echo", |m| m.text == "back again").await;
+    assert_eq!(got.last().unwrap().from, name);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+/// Cuts the bot off: upgrades refused, live connections dropped.
+async fn outage(srv: &DevServer, bot: &Bot) {
+    srv.faults().reject_upgrades(Duration::from_secs(3600));
+    assert!(srv.faults().drop_connections() >= 1);
+    disconnected(&bot.handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_posted_during_an_outage_is_delivered_once() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let mut bot = start(config(&srv.base_url(), "listener"), &store);
+    active(&bot.handle, 1).await;
+    let before = drain_to_marker(&mut bot, &state, "before").await;
+    assert_eq!(count_text(&before, "before"), 1);
+
+    outage(&srv, &bot).await;
+    state
+        .post_message("other-agent", "lobby", "said while you were away")
+        .unwrap();
+    state
+        .post_message("other-agent", "lobby", "and this too")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    srv.faults().accept_upgrades();
+    active(&bot.handle, 2).await;
+
+    let got = drain_to_marker(&mut bot, &state, "after").await;
+    assert_eq!(count_text(&got, "said while you were away"), 1, "{got:?}");
+    assert_eq!(count_text(&got, "and this too"), 1, "{got:?}");
+    assert_eq!(
+        count_text(&got, "before"),
+        0,
+        "replayed an old message: {got:?}"
+    );
+    // In order.
+    let pos = |t: &str| got.iter().position(|m| m.text == t).unwrap();
+    assert!(pos("said while you were away") < pos("and this too"));
+    assert!(
+        got.windows(2)
+            .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms),
+        "{got:?}"
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_posted_while_reconnecting_are_delivered_once_in_order() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let mut bot = start(config(&srv.base_url(), "juggler"), &store);
+    active(&bot.handle, 1).await;
+    drain_to_marker(&mut bot, &state, "settled").await;
+
+    // Another agent talks at every step of the reconnect: while the bot is away, while it
+    // connects, joins and recovers (live frames held and merged), and once it is back.
+    let mut events = state.subscribe();
+    let mut watch = bot.handle.watch();
+    srv.faults().drop_connections();
+    let mut posted = Vec::new();
+    for k in 0..60 {
+        let event = tokio::select! {
+            ev = events.recv() => ev,
+            _ = watch.wait_for(|s| s.state == SessionState::Active && s.connections >= 2) => break,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                panic!("stuck; status {:?}", bot.handle.status())
+            }
+        };
+        if matches!(&event, Ok(ServerEvent::Message(m)) if m.from == "busy-agent") {
+            continue;
+        }
+        let text = format!("during {k}");
+        state.post_message("busy-agent", "lobby", &text).unwrap();
+        posted.push(text);
+        tokio::task::yield_now().await;
+    }
+    active(&bot.handle, 2).await;
+    // Posted while away, while connecting, and after the join (held during recovery).
+    assert!(posted.len() >= 4, "{posted:?}");
+    let got = drain_to_marker(&mut bot, &state, "done").await;
+    for text in &posted {
+        assert_eq!(count_text(&got, text), 1, "{text}: {got:?}");
+    }
+    assert!(
+        got.windows(2)
+            .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms),
+        "out of order: {got:?}"
+    );
+    assert_eq!(count_text(&got, "settled"), 0);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_queued_during_an_outage_is_delivered_once() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let bot = start(config(&srv.base_url(), "replier"), &store);
+    active(&bot.handle, 1).await;
+
+    outage(&srv, &bot).await;
+    bot.handle.send("lobby", "queued reply").unwrap();
+    bot.handle.send("lobby", "second queued reply").unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(bot.handle.status().outbox_depth, 2);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(history_count(&state, "lobby", "replier", "queued reply"), 0);
+    srv.faults().accept_upgrades();
+    active(&bot.handle, 2).await;
+    wait_outbox_empty(&bot.handle).await;
+
+    // Another reconnect must not send it again either.
+    srv.faults().drop_connections();
+    active(&bot.handle, 3).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(history_count(&state, "lobby", "replier", "queued reply"), 1);
+    assert_eq!(
+        history_count(&state, "lobby", "replier", "second queued reply"),
+        1
+    );
+    let history = state.messages("lobby", None, 50).unwrap();
+    let pos = |t: &str| history.iter().position(|m| m.text == t).unwrap();
+    assert!(
+        pos("queued reply") > pos("second queued reply"),
+        "newest first: order kept"
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+/// A TCP proxy that can cut every connection the moment given bytes come back from the
+/// server (server frames are unmasked, so an echo's text is visible in the stream).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut_on: Arc<Mutex<Option<Vec<u8>>>>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut_on: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let cuts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (cut2, cuts2) = (cut_on.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                tokio::spawn(pump(client, server, cut2.clone(), cuts2.clone()));
+            }
+        });
+        Proxy { addr, cut_on, cuts }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn cut_when_server_sends(&self, needle: &str) {
+        *self.cut_on.lock().unwrap() = Some(needle.as_bytes().to_vec());
+    }
+}
+
+async fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    cut_on: Arc<Mutex<Option<Vec<u8>>>>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = cr.read(&mut buf).await {
+            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut tail: Vec<u8> = Vec::new();
+        while let Ok(n) = sr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let mut window = std::mem::take(&mut tail);
+            window.extend_from_slice(&buf[..n]);
+            {
+                let mut armed = cut_on.lock().unwrap();
+                if let Some(needle) = armed.as_ref()
+                    && window.windows(needle.len()).any(|w| w == needle.as_slice())
+                {
+                    *armed = None;
+                    cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return; // drop both directions without forwarding the echo
+                }
+                let keep = armed.as_ref().map_or(0, |n| n.len().saturating_sub(1));
+                tail = window[window.len().saturating_sub(keep)..].to_vec();
+            }
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_cut_off_before_its_echo_is_not_doubled() {
+    let srv = server().await;
+    let state = srv.state();
+    let proxy = Proxy::start(srv.addr()).await;
+    let (_dir, store) = temp_store();
+    let mut bot = start(config(&proxy.base_url(), "cutter"), &store);
+    active(&bot.handle, 1).await;
+
+    proxy.cut_when_server_sends("reply that lost its echo");
+    bot.handle
+        .send("lobby", "reply that lost its echo")
+        .unwrap();
+    // The server stored it, the echo never reached us, the connection is gone.
+    active(&bot.handle, 2).await;
+    assert_eq!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    wait_outbox_empty(&bot.handle).await;
+    let got = drain_to_marker(&mut bot, &state, "marker").await;
+    assert_eq!(
+        history_count(&state, "lobby", "cutter", "reply that lost its echo"),
+        1,
+        "the reply was sent twice"
+    );
+    // It was confirmed from the recovered history (and delivered to the bot once).
+    assert_eq!(count_text(&got, "reply that lost its echo"), 1, "{got:?}");
+    assert_eq!(bot.handle.status().messages_out, 1);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn garbage_and_16_mib_frames_are_survived() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let mut bot = start(config(&srv.base_url(), "sturdy"), &store);
+    active(&bot.handle, 1).await;
+
+    let f = srv.faults();
+    assert_eq!(f.send_malformed(), 1);
+    f.send_unknown_type();
+    f.send_unknown_fields();
+    f.send_raw("[1,2,3]");
+    f.send_raw("\u{0}\u{1}not json at all");
+    f.send_raw(r#"{"type":"message","room":"lobby"}"#);
+    let got = drain_to_marker(&mut bot, &state, "still here").await;
+    assert_eq!(count_text(&got, "still here"), 1);
+    let st = bot.handle.status();
+    assert_eq!(st.reconnects, 0, "garbage must not cost the connection");
+    assert!(st.protocol.errors >= 4, "{:?}", st.protocol);
+    assert!(st.protocol.unknown_frame_types >= 1, "{:?}", st.protocol);
+
+    // 16 MiB is over the frame limit: that connection is given up and replaced.
+    assert_eq!(f.send_oversized(16 << 20), 1);
+    active(&bot.handle, 2).await;
+    let err = bot.handle.status().last_error.unwrap_or_default();
+    assert!(err.contains("oversized"), "{err}");
+    let got = drain_to_marker(&mut bot, &state, "survived").await;
+    assert_eq!(count_text(&got, "survived"), 1);
+    assert_eq!(count_text(&got, "still here"), 0);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn identity_and_outbox_survive_a_host_restart() {
+    let srv = server().await;
+    let state = srv.state();
+    let dir = tempfile::tempdir().unwrap();
+    // A suffixed name proves the stored name is reused, not re-derived.
+    srv.faults().conflict_registrations(1);
+    let name = {
+        let store = Store::open(dir.path()).unwrap();
+        let bot = start(config(&srv.base_url(), "durable"), &store);
+        active(&bot.handle, 1).await;
+        let name = bot.handle.status().name.unwrap();
+        assert!(name.starts_with("durable-"), "{name}");
+        // Queue a reply nobody can send, then stop the host.
+        outage(&srv, &bot).await;
+        bot.handle
+            .send("lobby", "written before the restart")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        bot.handle.shutdown().await;
+        assert_eq!(bot.handle.status().state, SessionState::Stopped);
+        assert!(bot.handle.send("lobby", "too late").is_err());
+        name
+    };
+    srv.faults().accept_upgrades();
+
+    let store = Store::open(dir.path()).unwrap();
+    let bot = start(config(&srv.base_url(), "durable"), &store);
+    assert_eq!(
+        bot.handle.status().outbox_depth,
+        1,
+        "pending entry loaded at start"
+    );
+    active(&bot.handle, 1).await;
+    assert_eq!(bot.handle.status().name.as_deref(), Some(name.as_str()));
+    assert_eq!(
+        state.agents().len(),
+        1,
+        "registered once across the restart"
+    );
+    wait_outbox_empty(&bot.handle).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        history_count(&state, "lobby", &name, "written before the restart"),
+        1
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_bot_does_not_stall_the_connection() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let mut cfg = config(&srv.base_url(), "sloth");
+    cfg.inbound_capacity = 1;
+    let mut bot = start(cfg, &store);
+    active(&bot.handle, 1).await;
+    for i in 0..200 {
+        state
+            .post_message("chatty", "lobby", &format!("m{i}"))
+            .unwrap();
+    }
+    // Nobody reads for three dead-peer windows: keepalive goes on regardless.
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    let snap = *bot.handle.watch().borrow();
+    assert_eq!(
+        snap,
+        StateSnapshot {
+            state: SessionState::Active,
+            connections: 1
+        }
+    );
+    let got = recv_until(&mut bot.rx, "m199", |m| m.text == "m199").await;
+    let texts: Vec<&str> = got
+        .iter()
+        .filter(|m| m.from == "chatty")
+        .map(|m| m.text.as_str())
+        .collect();
+    let expected: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        texts,
+        expected.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_flushes_the_outbox_and_closes_normally() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let bot = start(config(&srv.base_url(), "polite"), &store);
+    active(&bot.handle, 1).await;
+    let mut events = state.subscribe();
+    bot.handle.send("lobby", "goodbye").unwrap();
+    bot.handle.shutdown().await;
+    assert_eq!(bot.handle.status().state, SessionState::Stopped);
+    assert_eq!(bot.handle.status().outbox_depth, 0);
+    assert_eq!(history_count(&state, "lobby", "polite", "goodbye"), 1);
+    let disconnected = timeout(WAIT, async {
+        loop {
+            if let Ok(ServerEvent::Disconnected { agent, .. }) = events.recv().await {
+                return agent;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(disconnected, "polite");
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn configuration_errors_are_reported_at_spawn() {
+    let (_dir, store) = temp_store();
+    let mut cfg = config("ftp://example.org", "valid-name");
+    assert!(session::spawn(cfg.clone(), store.clone()).is_err());
+    cfg.server = "http://127.0.0.1:9".into();
+    cfg.name = "x".into();
+    let err = session::spawn(cfg, store).unwrap_err().to_string();
+    assert!(err.contains("2-30"), "{err}");
+}
