@@ -1,0 +1,185 @@
+//! The decision pipeline of one bot, shared by live bots and `roost replay`:
+//! inbound policy → persona → outbound policy. No I/O: it returns [`Effect`]s for
+//! the caller to carry out (a live bot hands them to its session; replay prints
+//! them).
+
+use std::sync::Arc;
+
+use crate::plugin::bindings::{self, Action, Manifest, MessageFlags as WitFlags, Subscriptions};
+use crate::plugin::{CallFailure, Sandbox, manifest};
+use crate::policy::{DropReason, InboundMsg, InboundVerdict, OutboundVerdict, Policy};
+use crate::protocol::ChatMessage;
+
+use super::history::History;
+
+/// What the pipeline decided for one inbound message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Post `text` in `room`.
+    Say { room: String, text: String },
+    /// Join a room.
+    Join(String),
+    /// Leave a room.
+    Leave(String),
+    /// A reply the persona wanted that outbound policy dropped.
+    Dropped { room: String, reason: DropReason },
+    /// An action the host refused before policy (e.g. an invalid room name).
+    Refused { what: String },
+    /// The persona call failed (trap, limit, timeout, quarantine).
+    PluginError(String),
+}
+
+/// Counters the pipeline keeps besides the policy's.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CoreCounters {
+    pub persona_calls: u64,
+    pub plugin_errors: u64,
+    pub actions_refused: u64,
+}
+
+/// A persona, its policy, and the bot's recent history.
+pub struct BotCore {
+    pub label: String,
+    pub sandbox: Sandbox,
+    pub policy: Policy,
+    pub manifest: Manifest,
+    pub history: Arc<History>,
+    counters: CoreCounters,
+}
+
+impl BotCore {
+    pub fn new(sandbox: Sandbox, policy: Policy, manifest: Manifest, history: Arc<History>) -> Self {
+        BotCore {
+            label: sandbox.label().to_string(),
+            sandbox,
+            policy,
+            manifest,
+            history,
+            counters: CoreCounters::default(),
+        }
+    }
+
+    pub fn wants_system(&self) -> bool {
+        self.manifest.subscriptions.contains(Subscriptions::SYSTEM_LINES)
+    }
+
+    pub fn counters(&self) -> CoreCounters {
+        self.counters
+    }
+
+    /// The bot's name on the network changed (registration settled, or a suffix).
+    pub fn set_network_name(&mut self, name: &str) {
+        self.policy.set_network_name(name);
+        self.sandbox.context().set_bot_name(name);
+    }
+
+    /// Runs one message through the pipeline. The verdict says what inbound policy
+    /// decided; the effects are what to do.
+    pub async fn handle(&mut self, msg: &ChatMessage) -> (InboundVerdict, Vec<Effect>) {
+        let inbound = InboundMsg { room: &msg.room, from: &msg.from, text: &msg.text };
+        let verdict = self.policy.inbound(&inbound, self.wants_system());
+        let flags = wit_flags(&verdict);
+        let wit_msg = bindings::Message {
+            room: msg.room.clone(),
+            sender: msg.from.clone(),
+            text: msg.text.clone(),
+            timestamp_ms: msg.timestamp_ms,
+            flags,
+        };
+        // History keeps what the host saw: delivered messages and the bot's own
+        // confirmed ones (their echo), not system lines the persona did not ask for.
+        if verdict.deliver || verdict.flags.from_self {
+            self.history.record(wit_msg.clone());
+        }
+        if !verdict.deliver {
+            return (verdict, Vec::new());
+        }
+        if let Some(rule) = verdict.injection_rule {
+            tracing::info!(
+                bot = %self.label,
+                room = %msg.room,
+                from = %msg.from,
+                rule,
+                "inbound message flagged suspicious (delivered with the flag)"
+            );
+        }
+        self.counters.persona_calls += 1;
+        let actions = match self.sandbox.on_message(&wit_msg).await {
+            Ok(actions) => actions,
+            Err(failure) => {
+                self.counters.plugin_errors += 1;
+                return (verdict, vec![Effect::PluginError(failure_line(&failure))]);
+            }
+        };
+        let mut effects = Vec::with_capacity(actions.len());
+        for action in actions {
+            effects.push(self.decide(action, &inbound));
+        }
+        (verdict, effects)
+    }
+
+    fn decide(&mut self, action: Action, inbound: &InboundMsg<'_>) -> Effect {
+        match action {
+            Action::Say(out) => {
+                if !manifest::valid_room(&out.room) {
+                    return self.refuse(format!("say in invalid room {:?}", out.room));
+                }
+                match self.policy.outbound(&out.room, &out.text, Some(inbound)) {
+                    OutboundVerdict::Send(o) => {
+                        if o.edits.notable() {
+                            tracing::info!(
+                                bot = %self.label,
+                                room = %out.room,
+                                edits = ?o.edits,
+                                "outbound reply changed by normalisation"
+                            );
+                        }
+                        Effect::Say { room: out.room, text: o.text }
+                    }
+                    OutboundVerdict::Drop(reason) => {
+                        tracing::info!(
+                            bot = %self.label,
+                            room = %out.room,
+                            reason = %reason,
+                            "outbound reply dropped"
+                        );
+                        Effect::Dropped { room: out.room, reason }
+                    }
+                }
+            }
+            Action::Join(room) if manifest::valid_room(&room) => Effect::Join(room),
+            Action::Leave(room) if manifest::valid_room(&room) => Effect::Leave(room),
+            Action::Join(room) | Action::Leave(room) => {
+                self.refuse(format!("join/leave of invalid room {room:?}"))
+            }
+        }
+    }
+
+    fn refuse(&mut self, what: String) -> Effect {
+        self.counters.actions_refused += 1;
+        tracing::info!(bot = %self.label, "persona action refused: {what}");
+        Effect::Refused { what }
+    }
+}
+
+fn failure_line(f: &CallFailure) -> String {
+    f.to_string()
+}
+
+/// The WIT flags for a verdict.
+pub fn wit_flags(v: &InboundVerdict) -> WitFlags {
+    let mut flags = WitFlags::empty();
+    if v.flags.mentions_me {
+        flags |= WitFlags::MENTIONS_ME;
+    }
+    if v.flags.from_self {
+        flags |= WitFlags::FROM_SELF;
+    }
+    if v.flags.system {
+        flags |= WitFlags::SYSTEM;
+    }
+    if v.flags.suspicious {
+        flags |= WitFlags::SUSPICIOUS;
+    }
+    flags
+}

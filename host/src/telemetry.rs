@@ -1,0 +1,340 @@
+//! Metrics and health: Prometheus `/metrics` and `/healthz`, served with axum.
+//!
+//! Every number is read at scrape time from the running bots through their
+//! [`BotProbe`]s (the session's status and the bot's counters), so nothing on the
+//! message path waits for the metrics server. `/healthz` answers 200 while every bot
+//! is connected or inside its reconnect backoff, otherwise 503 with a JSON reason.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::bot::runner::BotCounters;
+use crate::plugin::sandbox::LATENCY_BUCKETS;
+use crate::session::{SessionHandle, SessionState, SessionStatus};
+
+/// What the metrics server reads of one bot.
+#[derive(Clone)]
+pub struct BotProbe {
+    pub session: SessionHandle,
+    pub counters: Arc<Mutex<BotCounters>>,
+}
+
+/// The probes of every running bot, by persona label. Bots register on start and
+/// leave on stop.
+#[derive(Clone, Default)]
+pub struct Probes(Arc<Mutex<BTreeMap<String, BotProbe>>>);
+
+impl std::fmt::Debug for Probes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Probes").field(&self.labels()).finish()
+    }
+}
+
+/// One bot's numbers at one moment.
+#[derive(Debug, Clone)]
+pub struct BotSnapshot {
+    pub label: String,
+    pub status: SessionStatus,
+    pub counters: BotCounters,
+}
+
+impl Probes {
+    pub fn insert(&self, label: &str, probe: BotProbe) {
+        self.lock().insert(label.to_string(), probe);
+    }
+
+    pub fn remove(&self, label: &str) {
+        self.lock().remove(label);
+    }
+
+    pub fn labels(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    pub fn snapshot(&self) -> Vec<BotSnapshot> {
+        let probes: Vec<(String, BotProbe)> =
+            self.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        probes
+            .into_iter()
+            .map(|(label, p)| BotSnapshot {
+                label,
+                status: p.session.status(),
+                counters: p.counters.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BotProbe>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BotLabel {
+    bot: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    bot: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    bot: String,
+    reason: &'static str,
+}
+
+/// The collector behind `/metrics`.
+#[derive(Debug, Clone)]
+struct BotCollector {
+    probes: Probes,
+}
+
+const STATES: [&str; 5] = ["connecting", "joined", "active", "disconnected", "stopped"];
+
+fn state_name(s: &SessionState) -> &'static str {
+    match s {
+        SessionState::Connecting => "connecting",
+        SessionState::Joined => "joined",
+        SessionState::Active => "active",
+        SessionState::Disconnected { .. } => "disconnected",
+        _ => "stopped",
+    }
+}
+
+/// Writes one metric family with one sample per bot.
+fn family<F>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    bots: &[BotSnapshot],
+    mut sample: F,
+) -> Result<(), std::fmt::Error>
+where
+    F: FnMut(&BotSnapshot, MetricEncoder<'_>) -> Result<(), std::fmt::Error>,
+{
+    let mut fam = enc.encode_descriptor(name, help, None, ty)?;
+    for b in bots {
+        let label = BotLabel { bot: b.label.clone() };
+        sample(b, fam.encode_family(&label)?)?;
+    }
+    Ok(())
+}
+
+fn counter(mut e: MetricEncoder<'_>, v: u64) -> Result<(), std::fmt::Error> {
+    e.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&v, None)
+}
+
+fn gauge(mut e: MetricEncoder<'_>, v: i64) -> Result<(), std::fmt::Error> {
+    e.encode_gauge(&v)
+}
+
+impl Collector for BotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let bots = self.probes.snapshot();
+        {
+            let mut fam = enc.encode_descriptor(
+                "roost_bot_connection_state",
+                "1 for the bot's current connection state",
+                None,
+                MetricType::Gauge,
+            )?;
+            for b in &bots {
+                let now = state_name(&b.status.state);
+                for s in STATES {
+                    let label = StateLabel { bot: b.label.clone(), state: s };
+                    gauge(fam.encode_family(&label)?, i64::from(s == now))?;
+                }
+            }
+        }
+        family(&mut enc, "roost_bot_uptime_seconds", "Seconds since the bot started", MetricType::Gauge, &bots, |b, e| {
+            gauge(e, b.status.uptime.as_secs() as i64)
+        })?;
+        family(&mut enc, "roost_bot_reconnects", "Reconnections of the bot's session", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.status.reconnects)
+        })?;
+        family(&mut enc, "roost_bot_messages_in", "Messages received by the bot's session", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.status.messages_in)
+        })?;
+        family(&mut enc, "roost_bot_messages_out", "Messages the bot sent and saw confirmed", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.status.messages_out)
+        })?;
+        family(&mut enc, "roost_bot_outbox_depth", "Replies waiting in the outbox", MetricType::Gauge, &bots, |b, e| {
+            gauge(e, b.status.outbox_depth as i64)
+        })?;
+        family(&mut enc, "roost_bot_outbox_stale", "Outbox entries dropped as stale", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.status.outbox_stale)
+        })?;
+        family(&mut enc, "roost_bot_inbound_dropped", "Inbound messages dropped because the bot's queue was full", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.queue_dropped + b.status.inbound_dropped)
+        })?;
+        family(&mut enc, "roost_bot_blocked", "Replies blocked by the secret scanner or a leak phrase", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.policy.blocked + b.counters.policy.leak_blocked)
+        })?;
+        family(&mut enc, "roost_bot_rate_limited", "Replies dropped by a rate limit", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.policy.rate_limited)
+        })?;
+        family(&mut enc, "roost_bot_loop_guarded", "Replies dropped by the loop guard", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.policy.loop_guarded)
+        })?;
+        family(&mut enc, "roost_bot_flagged_inbound", "Inbound messages flagged suspicious", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.policy.flagged_inbound)
+        })?;
+        {
+            let mut fam = enc.encode_descriptor(
+                "roost_bot_dropped",
+                "Replies and messages dropped, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for b in &bots {
+                let p = &b.counters.policy;
+                for (reason, v) in [
+                    ("own", p.dropped_self),
+                    ("system", p.dropped_system),
+                    ("secret", p.blocked),
+                    ("leak-phrase", p.leak_blocked),
+                    ("empty", p.empty),
+                    ("rate-limited", p.rate_limited),
+                    ("loop-guard", p.loop_guarded),
+                ] {
+                    let label = ReasonLabel { bot: b.label.clone(), reason };
+                    counter(fam.encode_family(&label)?, v)?;
+                }
+            }
+        }
+        family(&mut enc, "roost_persona_calls", "Calls into the persona", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.sandbox.calls)
+        })?;
+        family(&mut enc, "roost_persona_errors", "Persona calls that trapped, hit a limit or timed out", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.sandbox.failures)
+        })?;
+        family(&mut enc, "roost_persona_quarantines", "Times the persona was quarantined", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.sandbox.quarantines)
+        })?;
+        family(&mut enc, "roost_persona_quarantined", "1 while the persona is quarantined", MetricType::Gauge, &bots, |b, e| {
+            gauge(e, i64::from(b.counters.quarantined))
+        })?;
+        family(&mut enc, "roost_persona_reloads", "Versions of the persona swapped in by hot reload", MetricType::Counter, &bots, |b, e| {
+            counter(e, b.counters.reloads)
+        })?;
+        family(&mut enc, "roost_persona_call_seconds", "Latency of persona calls", MetricType::Histogram, &bots, |b, mut e| {
+            let s = &b.counters.sandbox;
+            let mut buckets: Vec<(f64, u64)> =
+                LATENCY_BUCKETS.iter().copied().zip(s.latency_buckets.iter().copied()).collect();
+            // prometheus-client writes an upper bound of f64::MAX as `le="+Inf"`.
+            buckets.push((f64::MAX, s.latency_buckets[LATENCY_BUCKETS.len()]));
+            e.encode_histogram::<prometheus_client::encoding::NoLabelSet>(s.latency_sum, s.calls, &buckets, None)
+        })?;
+        Ok(())
+    }
+}
+
+/// Health of the bots: `Ok` while each is connected or inside its reconnect backoff.
+pub fn health(bots: &[BotSnapshot]) -> Result<(), serde_json::Value> {
+    if bots.is_empty() {
+        return Err(serde_json::json!({"status": "unhealthy", "reason": "no bots are running"}));
+    }
+    let failing: Vec<serde_json::Value> = bots
+        .iter()
+        .filter(|b| matches!(b.status.state, SessionState::Stopped))
+        .map(|b| {
+            serde_json::json!({
+                "bot": b.label,
+                "state": b.status.state.to_string(),
+                "last_error": b.status.last_error,
+            })
+        })
+        .collect();
+    if failing.is_empty() {
+        Ok(())
+    } else {
+        Err(serde_json::json!({
+            "status": "unhealthy",
+            "reason": "some bots are neither connected nor reconnecting",
+            "bots": failing,
+        }))
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    probes: Probes,
+}
+
+/// The `/metrics` text for a set of probes (also used by tests).
+pub fn render(probes: &Probes) -> String {
+    let registry = registry(probes);
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+fn registry(probes: &Probes) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(BotCollector { probes: probes.clone() }));
+    registry
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            out,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "metrics encoding failed\n".to_string(),
+        ),
+    }
+}
+
+async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    match health(&s.probes.snapshot()) {
+        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(reason)),
+    }
+}
+
+/// Binds `addr` and serves `/metrics` and `/healthz` until `shutdown` resolves.
+/// Returns the bound address (useful with port 0) once listening.
+pub async fn serve(
+    addr: SocketAddr,
+    probes: Probes,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let state = AppState { registry: Arc::new(registry(&probes)), probes };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!("metrics server failed: {e}");
+        }
+    });
+    tracing::info!(%bound, "metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+    Ok(bound)
+}

@@ -1,0 +1,147 @@
+//! Bots end to end: personas, sessions and policy against the local chat server.
+
+use std::path::Path;
+use std::time::Duration;
+
+use roost::bot::host::BotHost;
+use roost::config::Config;
+use roost::devserver::{self, ServerConfig, ServerEvent};
+use tokio::sync::broadcast;
+
+use crate::guests::{example, guest};
+
+/// A config pointing at `server`, with plugins and state in `dir`.
+fn config_for(server: &str, dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.server.url = server.to_string();
+    c.paths.plugins = dir.join("plugins");
+    c.paths.state = dir.join("state");
+    c
+}
+
+fn install(dir: &Path, wasm: &Path, as_name: &str) {
+    std::fs::create_dir_all(dir.join("plugins")).expect("mkdir");
+    std::fs::copy(wasm, dir.join("plugins").join(format!("{as_name}.wasm"))).expect("copy");
+}
+
+/// Waits for a message event matching `pred`, up to `within`.
+async fn wait_message(
+    events: &mut broadcast::Receiver<ServerEvent>,
+    within: Duration,
+    pred: impl Fn(&roost::protocol::ChatMessage) -> bool,
+) -> Option<roost::protocol::ChatMessage> {
+    tokio::time::timeout(within, async {
+        loop {
+            match events.recv().await {
+                Ok(ServerEvent::Message(m)) if pred(&m) => return Some(m),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Waits until `agent` has joined `room`.
+async fn wait_joined(events: &mut broadcast::Receiver<ServerEvent>, agent: &str, room: &str) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(ServerEvent::Joined { agent: a, room: r }) = events.recv().await
+                && a == agent
+                && r == room
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{agent} never joined #{room}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_answers_a_mention_within_a_second_and_greeter_welcomes_newcomers() {
+    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(dir.path(), &example("echo"), "echo");
+    install(dir.path(), &example("greeter"), "greeter");
+    let mut events = server.state().subscribe();
+    let host = BotHost::start(config_for(&server.base_url(), dir.path())).await.expect("start");
+    assert_eq!(host.bots.len(), 2);
+    wait_joined(&mut events, "echo", "lobby").await;
+    wait_joined(&mut events, "greeter", "lobby").await;
+
+    let started = std::time::Instant::now();
+    server.state().post_message("ada", "lobby", "@echo hello roost").expect("post");
+    let reply = wait_message(&mut events, Duration::from_secs(5), |m| m.from == "echo")
+        .await
+        .expect("echo answered");
+    assert_eq!(reply.text, "hello roost");
+    assert!(started.elapsed() < Duration::from_secs(1), "answered in {:?}", started.elapsed());
+
+    // Its own message (as the network echoes it back) is never answered.
+    server.state().post_message("echo", "lobby", "@echo talking to myself").expect("post");
+    // Greeter welcomes an agent announced by a join line, once.
+    server.state().join_room("bob", "lobby").expect("join");
+    let welcome = wait_message(&mut events, Duration::from_secs(5), |m| m.from == "greeter")
+        .await
+        .expect("greeter spoke");
+    assert!(welcome.text.contains("bob"), "{}", welcome.text);
+    server.state().join_room("bob", "lobby").expect("join again");
+    let extra = wait_message(&mut events, Duration::from_millis(800), |m| {
+        (m.from == "greeter" && m.text.contains("bob")) || m.from == "echo"
+    })
+    .await;
+    assert!(extra.is_none(), "unexpected extra message: {extra:?}");
+    host.stop().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mutually_answering_bots_go_quiet_within_the_loop_budget() {
+    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(dir.path(), &guest("chatter"), "alice");
+    install(dir.path(), &guest("chatter"), "bobby");
+    let mut config = config_for(&server.base_url(), dir.path());
+    for (label, name) in [("alice", "alice"), ("bobby", "bobby")] {
+        config.personas.entry(label.into()).or_default().name = Some(name.into());
+    }
+    // Rate limits out of the way: the loop guard alone must stop them.
+    config.policy.limits.room_per_minute = 10_000;
+    config.policy.limits.room_burst = 10_000;
+    config.policy.limits.bot_per_minute = 10_000;
+    config.policy.limits.bot_burst = 10_000;
+    config.policy.limits.room_min_interval_ms = 0;
+    let budget = config.policy.loop_guard.max_exchanges as usize;
+    let mut events = server.state().subscribe();
+    let host = BotHost::start(config).await.expect("start");
+    wait_joined(&mut events, "alice", "lobby").await;
+    wait_joined(&mut events, "bobby", "lobby").await;
+
+    server.state().post_message("ada", "lobby", "@alice @bobby what do you two think?").expect("post");
+    let mut said = std::collections::HashMap::<String, usize>::new();
+    // Bounded: stop once nothing is said for 2 s, or after 200 messages.
+    for _ in 0..200 {
+        match wait_message(&mut events, Duration::from_secs(2), |m| m.from != "ada").await {
+            Some(m) if m.from == "alice" || m.from == "bobby" => *said.entry(m.from).or_default() += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let alice = said.get("alice").copied().unwrap_or(0);
+    let bobby = said.get("bobby").copied().unwrap_or(0);
+    assert!(alice >= 2 && bobby >= 2, "they did talk: {said:?}");
+    // Each may answer its partner at most `budget` times (plus one answer to ada).
+    assert!(alice <= budget + 1 && bobby <= budget + 1, "loop not stopped: {said:?}");
+    // Only the loop guard can have ended it (chatter always answers, limits are off).
+    let guarded: u64 = host.bots.values().map(|b| b.counters().policy.loop_guarded).sum();
+    assert!(guarded >= 1, "the loop guard never fired: {said:?}");
+    host.stop().await;
+    server.shutdown().await;
+}
