@@ -29,6 +29,7 @@
 //! ```
 
 pub mod bindings;
+pub mod cache;
 pub mod component;
 pub mod context;
 pub mod engine;
@@ -39,6 +40,7 @@ pub mod manifest;
 pub mod sandbox;
 pub mod state;
 
+pub use cache::{CacheOutcome, CompileCache};
 pub use component::{ContractInfo, LoadError, PersonaComponent};
 pub use context::{Grants, PersonaContext};
 pub use engine::{Runtime, RuntimeConfig};
