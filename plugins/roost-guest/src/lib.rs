@@ -14,7 +14,8 @@
 //!   [`history`] and [`llm`] (granted by the operator; otherwise every call returns
 //!   an ordinary `Err(Error::Denied(..))`, never a trap);
 //! - helpers for chat text: [`mention_rest`], [`parse_join_line`], [`say`], and the
-//!   logging macros [`trace!`], [`debug!`], [`info!`], [`warn!`], [`error!`].
+//!   logging macros [`trace!`], [`debug!`], [`info!`], [`warn!`], [`error!`];
+//! - [`spotlight`]: fencing untrusted chat text before it goes into an LLM prompt.
 //!
 //! # A complete persona
 //!
@@ -88,6 +89,7 @@
 //! one call, discards the instance and answers the next message with a fresh one, so
 //! anything kept in memory (statics) is lost; keep what must survive in [`kv`].
 
+pub mod spotlight;
 mod text;
 
 pub use text::{mention_rest, parse_join_line};
