@@ -18,8 +18,9 @@
 //! which answer the text `ping` with `pong from NAME` unless noted:
 //! `loop`, `membomb`, `recursion`, `panic`, `bigreply` (hostile), `escape`
 //! (sandbox probes, JSON report), `hoarder` (calls every host function, JSON report),
-//! `counter` (well-behaved, `N: TEXT`, no ping), `wrong-world` and `future-version`
-//! (refused at load).
+//! `counter` (well-behaved, `N: TEXT`, no ping), `echo-v2` (a changed `echo` named
+//! `echo`, in `lobby` and `builders`, that answers `v2: TEXT`, for hot reload; no
+//! ping), `wrong-world` and `future-version` (refused at load).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ pub const GUESTS: &[&str] = &[
     "wrong-world",
     "future-version",
     "counter",
+    "chatter",
+    "echo-v2",
 ];
 
 /// Every example persona in `plugins/`.
@@ -416,8 +419,7 @@ mod roost_build {
         )
         .unwrap_err();
         assert!(
-            err.to_string()
-                .contains("Python personas are not supported yet"),
+            err.to_string().contains("has app.py but no persona.toml"),
             "{err}"
         );
 

@@ -12,10 +12,10 @@ pub struct Limits {
     /// Linear memory, in bytes, summed over the instance's memories (default 64 MiB).
     pub memory_bytes: u64,
     /// CPU time per call, excluding time spent waiting in host functions (default 200 ms).
-    #[serde(with = "crate::plugin::limits::duration_ms")]
+    #[serde(rename = "cpu_per_call_ms", with = "crate::plugin::limits::duration_ms")]
     pub cpu_per_call: Duration,
     /// Wall time per call including host waits (default 60 s).
-    #[serde(with = "crate::plugin::limits::duration_ms")]
+    #[serde(rename = "wall_per_call_ms", with = "crate::plugin::limits::duration_ms")]
     pub wall_per_call: Duration,
     /// Elements per table (default 20,000).
     pub table_elements: usize,
@@ -130,6 +130,13 @@ pub struct Limiter {
 impl Limiter {
     pub fn new(limits: Limits) -> Self {
         Limiter { limits, hit: None, memory_in_use: 0 }
+    }
+
+    /// Linear memory granted so far, summed over the instance's memories (initial
+    /// sizes included): what counts against `memory_bytes`. A CPython persona starts
+    /// at about 12 MiB (see README.md, "Python personas").
+    pub fn memory_in_use(&self) -> u64 {
+        self.memory_in_use
     }
 
     fn record(&mut self, hit: LimitHit) {

@@ -63,6 +63,10 @@ pub struct CallFailure {
     pub kind: FailureKind,
 }
 
+/// Upper bounds (seconds) of the call-latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 12] =
+    [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0];
+
 /// Counters for one sandbox.
 #[derive(Debug, Clone, Default)]
 pub struct SandboxStats {
@@ -71,6 +75,20 @@ pub struct SandboxStats {
     pub instances_created: u64,
     pub quarantines: u64,
     pub last_latency: Option<Duration>,
+    /// Calls per latency bucket ([`LATENCY_BUCKETS`], plus one for +Inf); not cumulative.
+    pub latency_buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of all call latencies, seconds.
+    pub latency_sum: f64,
+}
+
+impl SandboxStats {
+    fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.latency_buckets[i] += 1;
+        self.latency_sum += secs;
+        self.last_latency = Some(d);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -258,7 +276,7 @@ impl Sandbox {
         started: std::time::Instant,
     ) -> Result<R, FailureKind> {
         self.stats.calls += 1;
-        self.stats.last_latency = Some(started.elapsed());
+        self.stats.observe(started.elapsed());
         let wall = self.limits.wall_per_call;
         let stack = self.runtime.config().max_wasm_stack;
         let hit = self.live.as_mut().and_then(|l| l.store.data_mut().limiter.hit.take());

@@ -46,7 +46,7 @@ use serde::Deserialize;
 use super::clock::Clock;
 
 /// Rate-limit settings (`[policy.limits]` in roost.toml).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Most messages the bot sends in any 60 s, all rooms together. Default 20.

@@ -44,7 +44,7 @@ use serde::Deserialize;
 use super::normalize::normalize;
 
 /// Loop-guard settings (`[policy.loop_guard]` in roost.toml).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoopGuardConfig {
     /// Consecutive exchanges with one partner in one room before a cool-down. Default 8.

@@ -101,7 +101,7 @@ use outbound::{base_name, name_pattern};
 /// repeat_history = 5        # compare with this many recent replies per room
 /// repeat_similarity = 0.9   # trigram Jaccard at which a reply is a repeat
 /// ```
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Outbound normalisation.

@@ -37,7 +37,7 @@ use serde::Deserialize;
 use super::normalize::{is_bidi_control, normalize};
 
 /// Outbound normalisation settings (`[policy.outbound]` in roost.toml).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutboundConfig {
     /// Maximum length in characters (Unicode scalar values). Default 1000.

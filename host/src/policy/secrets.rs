@@ -122,7 +122,7 @@ impl fmt::Display for FindingRule {
 }
 
 /// Scanner settings (`[policy.secrets]` in roost.toml).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecretsConfig {
     /// Block long random-looking tokens of no known format. Default `true`.

@@ -1,0 +1,20 @@
+//! Bots: a persona, a session and a policy, wired together.
+//!
+//! - [`core`]: the decision pipeline (inbound policy → persona → outbound policy),
+//!   shared by live bots and `roost replay`;
+//! - [`runner`]: a live bot — its session, its bounded inbound queue (the oldest
+//!   message dropped on overflow, logged and counted), and a worker handling its
+//!   messages in order; bots run concurrently, so a slow persona delays only itself;
+//! - [`host`]: `roost run` — one bot per `DIR/*.wasm`;
+//! - [`reload`]: hot reload of `DIR` and the compile cache at start-up;
+//! - [`replay`]: `roost replay` — recorded chat through the pipeline, offline.
+
+pub mod caps;
+pub mod core;
+pub mod history;
+pub mod host;
+pub mod reload;
+pub mod replay;
+pub mod runner;
+
+pub use runner::{Bot, HostContext};

@@ -1,0 +1,575 @@
+//! roost.toml: parsed raw (serde, unknown keys rejected) and validated into a
+//! [`Config`]. Every key has a default; the example `roost.toml` at the repository
+//! root documents each one.
+//!
+//! Errors are one line naming the file, the line and the key:
+//! `roost.toml:12: unknown key `colour` in [personas.echo] (expected one of ...)`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::plugin::Limits;
+use crate::policy::PolicyConfig;
+use crate::session::{Backoff, SessionConfig};
+
+/// The default network.
+pub const DEFAULT_SERVER: &str = "https://nohumans.chat";
+
+/// A configuration error: one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// The chat network's base URL.
+    pub url: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection { url: DEFAULT_SERVER.into() }
+    }
+}
+
+/// `[paths]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PathsSection {
+    /// The folder of persona components (`NAME.wasm`).
+    pub plugins: PathBuf,
+    /// Where roost keeps its state database (identities, outbox, KV).
+    pub state: PathBuf,
+}
+
+impl Default for PathsSection {
+    fn default() -> Self {
+        PathsSection { plugins: "plugins".into(), state: "state".into() }
+    }
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSection {
+    pub pooling: bool,
+    pub pool_instances: u32,
+    pub max_memory_mib: u64,
+    pub epoch_tick_ms: u64,
+    pub max_wasm_stack_kib: usize,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        let d = crate::plugin::RuntimeConfig::default();
+        RuntimeSection {
+            pooling: d.pooling,
+            pool_instances: d.pool_instances,
+            max_memory_mib: d.max_memory_bytes >> 20,
+            epoch_tick_ms: d.epoch_tick.as_millis() as u64,
+            max_wasm_stack_kib: d.max_wasm_stack >> 10,
+        }
+    }
+}
+
+/// `[session]`: connection behaviour shared by every bot.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSection {
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub ping_interval_ms: u64,
+    pub dead_after_intervals: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// `0` = retry forever.
+    pub max_attempts: u32,
+    pub healthy_after_ms: u64,
+    pub retention_secs: u64,
+    pub outbox_ttl_secs: u64,
+    pub shutdown_flush_ms: u64,
+    /// Messages waiting for a bot's persona; overflow drops the oldest.
+    pub inbound_queue: usize,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        let d = SessionConfig::default();
+        SessionSection {
+            connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+            request_timeout_ms: d.request_timeout.as_millis() as u64,
+            ping_interval_ms: d.ping_interval.as_millis() as u64,
+            dead_after_intervals: d.dead_after_intervals,
+            backoff_base_ms: d.backoff.base.as_millis() as u64,
+            backoff_cap_ms: d.backoff.cap.as_millis() as u64,
+            max_attempts: d.backoff.max_attempts.unwrap_or(0),
+            healthy_after_ms: d.healthy_after.as_millis() as u64,
+            retention_secs: d.retention.as_secs(),
+            outbox_ttl_secs: d.outbox_ttl.as_secs(),
+            shutdown_flush_ms: d.shutdown_flush.as_millis() as u64,
+            inbound_queue: 256,
+        }
+    }
+}
+
+/// `[cache]`: the compile cache in `<paths.state>/cache/` (see
+/// [`crate::plugin::cache`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Keep precompiled personas between runs and reloads (default true).
+    pub enabled: bool,
+    /// Bound on the cache's total size, in MiB (default 256); the least recently
+    /// used entries are evicted.
+    pub max_mib: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection { enabled: true, max_mib: crate::plugin::cache::DEFAULT_MAX_BYTES >> 20 }
+    }
+}
+
+/// `[reload]`: hot reload of the plugins folder (see [`crate::bot::reload`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReloadSection {
+    /// Watch the plugins folder while running (default true).
+    pub enabled: bool,
+    /// Quiet time after the last change to a file before acting on it, in ms
+    /// (default 300).
+    pub debounce_ms: u64,
+}
+
+impl Default for ReloadSection {
+    fn default() -> Self {
+        ReloadSection { enabled: true, debounce_ms: 300 }
+    }
+}
+
+/// Per-persona overrides of `[limits]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsOverride {
+    pub memory_bytes: Option<u64>,
+    pub cpu_per_call_ms: Option<u64>,
+    pub wall_per_call_ms: Option<u64>,
+    pub table_elements: Option<usize>,
+    pub instances: Option<usize>,
+    pub tables: Option<usize>,
+    pub memories: Option<usize>,
+    pub reply_bytes: Option<usize>,
+    pub actions: Option<usize>,
+}
+
+impl LimitsOverride {
+    pub fn apply(&self, base: &Limits) -> Limits {
+        let mut l = base.clone();
+        if let Some(v) = self.memory_bytes {
+            l.memory_bytes = v;
+        }
+        if let Some(v) = self.cpu_per_call_ms {
+            l.cpu_per_call = Duration::from_millis(v);
+        }
+        if let Some(v) = self.wall_per_call_ms {
+            l.wall_per_call = Duration::from_millis(v);
+        }
+        if let Some(v) = self.table_elements {
+            l.table_elements = v;
+        }
+        if let Some(v) = self.instances {
+            l.instances = v;
+        }
+        if let Some(v) = self.tables {
+            l.tables = v;
+        }
+        if let Some(v) = self.memories {
+            l.memories = v;
+        }
+        if let Some(v) = self.reply_bytes {
+            l.reply_bytes = v;
+        }
+        if let Some(v) = self.actions {
+            l.actions = v;
+        }
+        l
+    }
+}
+
+/// A capability grant with nothing but `allow` (kv and history have quotas too).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvGrant {
+    pub allow: bool,
+    pub quota_bytes: u64,
+    pub value_bytes: u64,
+}
+
+impl Default for KvGrant {
+    fn default() -> Self {
+        KvGrant { allow: false, quota_bytes: 1 << 20, value_bytes: 64 << 10 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryGrant {
+    pub allow: bool,
+    /// Most messages one call returns (and kept per room).
+    pub limit: u32,
+}
+
+impl Default for HistoryGrant {
+    fn default() -> Self {
+        HistoryGrant { allow: false, limit: 50 }
+    }
+}
+
+/// `[personas.NAME]`: NAME is the file stem (`echo` for `echo.wasm`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersonaSection {
+    /// Network name instead of the manifest's.
+    pub name: Option<String>,
+    /// Description instead of the manifest's.
+    pub description: Option<String>,
+    /// Rooms instead of the manifest's.
+    pub rooms: Option<Vec<String>>,
+    /// Strings the persona reads through `config.get`. Never secrets.
+    pub settings: BTreeMap<String, String>,
+    /// Settings read from files: `character = "rook.md"` makes the file's content the
+    /// setting `character` (a persona has no filesystem of its own). Paths are relative
+    /// to the config file's folder; each file is read once by [`Config::load`], must be
+    /// UTF-8 and at most [`MAX_SETTING_FILE_BYTES`]; a key may not also be in
+    /// `settings`. Like `settings`, never secrets: the persona can read every byte.
+    pub settings_files: BTreeMap<String, PathBuf>,
+    pub limits: LimitsOverride,
+    pub kv: KvGrant,
+    pub history: HistoryGrant,
+    /// `[personas.NAME.llm]`: the grant to call the LLM (deny by default), see
+    /// [`crate::llm::config`].
+    pub llm: crate::llm::PersonaLlmConfig,
+}
+
+/// Largest file `settings_files` may name.
+pub const MAX_SETTING_FILE_BYTES: u64 = 64 << 10;
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// Serve Prometheus `/metrics` and `/healthz` on this address (off when unset).
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// The whole file, as written.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub paths: PathsSection,
+    pub runtime: RuntimeSection,
+    /// Default limits for every persona.
+    pub limits: Limits,
+    pub session: SessionSection,
+    pub policy: PolicyConfig,
+    /// `[llm]`: the LLM providers and where their keys come from, see
+    /// [`crate::llm::config`].
+    pub llm: crate::llm::LlmConfig,
+    pub cache: CacheSection,
+    pub reload: ReloadSection,
+    pub telemetry: TelemetrySection,
+    pub personas: BTreeMap<String, PersonaSection>,
+}
+
+impl Config {
+    /// Reads and validates a config file, then reads the files named in
+    /// `[personas.NAME.settings_files]` (relative to the file's folder) into settings.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        config.resolve_setting_files(base)?;
+        Ok(config)
+    }
+
+    /// Moves every `[personas.NAME.settings_files]` entry into `settings`, reading the
+    /// file (relative paths from `base`). Afterwards `settings_files` is empty, so
+    /// calling it again does nothing. Errors are one line naming the key and the file.
+    pub fn resolve_setting_files(&mut self, base: &Path) -> Result<(), ConfigError> {
+        for (name, persona) in &mut self.personas {
+            for (key, file) in std::mem::take(&mut persona.settings_files) {
+                let what = format!("personas.{name}.settings_files.{key}");
+                if persona.settings.contains_key(&key) {
+                    return Err(ConfigError(format!(
+                        "{what}: the setting `{key}` is also in personas.{name}.settings; keep one"
+                    )));
+                }
+                let path = if file.is_absolute() { file } else { base.join(file) };
+                let text = read_setting_file(&path).map_err(|e| ConfigError(format!("{what}: {e}")))?;
+                persona.settings.insert(key, text);
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
+        config.validate().map_err(|e| ConfigError(format!("{file}: {e}")))?;
+        Ok(config)
+    }
+
+    /// Range checks serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::session::http::Endpoints::parse(&self.server.url)
+            .map_err(|e| format!("server.url: {e}"))?;
+        self.policy.validate().map_err(|e| e.to_string())?;
+        let s = &self.session;
+        for (key, v) in [
+            ("session.connect_timeout_ms", s.connect_timeout_ms),
+            ("session.request_timeout_ms", s.request_timeout_ms),
+            ("session.ping_interval_ms", s.ping_interval_ms),
+            ("session.backoff_base_ms", s.backoff_base_ms),
+            ("session.backoff_cap_ms", s.backoff_cap_ms),
+            ("session.retention_secs", s.retention_secs),
+            ("session.outbox_ttl_secs", s.outbox_ttl_secs),
+            ("session.inbound_queue", s.inbound_queue as u64),
+            ("runtime.epoch_tick_ms", self.runtime.epoch_tick_ms),
+            ("runtime.pool_instances", self.runtime.pool_instances as u64),
+            ("cache.max_mib", self.cache.max_mib),
+            ("reload.debounce_ms", self.reload.debounce_ms),
+        ] {
+            if v == 0 {
+                return Err(format!("{key} must be above zero"));
+            }
+        }
+        if s.backoff_cap_ms < s.backoff_base_ms {
+            return Err("session.backoff_cap_ms must be at least session.backoff_base_ms".into());
+        }
+        let max_mem = self.runtime.max_memory_mib << 20;
+        let check_limits = |key: &str, l: &Limits| -> Result<(), String> {
+            if l.memory_bytes == 0 || l.memory_bytes > max_mem {
+                return Err(format!(
+                    "{key}.memory_bytes must be between 1 and runtime.max_memory_mib ({} MiB)",
+                    self.runtime.max_memory_mib
+                ));
+            }
+            if l.cpu_per_call.is_zero() || l.wall_per_call.is_zero() {
+                return Err(format!("{key}: cpu_per_call_ms and wall_per_call_ms must be above zero"));
+            }
+            if l.cpu_per_call > l.wall_per_call {
+                return Err(format!("{key}.cpu_per_call_ms must not exceed wall_per_call_ms"));
+            }
+            Ok(())
+        };
+        check_limits("limits", &self.limits)?;
+        self.llm.validate().map_err(|e| e.to_string())?;
+        for (name, p) in &self.personas {
+            let key = format!("personas.{name}");
+            p.llm.validate(name, &self.llm).map_err(|e| e.to_string())?;
+            for (setting, file) in &p.settings_files {
+                if setting.is_empty() || file.as_os_str().is_empty() {
+                    return Err(format!("{key}.settings_files: keys and paths must not be empty"));
+                }
+                if p.settings.contains_key(setting) {
+                    return Err(format!(
+                        "{key}.settings_files.{setting}: the setting is also in {key}.settings; keep one"
+                    ));
+                }
+            }
+            check_limits(&format!("{key}.limits"), &p.limits.apply(&self.limits))?;
+            if let Some(n) = &p.name {
+                crate::session::identity::validate_name(n).map_err(|e| format!("{key}.name: {e}"))?;
+            }
+            for room in p.rooms.iter().flatten() {
+                if !crate::plugin::manifest::valid_room(room) {
+                    return Err(format!("{key}.rooms: {room:?} is not a valid room name"));
+                }
+            }
+            if p.kv.value_bytes == 0 || p.kv.value_bytes > p.kv.quota_bytes {
+                return Err(format!("{key}.kv.value_bytes must be between 1 and kv.quota_bytes"));
+            }
+            if p.history.limit == 0 {
+                return Err(format!("{key}.history.limit must be above zero"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of persona `label` (defaults if it has no section).
+    pub fn persona(&self, label: &str) -> PersonaSection {
+        self.personas.get(label).cloned().unwrap_or_default()
+    }
+
+    /// Limits for persona `label`.
+    pub fn limits_for(&self, label: &str) -> Limits {
+        self.persona(label).limits.apply(&self.limits)
+    }
+
+    pub fn runtime_config(&self) -> crate::plugin::RuntimeConfig {
+        let r = &self.runtime;
+        crate::plugin::RuntimeConfig {
+            pooling: r.pooling,
+            pool_instances: r.pool_instances,
+            max_memory_bytes: r.max_memory_mib << 20,
+            epoch_tick: Duration::from_millis(r.epoch_tick_ms),
+            max_wasm_stack: r.max_wasm_stack_kib << 10,
+        }
+    }
+
+    /// Session settings for one bot (name, description, rooms filled in by the caller).
+    pub fn session_config(&self) -> SessionConfig {
+        let s = &self.session;
+        SessionConfig {
+            server: self.server.url.clone(),
+            backoff: Backoff {
+                base: Duration::from_millis(s.backoff_base_ms),
+                cap: Duration::from_millis(s.backoff_cap_ms),
+                max_attempts: (s.max_attempts > 0).then_some(s.max_attempts),
+            },
+            connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+            request_timeout: Duration::from_millis(s.request_timeout_ms),
+            ping_interval: Duration::from_millis(s.ping_interval_ms),
+            dead_after_intervals: s.dead_after_intervals.max(1),
+            healthy_after: Duration::from_millis(s.healthy_after_ms),
+            retention: Duration::from_secs(s.retention_secs),
+            outbox_ttl: Duration::from_secs(s.outbox_ttl_secs),
+            shutdown_flush: Duration::from_millis(s.shutdown_flush_ms),
+            ..SessionConfig::default()
+        }
+    }
+}
+
+/// The UTF-8 text of a `settings_files` file, at most [`MAX_SETTING_FILE_BYTES`].
+fn read_setting_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SETTING_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_SETTING_FILE_BYTES {
+        return Err(format!("{} is larger than {MAX_SETTING_FILE_BYTES} bytes", path.display()));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))
+}
+
+/// A toml error as one line: `file:LINE: message`.
+fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let msg = e.message().lines().next().unwrap_or("invalid TOML").trim();
+    let msg = msg.replace("unknown field", "unknown key");
+    match line {
+        Some(l) => ConfigError(format!("{file}:{l}: {msg}")),
+        None => ConfigError(format!("{file}: {msg}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_all_defaults() {
+        let c = Config::parse("", "roost.toml").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.server.url, DEFAULT_SERVER);
+        assert_eq!(c.session.inbound_queue, 256);
+    }
+
+    #[test]
+    fn unknown_keys_are_one_line_naming_key_file_and_line() {
+        let text = "[server]\nurl = \"http://127.0.0.1:1\"\n\n[personas.echo]\ncolour = \"red\"\n";
+        let e = Config::parse(text, "roost.toml").unwrap_err().to_string();
+        assert!(e.starts_with("roost.toml:5: unknown key `colour`"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = Config::parse("[sever]\n", "x.toml").unwrap_err().to_string();
+        assert!(e.contains("unknown key `sever`"), "{e}");
+    }
+
+    #[test]
+    fn persona_overrides_merge_onto_defaults() {
+        let text = "[limits]\nmemory_bytes = 33554432\n[personas.echo.limits]\ncpu_per_call_ms = 50\n[personas.echo.settings]\ngreeting = \"hi\"\n";
+        let c = Config::parse(text, "roost.toml").unwrap();
+        let l = c.limits_for("echo");
+        assert_eq!(l.memory_bytes, 32 << 20);
+        assert_eq!(l.cpu_per_call, Duration::from_millis(50));
+        assert_eq!(c.limits_for("other").cpu_per_call, Duration::from_millis(200));
+        assert_eq!(c.persona("echo").settings["greeting"], "hi");
+    }
+
+    #[test]
+    fn llm_sections_parse_and_validate() {
+        let text = "[llm.providers.local]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:11434\"\ndefault_model = \"llama3\"\napi_key_env = \"ROOST_TEST_KEY\"\n\n[personas.rook.llm]\nallow = true\nmax_tokens = 120\n[personas.rook.kv]\nallow = true\n";
+        let c = Config::parse(text, "roost.toml").unwrap();
+        assert_eq!(c.llm.providers["local"].default_model, "llama3");
+        assert!(c.persona("rook").llm.allow);
+        assert_eq!(c.persona("rook").llm.max_tokens, 120);
+        assert!(!c.persona("other").llm.allow, "deny by default");
+        for (bad, want) in [
+            ("[personas.rook.llm]\nallow = true\n", "personas.rook.llm.allow: no provider"),
+            ("[personas.rook.llm]\nalow = true\n", "unknown key `alow`"),
+            ("[llm]\ndefault_provider = \"x\"\n", "llm.default_provider"),
+            ("[llm.providers.x]\nkind = \"openai\"\ndefault_model = \"m\"\napi_key = \"sk-1\"\n", "unknown key `api_key`"),
+        ] {
+            let e = Config::parse(bad, "roost.toml").unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+            assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn settings_files_are_read_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("personas")).unwrap();
+        std::fs::write(dir.path().join("personas/rook.md"), "# Rook\nA crow.\n").unwrap();
+        let cfg = dir.path().join("roost.toml");
+        std::fs::write(&cfg, "[personas.rook.settings_files]\ncharacter = \"personas/rook.md\"\n").unwrap();
+        let c = Config::load(&cfg).unwrap();
+        assert_eq!(c.persona("rook").settings["character"], "# Rook\nA crow.\n");
+        assert!(c.persona("rook").settings_files.is_empty());
+        c.validate().unwrap();
+
+        std::fs::write(&cfg, "[personas.rook.settings_files]\ncharacter = \"missing.md\"\n").unwrap();
+        let e = Config::load(&cfg).unwrap_err().to_string();
+        assert!(e.starts_with("personas.rook.settings_files.character: cannot read"), "{e}");
+        assert!(e.contains("missing.md") && !e.contains('\n'), "{e}");
+
+        std::fs::write(dir.path().join("big.md"), vec![b'x'; MAX_SETTING_FILE_BYTES as usize + 1]).unwrap();
+        std::fs::write(&cfg, "[personas.rook.settings_files]\ncharacter = \"big.md\"\n").unwrap();
+        let e = Config::load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+
+        let both = "[personas.rook.settings]\ncharacter = \"x\"\n[personas.rook.settings_files]\ncharacter = \"big.md\"\n";
+        let e = Config::parse(both, "roost.toml").unwrap_err().to_string();
+        assert!(e.contains("also in personas.rook.settings"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for text in [
+            "[server]\nurl = \"ftp://x\"\n",
+            "[session]\nping_interval_ms = 0\n",
+            "[limits]\ncpu_per_call_ms = 90000\n",
+            "[personas.echo]\nrooms = [\"two words\"]\n",
+            "[personas.echo.limits]\nmemory_bytes = 99999999999999\n",
+            "[runtime]\npooling = \"yes\"\n",
+            "[cache]\nmax_mib = 0\n",
+            "[reload]\ndebounce_ms = 0\n",
+            "[reload]\nwatch = true\n",
+        ] {
+            let e = Config::parse(text, "roost.toml");
+            assert!(e.is_err(), "accepted: {text}");
+            assert!(!e.unwrap_err().to_string().contains('\n'));
+        }
+    }
+}
