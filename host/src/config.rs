@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::plugin::Limits;
 use crate::policy::PolicyConfig;
@@ -24,7 +24,7 @@ pub const DEFAULT_SERVER: &str = "https://nohumans.chat";
 pub struct ConfigError(pub String);
 
 /// `[server]`
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
     /// The chat network's base URL.
@@ -38,7 +38,7 @@ impl Default for ServerSection {
 }
 
 /// `[paths]`
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PathsSection {
     /// The folder of persona components (`NAME.wasm`).
@@ -54,7 +54,7 @@ impl Default for PathsSection {
 }
 
 /// `[runtime]`
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeSection {
     pub pooling: bool,
@@ -78,7 +78,7 @@ impl Default for RuntimeSection {
 }
 
 /// `[session]`: connection behaviour shared by every bot.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionSection {
     pub connect_timeout_ms: u64,
@@ -119,7 +119,7 @@ impl Default for SessionSection {
 
 /// `[cache]`: the compile cache in `<paths.state>/cache/` (see
 /// [`crate::plugin::cache`]).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheSection {
     /// Keep precompiled personas between runs and reloads (default true).
@@ -136,7 +136,7 @@ impl Default for CacheSection {
 }
 
 /// `[reload]`: hot reload of the plugins folder (see [`crate::bot::reload`]).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReloadSection {
     /// Watch the plugins folder while running (default true).
@@ -153,7 +153,7 @@ impl Default for ReloadSection {
 }
 
 /// Per-persona overrides of `[limits]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsOverride {
     pub memory_bytes: Option<u64>,
@@ -202,7 +202,7 @@ impl LimitsOverride {
 }
 
 /// A capability grant with nothing but `allow` (kv and history have quotas too).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct KvGrant {
     pub allow: bool,
@@ -216,7 +216,7 @@ impl Default for KvGrant {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HistoryGrant {
     pub allow: bool,
@@ -231,7 +231,7 @@ impl Default for HistoryGrant {
 }
 
 /// `[personas.NAME]`: NAME is the file stem (`echo` for `echo.wasm`).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PersonaSection {
     /// Network name instead of the manifest's.
@@ -260,7 +260,7 @@ pub struct PersonaSection {
 pub const MAX_SETTING_FILE_BYTES: u64 = 64 << 10;
 
 /// `[telemetry]`
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetrySection {
     /// Serve Prometheus `/metrics` and `/healthz` on this address (off when unset).
@@ -268,7 +268,7 @@ pub struct TelemetrySection {
 }
 
 /// The whole file, as written.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerSection,
@@ -296,7 +296,25 @@ impl Config {
         let mut config = Self::parse(&text, &path.display().to_string())?;
         let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         config.resolve_setting_files(base)?;
+        config.check_settings_hold_no_secrets().map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         Ok(config)
+    }
+
+    /// Settings are readable by the persona, so a value that looks like a credential
+    /// is refused: keys belong in `api_key_env` / `api_key_file`, held by the host.
+    pub fn check_settings_hold_no_secrets(&self) -> Result<(), String> {
+        let scanner = crate::policy::SecretScanner::new(self.policy.secrets.clone());
+        for (name, p) in &self.personas {
+            for (key, value) in &p.settings {
+                if let Some(found) = scanner.scan(value) {
+                    return Err(format!(
+                        "personas.{name}.settings.{key} looks like a credential ({}); settings are readable by the persona, so give keys to the host (llm.providers.NAME.api_key_env or api_key_file)",
+                        found.kind
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Moves every `[personas.NAME.settings_files]` entry into `settings`, reading the
@@ -371,6 +389,7 @@ impl Config {
         };
         check_limits("limits", &self.limits)?;
         self.llm.validate().map_err(|e| e.to_string())?;
+        self.check_settings_hold_no_secrets()?;
         for (name, p) in &self.personas {
             let key = format!("personas.{name}");
             p.llm.validate(name, &self.llm).map_err(|e| e.to_string())?;
@@ -401,6 +420,13 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The effective configuration as TOML (`roost run --print-config`). It holds no
+    /// secrets: keys are only named (`api_key_env`, `api_key_file`), and settings
+    /// that look like credentials are refused at load.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self).map_err(|e| ConfigError(format!("cannot print the configuration: {e}")))
     }
 
     /// The settings of persona `label` (defaults if it has no section).
@@ -552,6 +578,62 @@ mod tests {
         let both = "[personas.rook.settings]\ncharacter = \"x\"\n[personas.rook.settings_files]\ncharacter = \"big.md\"\n";
         let e = Config::parse(both, "roost.toml").unwrap_err().to_string();
         assert!(e.contains("also in personas.rook.settings"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_in_settings_is_refused_without_echoing_it() {
+        let text = "[personas.echo.settings]\ntoken = \"ghp_rnhuy6MKWF9yP5WmDWpullhZasyDFMXaY0c5\"\n";
+        let e = Config::parse(text, "roost.toml").unwrap_err().to_string();
+        assert!(e.contains("personas.echo.settings.token looks like a credential"), "{e}");
+        assert!(!e.contains("ghp_rnhuy6"), "{e}");
+        assert!(Config::parse("[personas.echo.settings]\ngreeting = \"hello there\"\n", "x").is_ok());
+    }
+
+    #[test]
+    fn the_effective_config_prints_as_toml_and_parses_back() {
+        let c = Config::parse("[personas.echo]\nrooms = [\"lobby\"]\n", "roost.toml").unwrap();
+        let printed = c.to_toml().unwrap();
+        assert!(printed.contains("[personas.echo]"), "{printed}");
+        assert_eq!(Config::parse(&printed, "printed").unwrap(), c);
+    }
+
+    /// Every key's leaf name, with its section path, from a TOML value.
+    fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                match v {
+                    toml::Value::Table(_) => leaves(&format!("{prefix}{k}."), v, out),
+                    _ => out.push((prefix.to_string(), k.clone())),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_example_roost_toml_parses_and_documents_every_key() {
+        let example = include_str!("../../roost.toml");
+        let parsed = Config::parse(example, "roost.toml").expect("the example must parse");
+        // Every key of every section (a persona with every table, a provider of each
+        // kind) must appear in the example, set or commented out.
+        let mut full = Config::default();
+        full.personas.insert("p".into(), PersonaSection::default());
+        let mut keys = Vec::new();
+        let v = toml::Value::try_from(&full).expect("serialize");
+        leaves("", &v, &mut keys);
+        let persona = toml::Value::try_from(crate::llm::PersonaLlmConfig::default()).unwrap();
+        leaves("personas.p.llm.", &persona, &mut keys);
+        for k in [
+            "default_provider", "kind", "base_url", "default_model", "timeout_ms", "max_retries",
+            "max_tokens_param", "api_key_env", "api_key_file", "metrics", "name", "description",
+            "rooms", "character",
+        ] {
+            keys.push(("(any)".into(), k.into()));
+        }
+        for (section, key) in keys {
+            let pattern = regex::Regex::new(&format!(r"(?m)^#?\s*{key}\s*=")).unwrap();
+            assert!(pattern.is_match(example), "roost.toml does not document {section}{key}");
+        }
+        assert!(parsed.personas.contains_key("echo"));
     }
 
     #[test]
