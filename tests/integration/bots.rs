@@ -145,3 +145,35 @@ async fn two_mutually_answering_bots_go_quiet_within_the_loop_budget() {
     host.stop().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_left_in_the_outbox_at_shutdown_goes_out_after_the_next_start() {
+    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
+        .await
+        .expect("server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(dir.path(), &example("echo"), "echo");
+    let mut config = config_for(&server.base_url(), dir.path());
+    config.session.shutdown_flush_ms = 300;
+    let mut events = server.state().subscribe();
+    let host = BotHost::start(config.clone()).await.expect("start");
+    wait_joined(&mut events, "echo", "lobby").await;
+
+    // The network goes silent; a reply is queued; the host shuts down meanwhile.
+    server.faults().stall(Duration::from_secs(120));
+    let text = "queued while the network was stalled";
+    host.bots["echo"].session.send("lobby", text).expect("queued");
+    host.stop().await;
+    server.faults().end_stall();
+
+    // Next start, same state: the reply goes out exactly once.
+    let host = BotHost::start(config).await.expect("restart");
+    let delivered = wait_message(&mut events, Duration::from_secs(20), |m| m.text == text).await;
+    assert!(delivered.is_some(), "the queued reply was never delivered");
+    let again = wait_message(&mut events, Duration::from_secs(2), |m| m.text == text).await;
+    assert!(again.is_none(), "delivered twice");
+    let stored = server.state().messages("lobby", None, 50).expect("room");
+    assert_eq!(stored.iter().filter(|m| m.text == text).count(), 1);
+    host.stop().await;
+    server.shutdown().await;
+}
