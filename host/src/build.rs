@@ -1,24 +1,41 @@
 //! `roost build PATH [-o FILE]`: build a persona project into a component.
 //!
-//! A Rust persona is a cdylib crate (see `plugins/echo`). [`build_persona`] runs
+//! Two kinds of project are recognised by what PATH holds:
 //!
-//! ```text
-//! cargo build --release --target wasm32-wasip2 --message-format=json-render-diagnostics \
-//!     --manifest-path PATH/Cargo.toml
-//! ```
+//! - **Rust**: a cdylib crate (`Cargo.toml`; see `plugins/echo`). [`build_persona`] runs
 //!
-//! passes cargo's human progress (and compiler errors) through to stderr, finds the
-//! component cargo produced in its JSON artifact messages (so the crate may be
-//! standalone or a member of a workspace, with any target dir), and copies it to
-//! `FILE`, by default `PATH/../NAME.wasm` with NAME the package name: `roost build
-//! plugins/echo` writes `plugins/echo.wasm`, in the folder `roost run` watches. The copy
-//! is written under a temporary name and renamed into place, so a watcher never sees a
+//!   ```text
+//!   cargo build --release --target wasm32-wasip2 --message-format=json-render-diagnostics \
+//!       --manifest-path PATH/Cargo.toml
+//!   ```
+//!
+//!   passes cargo's human progress (and compiler errors) through to stderr, and finds the
+//!   component cargo produced in its JSON artifact messages (so the crate may be
+//!   standalone or a member of a workspace, with any target dir). NAME is the package
+//!   name.
+//! - **Python**: a `persona.toml` naming the persona (`name = "quizmaster"`, optionally
+//!   `module = "app"` and `python_path = ["lib"]`) next to the module (`app.py`) whose
+//!   class `WitWorld` implements the world. It is built with componentize-py
+//!   ([`COMPONENTIZE_PY_VERSION`], from PyPI), which bundles CPython into the component:
+//!
+//!   ```text
+//!   componentize-py -d WIT -w persona componentize -p PATH app -o NAME.wasm
+//!   ```
+//!
+//!   against the contract's WIT files embedded in this binary ([`WIT_FILES`], written to
+//!   a temporary folder), so an installed `roost` builds Python personas anywhere.
+//!   Componentizing takes about 10 s; the start and the end are announced on stderr.
+//!
+//! The component is written to `FILE`, by default `PATH/../NAME.wasm`: `roost build
+//! plugins/echo` writes `plugins/echo.wasm`, in the folder `roost run` watches. It is
+//! written under a temporary name and renamed into place, so a watcher never sees a
 //! half-written component.
 //!
 //! Every failure is one [`BuildError`] with a one-line message saying what to do:
-//! missing project, no `Cargo.toml`, a Python project (not supported yet), cargo not
-//! installed, the `wasm32-wasip2` target not installed, a compile error (cargo's own
-//! diagnostics are printed above it), no cdylib artifact.
+//! missing project, neither `Cargo.toml` nor `persona.toml`, an unreadable
+//! `persona.toml`, cargo or componentize-py not installed (with the install command),
+//! the `wasm32-wasip2` target not installed, a compile error (cargo's diagnostics or
+//! the Python traceback are printed above it), no cdylib artifact.
 //!
 //! ```no_run
 //! use roost::build::{BuildOptions, build_persona};
@@ -26,6 +43,9 @@
 //! let opts = BuildOptions { path: "plugins/echo".into(), output: None };
 //! let wasm = build_persona(&opts)?;
 //! assert!(wasm.ends_with("echo.wasm"));
+//! let opts = BuildOptions { path: "plugins/py-persona".into(), output: None };
+//! let wasm = build_persona(&opts)?;
+//! assert!(wasm.ends_with("quizmaster.wasm"));
 //! # Ok::<(), roost::build::BuildError>(())
 //! ```
 
@@ -33,14 +53,48 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::time::Instant;
 
 /// The target every persona is built for.
 pub const TARGET: &str = "wasm32-wasip2";
 
+/// The componentize-py release roost is tested with (`pip install
+/// componentize-py==0.25.1`; `.ci/run` installs the same). Another version is used
+/// with a warning.
+pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+
+/// The manifest file that makes a folder a Python persona project.
+pub const PYTHON_MANIFEST: &str = "persona.toml";
+
+/// The world every persona targets.
+pub const WORLD: &str = "persona";
+
+/// The contract's WIT files (`wit/` of the repository), embedded so that an installed
+/// `roost` can build Python personas and scaffold Rust ones anywhere.
+pub const WIT_FILES: &[(&str, &str)] = &[
+    ("config.wit", include_str!("../../wit/config.wit")),
+    ("history.wit", include_str!("../../wit/history.wit")),
+    ("kv.wit", include_str!("../../wit/kv.wit")),
+    ("llm.wit", include_str!("../../wit/llm.wit")),
+    ("log.wit", include_str!("../../wit/log.wit")),
+    ("types.wit", include_str!("../../wit/types.wit")),
+    ("world.wit", include_str!("../../wit/world.wit")),
+];
+
+/// Writes [`WIT_FILES`] into `dir` (created if needed).
+pub fn write_wit(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, text) in WIT_FILES {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(())
+}
+
 /// What `roost build` was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildOptions {
-    /// The persona project: a directory with `Cargo.toml` (or that `Cargo.toml` itself).
+    /// The persona project: a directory with `Cargo.toml` or `persona.toml` (or that
+    /// file itself).
     pub path: PathBuf,
     /// Where to write the component; by default `PATH/../NAME.wasm`. An existing
     /// directory means `DIR/NAME.wasm`.
@@ -66,15 +120,148 @@ impl Default for CargoRunner {
     }
 }
 
+/// How componentize-py is run for Python personas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PythonRunner {
+    /// The componentize-py program: `componentize-py` from `PATH` by default.
+    pub program: OsString,
+    /// Whether to announce the (slow) step and print a failed build's traceback on
+    /// stderr (it is kept either way, to explain a failure).
+    pub echo_progress: bool,
+}
+
+impl Default for PythonRunner {
+    fn default() -> Self {
+        Self {
+            program: "componentize-py".into(),
+            echo_progress: true,
+        }
+    }
+}
+
+/// What kind of persona project a folder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectKind {
+    /// A cargo crate (`Cargo.toml`).
+    Rust,
+    /// A Python app with a `persona.toml`.
+    Python,
+}
+
+/// `persona.toml`: what names a Python persona.
+///
+/// ```toml
+/// name = "quizmaster"      # the component is written as NAME.wasm
+/// module = "app"           # optional: the module whose class WitWorld is the persona
+/// python_path = ["lib"]    # optional: more folders to import from (vendored packages)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PythonManifest {
+    /// The persona's file name: 2-30 characters, lowercase letters, digits, `-`, `_`.
+    pub name: String,
+    /// The Python module holding the class `WitWorld` (default `app`).
+    #[serde(default = "default_module")]
+    pub module: String,
+    /// Extra import folders, relative to the project.
+    #[serde(default)]
+    pub python_path: Vec<PathBuf>,
+}
+
+fn default_module() -> String {
+    "app".into()
+}
+
+impl PythonManifest {
+    /// Reads and checks `DIR/persona.toml`.
+    pub fn load(dir: &Path) -> Result<Self, BuildError> {
+        let path = dir.join(PYTHON_MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|source| BuildError::Io {
+            what: "could not read",
+            path: path.clone(),
+            source,
+        })?;
+        let invalid = |reason: String| BuildError::InvalidManifest {
+            path: path.clone(),
+            reason,
+        };
+        let manifest: PythonManifest = toml::from_str(&text).map_err(|e| {
+            invalid(
+                e.message()
+                    .lines()
+                    .next()
+                    .unwrap_or("not valid TOML")
+                    .to_owned(),
+            )
+        })?;
+        crate::scaffold::check_name(&manifest.name).map_err(|e| invalid(e.to_string()))?;
+        let module_ok = !manifest.module.is_empty()
+            && manifest.module.split('.').all(|part| {
+                part.chars()
+                    .next()
+                    .is_some_and(|c| c.is_alphabetic() || c == '_')
+                    && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+            });
+        if !module_ok {
+            return Err(invalid(format!(
+                "module {:?} is not a Python module name",
+                manifest.module
+            )));
+        }
+        if manifest.module.starts_with("wit_world")
+            || manifest.module.starts_with("componentize_py")
+        {
+            return Err(invalid(format!(
+                "module {:?} clashes with the modules componentize-py generates; rename it",
+                manifest.module
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// The folders Python imports from: the project, then `python_path`.
+    fn import_dirs(&self, project: &Path) -> Vec<PathBuf> {
+        std::iter::once(project.to_owned())
+            .chain(self.python_path.iter().map(|p| project.join(p)))
+            .collect()
+    }
+
+    /// Whether the module's source exists in one of the import folders.
+    fn module_exists(&self, project: &Path) -> bool {
+        let rel: PathBuf = self.module.split('.').collect();
+        self.import_dirs(project).iter().any(|dir| {
+            let base = dir.join(&rel);
+            base.with_extension("py").is_file() || base.join("__init__.py").is_file()
+        })
+    }
+}
+
 /// Why a persona could not be built. Each message is one line.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("persona project {} does not exist", .0.display())]
     NotFound(PathBuf),
-    #[error("{} has no Cargo.toml: a Rust persona is a cargo crate with `crate-type = [\"cdylib\"]` (see `roost new`)", .0.display())]
+    #[error("{} is not a persona project: no Cargo.toml (a Rust cdylib crate) or persona.toml (a Python persona); `roost new NAME` creates one", .0.display())]
     NoCargoToml(PathBuf),
-    #[error("{} is a Python persona (app.py): Python personas are not supported yet", .0.display())]
-    PythonNotSupported(PathBuf),
+    #[error("{} has app.py but no persona.toml: a Python persona needs one naming it, e.g. `name = \"my-bot\"` (see `roost new NAME --lang python`)", .0.display())]
+    NoPersonaToml(PathBuf),
+    #[error("{}: {reason}", .path.display())]
+    InvalidManifest { path: PathBuf, reason: String },
+    #[error("{} names module `{module}`, but there is no {}.py in {}", .project.join(PYTHON_MANIFEST).display(), .module.replace('.', "/"), .project.display())]
+    NoPythonModule { project: PathBuf, module: String },
+    #[error("could not run `{}` ({source}): install it with `pip install componentize-py=={COMPONENTIZE_PY_VERSION}`", .program.to_string_lossy())]
+    ComponentizePyMissing {
+        program: OsString,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("componentizing {} failed ({status}){}", .project.display(), first_error_suffix(.first_error))]
+    PythonFailed {
+        project: PathBuf,
+        status: ExitStatus,
+        /// The Python exception (or componentize-py's error), if one was printed.
+        first_error: Option<String>,
+    },
     #[error("could not run `{}` ({source}): is Rust installed? (rustup installs cargo)", .program.to_string_lossy())]
     CargoMissing {
         program: OsString,
@@ -110,15 +297,41 @@ fn first_error_suffix(first: &Option<String>) -> String {
     first.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
 }
 
-/// Builds the persona project `opts.path` for [`TARGET`] and copies the component to
-/// its output; returns the path written.
+/// Builds the persona project `opts.path` (Rust for [`TARGET`], or Python with
+/// componentize-py) and writes the component to its output; returns the path written.
 pub fn build_persona(opts: &BuildOptions) -> Result<PathBuf, BuildError> {
     build_persona_with(opts, &CargoRunner::default())
 }
 
-/// [`build_persona`] with an explicit cargo.
+/// [`build_persona`] with an explicit cargo (a Python project uses the default
+/// componentize-py, echoing progress as `cargo.echo_progress` says).
 pub fn build_persona_with(opts: &BuildOptions, cargo: &CargoRunner) -> Result<PathBuf, BuildError> {
-    let project = project_dir(&opts.path)?;
+    let python = PythonRunner {
+        echo_progress: cargo.echo_progress,
+        ..PythonRunner::default()
+    };
+    build_persona_with_tools(opts, cargo, &python)
+}
+
+/// [`build_persona`] with an explicit cargo and componentize-py.
+pub fn build_persona_with_tools(
+    opts: &BuildOptions,
+    cargo: &CargoRunner,
+    python: &PythonRunner,
+) -> Result<PathBuf, BuildError> {
+    let (project, kind) = project_dir(&opts.path)?;
+    match kind {
+        ProjectKind::Rust => build_rust(&project, opts, cargo),
+        ProjectKind::Python => build_python(&project, opts, python),
+    }
+}
+
+/// Builds a Rust persona with cargo (see the module docs).
+fn build_rust(
+    project: &Path,
+    opts: &BuildOptions,
+    cargo: &CargoRunner,
+) -> Result<PathBuf, BuildError> {
     let manifest = project.join("Cargo.toml");
     let manifest_abs = std::fs::canonicalize(&manifest).map_err(|source| BuildError::Io {
         what: "could not read",
@@ -129,21 +342,25 @@ pub fn build_persona_with(opts: &BuildOptions, cargo: &CargoRunner) -> Result<Pa
 
     let run = run_cargo(cargo, &manifest)?;
     if !run.status.success() {
-        return Err(classify_failure(&project, run.status, &run.stderr));
+        return Err(classify_failure(project, run.status, &run.stderr));
     }
-    let artifact = select_artifact(&project, &manifest_abs, &run.artifacts)?;
-    let output = output_path(&project, opts.output.as_deref(), &artifact.package)?;
+    let artifact = select_artifact(project, &manifest_abs, &run.artifacts)?;
+    let output = output_path(project, opts.output.as_deref(), &artifact.package)?;
     copy_atomically(&artifact.wasm, &output)?;
     tracing::debug!(package = %artifact.package, output = %output.display(), "persona built");
     Ok(output)
 }
 
-/// The project directory named by `path`, after checking what kind of project it is.
-fn project_dir(path: &Path) -> Result<PathBuf, BuildError> {
+/// The project directory named by `path` (the folder, or its `Cargo.toml` or
+/// `persona.toml`) and what kind of project it is.
+pub fn project_dir(path: &Path) -> Result<(PathBuf, ProjectKind), BuildError> {
     if !path.exists() {
         return Err(BuildError::NotFound(path.to_owned()));
     }
-    let dir = if path.is_file() && path.file_name().is_some_and(|n| n == "Cargo.toml") {
+    let is_manifest = path
+        .file_name()
+        .is_some_and(|n| n == "Cargo.toml" || n == PYTHON_MANIFEST);
+    let dir = if path.is_file() && is_manifest {
         match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
@@ -155,11 +372,219 @@ fn project_dir(path: &Path) -> Result<PathBuf, BuildError> {
         return Err(BuildError::NoCargoToml(dir));
     }
     if dir.join("Cargo.toml").is_file() {
-        Ok(dir)
+        Ok((dir, ProjectKind::Rust))
+    } else if dir.join(PYTHON_MANIFEST).is_file() {
+        Ok((dir, ProjectKind::Python))
     } else if dir.join("app.py").is_file() {
-        Err(BuildError::PythonNotSupported(dir))
+        Err(BuildError::NoPersonaToml(dir))
     } else {
         Err(BuildError::NoCargoToml(dir))
+    }
+}
+
+/// Builds a Python persona with componentize-py (see the module docs).
+fn build_python(
+    project: &Path,
+    opts: &BuildOptions,
+    python: &PythonRunner,
+) -> Result<PathBuf, BuildError> {
+    let manifest = PythonManifest::load(project)?;
+    if !manifest.module_exists(project) {
+        return Err(BuildError::NoPythonModule {
+            project: project.to_owned(),
+            module: manifest.module.clone(),
+        });
+    }
+    let output = output_path(project, opts.output.as_deref(), &manifest.name)?;
+    let version = componentize_py_version(python)?;
+    if version.as_deref() != Some(COMPONENTIZE_PY_VERSION) {
+        tracing::warn!(
+            found = version.as_deref().unwrap_or("unknown"),
+            tested = COMPONENTIZE_PY_VERSION,
+            "componentize-py version differs from the one roost is tested with"
+        );
+        if python.echo_progress {
+            eprintln!(
+                "warning: componentize-py {} found; roost is tested with {COMPONENTIZE_PY_VERSION} (`pip install componentize-py=={COMPONENTIZE_PY_VERSION}`)",
+                version.as_deref().unwrap_or("(unknown version)")
+            );
+        }
+    }
+
+    let scratch = ScratchDir::new(&manifest.name).map_err(|source| BuildError::Io {
+        what: "could not create a temporary folder in",
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let wit = scratch.path.join("wit");
+    write_wit(&wit).map_err(|source| BuildError::Io {
+        what: "could not write",
+        path: wit.clone(),
+        source,
+    })?;
+    let built = scratch.path.join(format!("{}.wasm", manifest.name));
+    let abs_project = std::fs::canonicalize(project).map_err(|source| BuildError::Io {
+        what: "could not resolve",
+        path: project.to_owned(),
+        source,
+    })?;
+
+    let mut cmd = Command::new(&python.program);
+    cmd.arg("-q")
+        .arg("-d")
+        .arg(&wit)
+        .args(["-w", WORLD, "componentize"]);
+    let import_dirs = manifest.import_dirs(&abs_project);
+    for dir in &import_dirs {
+        cmd.arg("-p").arg(dir);
+    }
+    cmd.arg(&manifest.module)
+        .arg("-o")
+        .arg(&built)
+        .current_dir(&abs_project)
+        // componentize-py is a Rust program: no backtrace under the Python traceback.
+        .env("RUST_BACKTRACE", "0")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if python.echo_progress {
+        eprintln!(
+            "   Componentizing {} (Python, module `{}`) with componentize-py {}: bundling CPython takes about 10 s",
+            project.display(),
+            manifest.module,
+            version.as_deref().unwrap_or("(unknown version)"),
+        );
+    }
+    tracing::debug!(project = %project.display(), "componentizing Python persona");
+    let started = Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|source| BuildError::ComponentizePyMissing {
+            program: python.program.clone(),
+            source,
+        })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        // componentize-py shows the i-th import folder as `/i/`: show the real paths.
+        let mut report = python_report(&text);
+        for (i, dir) in import_dirs.iter().enumerate() {
+            report = report.replace(&format!("\"/{i}/"), &format!("\"{}/", dir.display()));
+        }
+        // The traceback; its summary (`Caused by: ...`) ends the error line below.
+        let traceback = report
+            .split("\nCaused by:")
+            .next()
+            .unwrap_or_default()
+            .trim();
+        if python.echo_progress && !traceback.is_empty() {
+            eprintln!("{traceback}");
+        }
+        return Err(BuildError::PythonFailed {
+            project: project.to_owned(),
+            status: out.status,
+            first_error: python_error_line(&text),
+        });
+    }
+    if !built.is_file() {
+        return Err(BuildError::PythonFailed {
+            project: project.to_owned(),
+            status: out.status,
+            first_error: Some(format!("componentize-py wrote no {}", built.display())),
+        });
+    }
+    copy_atomically(&built, &output)?;
+    if python.echo_progress {
+        eprintln!(
+            "    Finished {} in {:.1} s",
+            manifest.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    tracing::debug!(name = %manifest.name, output = %output.display(), "persona built");
+    Ok(output)
+}
+
+/// The version `componentize-py --version` prints (`componentize-py 0.25.1`); the
+/// one-line install hint if it cannot be run.
+fn componentize_py_version(python: &PythonRunner) -> Result<Option<String>, BuildError> {
+    let out = Command::new(&python.program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| BuildError::ComponentizePyMissing {
+            program: python.program.clone(),
+            source,
+        })?;
+    Ok(parse_version(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `0.25.1` from `componentize-py 0.25.1`.
+fn parse_version(text: &str) -> Option<String> {
+    let word = text.split_whitespace().nth(1)?;
+    word.chars()
+        .all(|c| c.is_ascii_digit() || c == '.')
+        .then(|| word.to_owned())
+}
+
+/// What a failed componentize-py run printed, for a human: the Python traceback
+/// without the wrapper around it (the `componentize-py` script's own frames and
+/// a Rust backtrace, if any).
+fn python_report(text: &str) -> String {
+    let text = text.split("\nStack backtrace:").next().unwrap_or(text);
+    let mut lines: Vec<&str> = text.lines().collect();
+    // `Traceback ... sys.exit(script()) ... AssertionError: <the real error>`
+    if let Some(i) = lines.iter().position(|l| l.starts_with("AssertionError: ")) {
+        lines.drain(..i);
+        lines[0] = lines[0].trim_start_matches("AssertionError: ");
+    }
+    lines.join("\n").trim().to_owned()
+}
+
+/// The one line that says what went wrong: the exception after `Caused by:` (e.g.
+/// `SyntaxError: invalid syntax (app.py, line 3)`), else the last line of the
+/// report.
+fn python_error_line(text: &str) -> Option<String> {
+    let report = python_report(text);
+    let mut lines = report.lines().map(str::trim).filter(|l| !l.is_empty());
+    let caused = report
+        .lines()
+        .skip_while(|l| l.trim() != "Caused by:")
+        .skip(1)
+        .map(str::trim)
+        .find(|l| !l.is_empty());
+    caused
+        .or_else(|| lines.next_back())
+        .map(|l| l.trim_start_matches("0: ").chars().take(300).collect())
+}
+
+/// A temporary folder removed on drop.
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    fn new(label: &str) -> std::io::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "roost-build-{label}-{}-{nanos:08x}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(ScratchDir { path })
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -574,31 +999,172 @@ mod tests {
             project_dir(&missing),
             Err(BuildError::NotFound(_))
         ));
-        assert!(matches!(
-            project_dir(dir.path()),
-            Err(BuildError::NoCargoToml(_))
-        ));
+        let err = project_dir(dir.path()).unwrap_err();
+        assert!(matches!(err, BuildError::NoCargoToml(_)), "{err}");
+        assert!(err.to_string().contains("no Cargo.toml"), "{err}");
+        assert!(err.to_string().contains("persona.toml"), "{err}");
 
         std::fs::write(dir.path().join("app.py"), "print('hi')").unwrap();
         let err = project_dir(dir.path()).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("Python personas are not supported yet"),
-            "{err}"
+        assert!(matches!(err, BuildError::NoPersonaToml(_)), "{err}");
+        assert!(err.to_string().contains("no persona.toml"), "{err}");
+
+        std::fs::write(dir.path().join(PYTHON_MANIFEST), "name = \"x\"").unwrap();
+        let python = (dir.path().to_owned(), ProjectKind::Python);
+        assert_eq!(project_dir(dir.path()).unwrap(), python);
+        assert_eq!(
+            project_dir(&dir.path().join(PYTHON_MANIFEST)).unwrap(),
+            python
         );
 
         std::fs::write(dir.path().join("Cargo.toml"), "[package]").unwrap();
-        assert_eq!(project_dir(dir.path()).unwrap(), dir.path());
-        assert_eq!(
-            project_dir(&dir.path().join("Cargo.toml")).unwrap(),
-            dir.path()
-        );
+        let rust = (dir.path().to_owned(), ProjectKind::Rust);
+        assert_eq!(project_dir(dir.path()).unwrap(), rust);
+        assert_eq!(project_dir(&dir.path().join("Cargo.toml")).unwrap(), rust);
 
         let file = dir.path().join("app.py");
         assert!(matches!(
             project_dir(&file),
             Err(BuildError::NoCargoToml(_))
         ));
+    }
+
+    fn manifest_in(text: &str) -> (tempfile::TempDir, Result<PythonManifest, BuildError>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(PYTHON_MANIFEST), text).unwrap();
+        let m = PythonManifest::load(dir.path());
+        (dir, m)
+    }
+
+    #[test]
+    fn reads_persona_toml() {
+        let (_d, m) = manifest_in("name = \"quizmaster\"\n");
+        let m = m.unwrap();
+        assert_eq!(m.name, "quizmaster");
+        assert_eq!(m.module, "app");
+        assert!(m.python_path.is_empty());
+
+        let (d, m) =
+            manifest_in("name = \"q-bot\"\nmodule = \"bot.main\"\npython_path = [\"lib\"]\n");
+        let m = m.unwrap();
+        assert_eq!(m.module, "bot.main");
+        assert_eq!(
+            m.import_dirs(d.path()),
+            [d.path().to_owned(), d.path().join("lib")]
+        );
+        assert!(!m.module_exists(d.path()));
+        std::fs::create_dir_all(d.path().join("lib/bot")).unwrap();
+        std::fs::write(d.path().join("lib/bot/main.py"), "").unwrap();
+        assert!(m.module_exists(d.path()));
+
+        let one_line = |text: &str| {
+            let (_d, m) = manifest_in(text);
+            let err = m.unwrap_err().to_string();
+            assert!(!err.contains('\n'), "{err}");
+            assert!(err.contains(PYTHON_MANIFEST), "{err}");
+            err
+        };
+        assert!(one_line("").contains("missing field `name`"));
+        assert!(one_line("name = \"x\"\nnmae = 1").contains("unknown field `nmae`"));
+        assert!(one_line("name = ").contains(PYTHON_MANIFEST));
+        assert!(one_line("name = \"Quiz Master\"").contains("invalid persona name"));
+        assert!(
+            one_line("name = \"qm\"\nmodule = \"my-app\"").contains("not a Python module name")
+        );
+        assert!(one_line("name = \"qm\"\nmodule = \"wit_world\"").contains("clashes"));
+    }
+
+    #[test]
+    fn a_python_project_without_its_module_is_refused() {
+        let (d, _) = manifest_in("name = \"qm\"\n");
+        let opts = BuildOptions {
+            path: d.path().to_owned(),
+            output: None,
+        };
+        let err = build_persona_with(&opts, &CargoRunner::default()).unwrap_err();
+        assert!(matches!(err, BuildError::NoPythonModule { .. }), "{err}");
+        assert!(err.to_string().contains("no app.py in"), "{err}");
+    }
+
+    #[test]
+    fn missing_componentize_py_is_one_clear_line() {
+        let (d, _) = manifest_in("name = \"qm\"\n");
+        std::fs::write(d.path().join("app.py"), "").unwrap();
+        let opts = BuildOptions {
+            path: d.path().to_owned(),
+            output: None,
+        };
+        let python = PythonRunner {
+            program: "/nonexistent/roost-test-componentize-py".into(),
+            echo_progress: false,
+        };
+        let err = build_persona_with_tools(&opts, &CargoRunner::default(), &python).unwrap_err();
+        assert!(
+            matches!(err, BuildError::ComponentizePyMissing { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("could not run `/nonexistent/roost-test-componentize-py`"),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with(&format!(
+                "install it with `pip install componentize-py=={COMPONENTIZE_PY_VERSION}`"
+            )),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn python_failures_are_summarised() {
+        let syntax = "Traceback (most recent call last):\n  File \"/root/.pyenv/versions/3.11.7/bin/componentize-py\", line 8, in <module>\n    sys.exit(script())\n             ^^^^^^^^\nAssertionError:   File \"/0/app.py\", line 1\n    def x(:\n          ^\nSyntaxError: invalid syntax\n\n\nCaused by:\n    SyntaxError: invalid syntax (app.py, line 1)\n\nStack backtrace:\n   0: <anyhow::Error>::msg\n";
+        assert_eq!(
+            python_error_line(syntax).as_deref(),
+            Some("SyntaxError: invalid syntax (app.py, line 1)")
+        );
+        let report = python_report(syntax);
+        assert!(report.starts_with("File \"/0/app.py\", line 1"), "{report}");
+        assert!(!report.contains("sys.exit"), "{report}");
+        assert!(!report.contains("backtrace"), "{report}");
+
+        let other = "error: something odd\nreally odd\n";
+        assert_eq!(python_error_line(other).as_deref(), Some("really odd"));
+        assert_eq!(python_error_line(""), None);
+
+        assert_eq!(
+            parse_version("componentize-py 0.25.1\n").as_deref(),
+            Some("0.25.1")
+        );
+        assert_eq!(parse_version("componentize-py\n"), None);
+        assert_eq!(parse_version("something else entirely"), None);
+    }
+
+    #[test]
+    fn embedded_wit_matches_the_repository() {
+        let repo_wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&repo_wit)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".wit"))
+            .collect();
+        on_disk.sort();
+        let embedded: Vec<&str> = WIT_FILES.iter().map(|(n, _)| *n).collect();
+        assert_eq!(on_disk, embedded, "add new wit/ files to WIT_FILES");
+        for (name, text) in WIT_FILES {
+            assert_eq!(
+                std::fs::read_to_string(repo_wit.join(name)).unwrap(),
+                *text,
+                "{name}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        write_wit(&dir.path().join("wit")).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("wit")).unwrap().count(),
+            WIT_FILES.len()
+        );
     }
 
     #[test]

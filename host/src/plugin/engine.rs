@@ -113,6 +113,10 @@ impl Runtime {
     }
 }
 
+/// Core instances the pool holds per persona instance: enough for a CPython persona
+/// (14 with componentize-py 0.25; see `engine_config`).
+pub const CORE_INSTANCES_PER_PERSONA: u32 = 16;
+
 fn engine_config(rc: &RuntimeConfig, pooling: bool) -> Config {
     let mut c = Config::new();
     c.wasm_component_model(true);
@@ -123,7 +127,13 @@ fn engine_config(rc: &RuntimeConfig, pooling: bool) -> Config {
         let mut p = PoolingAllocationConfig::new();
         let n = rc.pool_instances;
         p.total_component_instances(n);
-        p.total_core_instances(n * 8);
+        // Core instances per persona: a Rust persona has 3, a CPython one from
+        // componentize-py 0.25 has 14 (libc, libpython, the runtime, WASI adapters and
+        // shims; 1 memory, 2 tables of up to 5,680 elements). With `n * 8` a host full
+        // of Python personas ran out at 73 of its 128 instances; `n * 16` fits a pool
+        // of Python personas. The cost is a counter, not memory: core instance state is
+        // allocated per instance, bounded by `max_core_instance_size`.
+        p.total_core_instances(n * CORE_INSTANCES_PER_PERSONA);
         p.total_memories(n * 2);
         p.total_tables(n * 4);
         p.total_stacks(n);

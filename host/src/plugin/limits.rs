@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Linear memory, in bytes, summed over the instance's memories (default 64 MiB).
+    /// A CPython persona (componentize-py 0.25) starts at 12.3 MiB and, in the
+    /// quiz-master example, stays there: the default leaves it 51 MiB of headroom, so
+    /// Python does not get a default of its own (see README.md, "Python personas").
     pub memory_bytes: u64,
     /// CPU time per call, excluding time spent waiting in host functions (default 200 ms).
     #[serde(rename = "cpu_per_call_ms", with = "crate::plugin::limits::duration_ms")]
