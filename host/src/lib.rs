@@ -6,11 +6,17 @@
 //! persistence); a persona owns only the decision "what, if anything, do I say to
 //! this message". See README.md for the architecture.
 
+pub mod bot;
 pub mod build;
 pub mod check;
+pub mod config;
+pub mod dev;
 pub mod devserver;
+pub mod llm;
 pub mod plugin;
 pub mod policy;
 pub mod protocol;
+pub mod scaffold;
 pub mod session;
 pub mod store;
+pub mod telemetry;

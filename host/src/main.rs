@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -29,19 +30,91 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The zero-setup main job: a local chat server, every persona in DIR as a bot
+    /// (stale example personas built first), and a chat prompt in a room with them.
+    Dev {
+        /// Folder of personas: NAME.wasm, and NAME/ projects built when stale
+        /// [default: plugins, or paths.plugins of roost.toml].
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+        /// Configuration file for [llm], [personas.*], [policy]... [default: roost.toml here, if any].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Keep the bots' state in DIR [default: a temporary folder, deleted on exit].
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
+        /// Your name in the chat.
+        #[arg(long, default_value = "you")]
+        name: String,
+        /// The room to start in.
+        #[arg(long, default_value = "lobby")]
+        room: String,
+        /// Do not build persona projects, run the .wasm files as they are.
+        #[arg(long)]
+        no_build: bool,
+        /// Piped input: exit once input has ended and nothing was said for this long.
+        #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+        quiet_secs: f64,
+        /// Piped input: stop waiting for quiet this long after input has ended.
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        max_wait_secs: f64,
+    },
+    /// Run every persona in the plugins folder as a bot on the network.
+    Run {
+        /// Configuration file [default: roost.toml in the current folder, if any].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Chat server base URL [default: https://nohumans.chat, or server.url].
+        #[arg(long)]
+        server: Option<String>,
+        /// Folder of persona components (NAME.wasm) [default: plugins, or paths.plugins].
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+        /// State folder (identities, outbox, KV) [default: state, or paths.state].
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Serve Prometheus /metrics and /healthz on this address [default: telemetry.metrics].
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+        /// Print the effective configuration (defaults, file and flags merged) and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Run recorded chat through a persona and the real policy layer, offline.
+    Replay {
+        /// The persona component.
+        #[arg(long)]
+        plugin: PathBuf,
+        /// The recorded chat: JSON lines (corpus format or raw server frames).
+        log: PathBuf,
+        /// Configuration file for the policy settings [default: roost.toml if present].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print one JSON object: counters and the list of replies.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the local nohumans-compatible chat server alone.
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8787")]
         listen: SocketAddr,
     },
-    /// Build a persona project (a Rust crate) into a component.
+    /// Build a persona project (a Rust crate or a Python app) into a component.
     Build {
         /// The persona project directory.
         path: PathBuf,
         /// Where to write the component [default: PATH/../NAME.wasm].
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// Create a persona project (Rust or Python) that builds and runs as is.
+    New {
+        /// The project folder to create; its name, lowercased, names the persona.
+        name: PathBuf,
+        /// The persona's language.
+        #[arg(long, value_enum, default_value_t = roost::scaffold::Lang::Rust)]
+        lang: roost::scaffold::Lang,
     },
     /// Check a component against the persona contract and print its manifest.
     Check {
@@ -57,8 +130,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that print a report stay quiet unless asked: their outcome is the
     // report or the one-line error.
-    let quiet = matches!(cli.command, Command::Check { .. });
-    init_tracing(cli.log_format, cli.verbose, quiet);
+    let quiet = matches!(cli.command, Command::Check { .. } | Command::Replay { .. });
+    let dev = matches!(cli.command, Command::Dev { .. });
+    init_tracing(cli.log_format, cli.verbose, quiet, dev);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -80,8 +154,69 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").lines().map(str::trim).collect::<Vec<_>>().join(" ")
 }
 
+/// The config file to use: the one named, else `roost.toml` here if it exists.
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<roost::config::Config> {
+    let path = path.or_else(|| {
+        let here = PathBuf::from("roost.toml");
+        here.is_file().then_some(here)
+    });
+    Ok(match path {
+        Some(p) => roost::config::Config::load(&p)?,
+        None => roost::config::Config::default(),
+    })
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Dev { plugins, config, state, name, room, no_build, quiet_secs, max_wait_secs } => {
+            let secs = |what: &str, s: f64| {
+                Duration::try_from_secs_f64(s).map_err(|_| anyhow::anyhow!("--{what} must be a number of seconds, not {s}"))
+            };
+            let opts = roost::dev::DevOptions {
+                plugins,
+                config,
+                state,
+                name,
+                room,
+                build: !no_build,
+                quiet: secs("quiet-secs", quiet_secs)?,
+                max_wait: secs("max-wait-secs", max_wait_secs)?,
+                interactive: None,
+            };
+            roost::dev::run(opts, shutdown_signal()).await
+        }
+        Command::Run { config, server, plugins, state, metrics, print_config } => {
+            let mut config = load_config(config)?;
+            if let Some(s) = server {
+                config.server.url = s;
+            }
+            if let Some(p) = plugins {
+                config.paths.plugins = p;
+            }
+            if let Some(s) = state {
+                config.paths.state = s;
+            }
+            if metrics.is_some() {
+                config.telemetry.metrics = metrics;
+            }
+            config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            if print_config {
+                print!("{}", config.to_toml()?);
+                return Ok(());
+            }
+            roost::bot::host::run(config, shutdown_signal()).await
+        }
+        Command::Replay { plugin, log, config, json } => {
+            let config = load_config(config)?;
+            let runtime = roost::plugin::Runtime::new(config.runtime_config())?;
+            let report = roost::bot::replay::replay(&runtime, &plugin, &log, &config.policy).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
         Command::Serve { listen } => {
             roost::devserver::serve(listen, Default::default(), shutdown_signal()).await
         }
@@ -89,6 +224,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let opts = roost::build::BuildOptions { path, output };
             let out = tokio::task::spawn_blocking(move || roost::build::build_persona(&opts)).await??;
             println!("built {}", out.display());
+            Ok(())
+        }
+        Command::New { name, lang } => {
+            let opts = roost::scaffold::NewOptions { path: name, lang };
+            let made = tokio::task::spawn_blocking(move || roost::scaffold::new_persona(&opts)).await??;
+            print!("{}", made.next_steps());
             Ok(())
         }
         Command::Check { file, json } => {
@@ -104,8 +245,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
 async fn shutdown_signal() {
+    one_signal().await;
+    tracing::info!("shutting down gracefully; send the signal again to exit at once");
+    tokio::spawn(async {
+        one_signal().await;
+        eprintln!("second signal: exiting at once");
+        std::process::exit(130);
+    });
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn one_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -126,10 +278,12 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(format: LogFormat, verbose: u8, quiet: bool) {
+fn init_tracing(format: LogFormat, verbose: u8, quiet: bool, dev: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
         0 if quiet => "off",
+        // `roost dev`: the chat is on the same terminal; only what needs attention.
+        0 if dev => "warn",
         0 => "info,wasmtime=warn,cranelift=warn",
         1 => "debug,wasmtime=info,cranelift=info,hyper=info,reqwest=info",
         _ => "trace",
