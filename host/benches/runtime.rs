@@ -22,7 +22,10 @@ use roost::plugin::{Limits, PersonaContext, Runtime, RuntimeConfig, Sandbox};
 
 fn echo_wasm() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let opts = roost::build::BuildOptions { path: root.join("plugins/echo"), output: None };
+    let opts = roost::build::BuildOptions {
+        path: root.join("plugins/echo"),
+        output: None,
+    };
     roost::build::build_persona(&opts).expect("build plugins/echo")
 }
 
@@ -36,14 +39,20 @@ fn native_echo(name: &str, msg: &Message) -> Vec<Action> {
         s.push_str(&text[i + at.len()..]);
         s.trim().to_string()
     } else if text.to_lowercase().starts_with(&name.to_lowercase()) {
-        text[name.len()..].trim_start_matches([':', ',']).trim().to_string()
+        text[name.len()..]
+            .trim_start_matches([':', ','])
+            .trim()
+            .to_string()
     } else {
         return Vec::new();
     };
     if rest.is_empty() {
         return Vec::new();
     }
-    vec![Action::Say(Outgoing { room: msg.room.clone(), text: rest })]
+    vec![Action::Say(Outgoing {
+        room: msg.room.clone(),
+        text: rest,
+    })]
 }
 
 fn per_iter(total: Duration, n: u32) -> f64 {
@@ -53,7 +62,10 @@ fn per_iter(total: Duration, n: u32) -> f64 {
 fn main() {
     let path = echo_wasm();
     let rt = Runtime::new(RuntimeConfig::default()).expect("runtime");
-    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
 
     // Loading from a file (compile + contract check + pre-instantiation).
     let loads = 10;
@@ -64,13 +76,19 @@ fn main() {
     let load_file_ms = per_iter(start.elapsed(), loads) / 1e6;
 
     let bytes = std::fs::read(&path).expect("read");
-    let precompiled = rt.engine().precompile_component(&bytes).expect("precompile");
+    let precompiled = rt
+        .engine()
+        .precompile_component(&bytes)
+        .expect("precompile");
     let start = Instant::now();
     for _ in 0..loads {
         // SAFETY: the bytes were produced by this engine just above.
         let c = unsafe { wasmtime::component::Component::deserialize(rt.engine(), &precompiled) }
             .expect("deserialize");
-        black_box(rt.prepare("echo", "echo.wasm", c, bytes.len()).expect("prepare"));
+        black_box(
+            rt.prepare("echo", "echo.wasm", c, bytes.len())
+                .expect("prepare"),
+        );
     }
     let load_precompiled_ms = per_iter(start.elapsed(), loads) / 1e6;
 
@@ -82,13 +100,17 @@ fn main() {
         let ctx = PersonaContext::sandbox("echo");
         let start = Instant::now();
         for _ in 0..n_inst {
-            let mut store = wasmtime::Store::new(
-                rt.engine(),
-                HostState::new(ctx.clone(), Limits::default()),
-            );
+            let mut store =
+                wasmtime::Store::new(rt.engine(), HostState::new(ctx.clone(), Limits::default()));
             store.limiter(|s| &mut s.limiter);
             store.set_epoch_deadline(u64::MAX / 2);
-            black_box(component.pre.instantiate_async(&mut store).await.expect("instantiate"));
+            black_box(
+                component
+                    .pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .expect("instantiate"),
+            );
         }
         start.elapsed()
     });

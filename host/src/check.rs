@@ -28,7 +28,10 @@ impl CheckReport {
     fn new(file: &Path, m: Manifest, contract: ContractInfo) -> Self {
         let wit = format!(
             "{WIT_PACKAGE}@{}",
-            contract.wit_version.clone().unwrap_or_else(|| WIT_VERSION.to_string())
+            contract
+                .wit_version
+                .clone()
+                .unwrap_or_else(|| WIT_VERSION.to_string())
         );
         CheckReport {
             file: file.display().to_string(),
@@ -57,7 +60,10 @@ impl CheckReport {
         out.push_str(&format!("  description:  {}\n", self.description));
         out.push_str(&format!("  version:      {}\n", self.version));
         out.push_str(&format!("  rooms:        {}\n", self.rooms.join(", ")));
-        out.push_str(&format!("  system lines: {}\n", if self.system_lines { "yes" } else { "no" }));
+        out.push_str(&format!(
+            "  system lines: {}\n",
+            if self.system_lines { "yes" } else { "no" }
+        ));
         out.push_str(&format!("  contract:     {}\n", self.wit));
         out.push_str(&format!("  capabilities: {caps}\n"));
         out.push_str(&format!(

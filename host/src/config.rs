@@ -33,7 +33,9 @@ pub struct ServerSection {
 
 impl Default for ServerSection {
     fn default() -> Self {
-        ServerSection { url: DEFAULT_SERVER.into() }
+        ServerSection {
+            url: DEFAULT_SERVER.into(),
+        }
     }
 }
 
@@ -49,7 +51,10 @@ pub struct PathsSection {
 
 impl Default for PathsSection {
     fn default() -> Self {
-        PathsSection { plugins: "plugins".into(), state: "state".into() }
+        PathsSection {
+            plugins: "plugins".into(),
+            state: "state".into(),
+        }
     }
 }
 
@@ -131,7 +136,10 @@ pub struct CacheSection {
 
 impl Default for CacheSection {
     fn default() -> Self {
-        CacheSection { enabled: true, max_mib: crate::plugin::cache::DEFAULT_MAX_BYTES >> 20 }
+        CacheSection {
+            enabled: true,
+            max_mib: crate::plugin::cache::DEFAULT_MAX_BYTES >> 20,
+        }
     }
 }
 
@@ -148,7 +156,10 @@ pub struct ReloadSection {
 
 impl Default for ReloadSection {
     fn default() -> Self {
-        ReloadSection { enabled: true, debounce_ms: 300 }
+        ReloadSection {
+            enabled: true,
+            debounce_ms: 300,
+        }
     }
 }
 
@@ -212,7 +223,11 @@ pub struct KvGrant {
 
 impl Default for KvGrant {
     fn default() -> Self {
-        KvGrant { allow: false, quota_bytes: 1 << 20, value_bytes: 64 << 10 }
+        KvGrant {
+            allow: false,
+            quota_bytes: 1 << 20,
+            value_bytes: 64 << 10,
+        }
     }
 }
 
@@ -226,7 +241,10 @@ pub struct HistoryGrant {
 
 impl Default for HistoryGrant {
     fn default() -> Self {
-        HistoryGrant { allow: false, limit: 50 }
+        HistoryGrant {
+            allow: false,
+            limit: 50,
+        }
     }
 }
 
@@ -294,9 +312,14 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
         let mut config = Self::parse(&text, &path.display().to_string())?;
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         config.resolve_setting_files(base)?;
-        config.check_settings_hold_no_secrets().map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        config
+            .check_settings_hold_no_secrets()
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         Ok(config)
     }
 
@@ -329,8 +352,13 @@ impl Config {
                         "{what}: the setting `{key}` is also in personas.{name}.settings; keep one"
                     )));
                 }
-                let path = if file.is_absolute() { file } else { base.join(file) };
-                let text = read_setting_file(&path).map_err(|e| ConfigError(format!("{what}: {e}")))?;
+                let path = if file.is_absolute() {
+                    file
+                } else {
+                    base.join(file)
+                };
+                let text =
+                    read_setting_file(&path).map_err(|e| ConfigError(format!("{what}: {e}")))?;
                 persona.settings.insert(key, text);
             }
         }
@@ -340,7 +368,9 @@ impl Config {
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
-        config.validate().map_err(|e| ConfigError(format!("{file}: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| ConfigError(format!("{file}: {e}")))?;
         Ok(config)
     }
 
@@ -380,10 +410,14 @@ impl Config {
                 ));
             }
             if l.cpu_per_call.is_zero() || l.wall_per_call.is_zero() {
-                return Err(format!("{key}: cpu_per_call_ms and wall_per_call_ms must be above zero"));
+                return Err(format!(
+                    "{key}: cpu_per_call_ms and wall_per_call_ms must be above zero"
+                ));
             }
             if l.cpu_per_call > l.wall_per_call {
-                return Err(format!("{key}.cpu_per_call_ms must not exceed wall_per_call_ms"));
+                return Err(format!(
+                    "{key}.cpu_per_call_ms must not exceed wall_per_call_ms"
+                ));
             }
             Ok(())
         };
@@ -395,7 +429,9 @@ impl Config {
             p.llm.validate(name, &self.llm).map_err(|e| e.to_string())?;
             for (setting, file) in &p.settings_files {
                 if setting.is_empty() || file.as_os_str().is_empty() {
-                    return Err(format!("{key}.settings_files: keys and paths must not be empty"));
+                    return Err(format!(
+                        "{key}.settings_files: keys and paths must not be empty"
+                    ));
                 }
                 if p.settings.contains_key(setting) {
                     return Err(format!(
@@ -405,7 +441,8 @@ impl Config {
             }
             check_limits(&format!("{key}.limits"), &p.limits.apply(&self.limits))?;
             if let Some(n) = &p.name {
-                crate::session::identity::validate_name(n).map_err(|e| format!("{key}.name: {e}"))?;
+                crate::session::identity::validate_name(n)
+                    .map_err(|e| format!("{key}.name: {e}"))?;
             }
             for room in p.rooms.iter().flatten() {
                 if !crate::plugin::manifest::valid_room(room) {
@@ -413,7 +450,9 @@ impl Config {
                 }
             }
             if p.kv.value_bytes == 0 || p.kv.value_bytes > p.kv.quota_bytes {
-                return Err(format!("{key}.kv.value_bytes must be between 1 and kv.quota_bytes"));
+                return Err(format!(
+                    "{key}.kv.value_bytes must be between 1 and kv.quota_bytes"
+                ));
             }
             if p.history.limit == 0 {
                 return Err(format!("{key}.history.limit must be above zero"));
@@ -426,7 +465,8 @@ impl Config {
     /// secrets: keys are only named (`api_key_env`, `api_key_file`), and settings
     /// that look like credentials are refused at load.
     pub fn to_toml(&self) -> Result<String, ConfigError> {
-        toml::to_string_pretty(self).map_err(|e| ConfigError(format!("cannot print the configuration: {e}")))
+        toml::to_string_pretty(self)
+            .map_err(|e| ConfigError(format!("cannot print the configuration: {e}")))
     }
 
     /// The settings of persona `label` (defaults if it has no section).
@@ -476,13 +516,17 @@ impl Config {
 /// The UTF-8 text of a `settings_files` file, at most [`MAX_SETTING_FILE_BYTES`].
 fn read_setting_file(path: &Path) -> Result<String, String> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut bytes = Vec::new();
     file.take(MAX_SETTING_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if bytes.len() as u64 > MAX_SETTING_FILE_BYTES {
-        return Err(format!("{} is larger than {MAX_SETTING_FILE_BYTES} bytes", path.display()));
+        return Err(format!(
+            "{} is larger than {MAX_SETTING_FILE_BYTES} bytes",
+            path.display()
+        ));
     }
     String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))
 }
@@ -518,7 +562,9 @@ mod tests {
         let e = Config::parse(text, "roost.toml").unwrap_err().to_string();
         assert!(e.starts_with("roost.toml:5: unknown key `colour`"), "{e}");
         assert!(!e.contains('\n'));
-        let e = Config::parse("[sever]\n", "x.toml").unwrap_err().to_string();
+        let e = Config::parse("[sever]\n", "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown key `sever`"), "{e}");
     }
 
@@ -529,7 +575,10 @@ mod tests {
         let l = c.limits_for("echo");
         assert_eq!(l.memory_bytes, 32 << 20);
         assert_eq!(l.cpu_per_call, Duration::from_millis(50));
-        assert_eq!(c.limits_for("other").cpu_per_call, Duration::from_millis(200));
+        assert_eq!(
+            c.limits_for("other").cpu_per_call,
+            Duration::from_millis(200)
+        );
         assert_eq!(c.persona("echo").settings["greeting"], "hi");
     }
 
@@ -542,10 +591,16 @@ mod tests {
         assert_eq!(c.persona("rook").llm.max_tokens, 120);
         assert!(!c.persona("other").llm.allow, "deny by default");
         for (bad, want) in [
-            ("[personas.rook.llm]\nallow = true\n", "personas.rook.llm.allow: no provider"),
+            (
+                "[personas.rook.llm]\nallow = true\n",
+                "personas.rook.llm.allow: no provider",
+            ),
             ("[personas.rook.llm]\nalow = true\n", "unknown key `alow`"),
             ("[llm]\ndefault_provider = \"x\"\n", "llm.default_provider"),
-            ("[llm.providers.x]\nkind = \"openai\"\ndefault_model = \"m\"\napi_key = \"sk-1\"\n", "unknown key `api_key`"),
+            (
+                "[llm.providers.x]\nkind = \"openai\"\ndefault_model = \"m\"\napi_key = \"sk-1\"\n",
+                "unknown key `api_key`",
+            ),
         ] {
             let e = Config::parse(bad, "roost.toml").unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
@@ -559,19 +614,38 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("personas")).unwrap();
         std::fs::write(dir.path().join("personas/rook.md"), "# Rook\nA crow.\n").unwrap();
         let cfg = dir.path().join("roost.toml");
-        std::fs::write(&cfg, "[personas.rook.settings_files]\ncharacter = \"personas/rook.md\"\n").unwrap();
+        std::fs::write(
+            &cfg,
+            "[personas.rook.settings_files]\ncharacter = \"personas/rook.md\"\n",
+        )
+        .unwrap();
         let c = Config::load(&cfg).unwrap();
         assert_eq!(c.persona("rook").settings["character"], "# Rook\nA crow.\n");
         assert!(c.persona("rook").settings_files.is_empty());
         c.validate().unwrap();
 
-        std::fs::write(&cfg, "[personas.rook.settings_files]\ncharacter = \"missing.md\"\n").unwrap();
+        std::fs::write(
+            &cfg,
+            "[personas.rook.settings_files]\ncharacter = \"missing.md\"\n",
+        )
+        .unwrap();
         let e = Config::load(&cfg).unwrap_err().to_string();
-        assert!(e.starts_with("personas.rook.settings_files.character: cannot read"), "{e}");
+        assert!(
+            e.starts_with("personas.rook.settings_files.character: cannot read"),
+            "{e}"
+        );
         assert!(e.contains("missing.md") && !e.contains('\n'), "{e}");
 
-        std::fs::write(dir.path().join("big.md"), vec![b'x'; MAX_SETTING_FILE_BYTES as usize + 1]).unwrap();
-        std::fs::write(&cfg, "[personas.rook.settings_files]\ncharacter = \"big.md\"\n").unwrap();
+        std::fs::write(
+            dir.path().join("big.md"),
+            vec![b'x'; MAX_SETTING_FILE_BYTES as usize + 1],
+        )
+        .unwrap();
+        std::fs::write(
+            &cfg,
+            "[personas.rook.settings_files]\ncharacter = \"big.md\"\n",
+        )
+        .unwrap();
         let e = Config::load(&cfg).unwrap_err().to_string();
         assert!(e.contains("larger than"), "{e}");
 
@@ -582,11 +656,21 @@ mod tests {
 
     #[test]
     fn a_secret_in_settings_is_refused_without_echoing_it() {
-        let text = "[personas.echo.settings]\ntoken = \"ghp_rnhuy6MKWF9yP5WmDWpullhZasyDFMXaY0c5\"\n";
+        let text =
+            "[personas.echo.settings]\ntoken = \"ghp_rnhuy6MKWF9yP5WmDWpullhZasyDFMXaY0c5\"\n";
         let e = Config::parse(text, "roost.toml").unwrap_err().to_string();
-        assert!(e.contains("personas.echo.settings.token looks like a credential"), "{e}");
+        assert!(
+            e.contains("personas.echo.settings.token looks like a credential"),
+            "{e}"
+        );
         assert!(!e.contains("ghp_rnhuy6"), "{e}");
-        assert!(Config::parse("[personas.echo.settings]\ngreeting = \"hello there\"\n", "x").is_ok());
+        assert!(
+            Config::parse(
+                "[personas.echo.settings]\ngreeting = \"hello there\"\n",
+                "x"
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -623,15 +707,29 @@ mod tests {
         let persona = toml::Value::try_from(crate::llm::PersonaLlmConfig::default()).unwrap();
         leaves("personas.p.llm.", &persona, &mut keys);
         for k in [
-            "default_provider", "kind", "base_url", "default_model", "timeout_ms", "max_retries",
-            "max_tokens_param", "api_key_env", "api_key_file", "metrics", "name", "description",
-            "rooms", "character",
+            "default_provider",
+            "kind",
+            "base_url",
+            "default_model",
+            "timeout_ms",
+            "max_retries",
+            "max_tokens_param",
+            "api_key_env",
+            "api_key_file",
+            "metrics",
+            "name",
+            "description",
+            "rooms",
+            "character",
         ] {
             keys.push(("(any)".into(), k.into()));
         }
         for (section, key) in keys {
             let pattern = regex::Regex::new(&format!(r"(?m)^#?\s*{key}\s*=")).unwrap();
-            assert!(pattern.is_match(example), "roost.toml does not document {section}{key}");
+            assert!(
+                pattern.is_match(example),
+                "roost.toml does not document {section}{key}"
+            );
         }
         assert!(parsed.personas.contains_key("echo"));
     }

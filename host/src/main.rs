@@ -133,7 +133,10 @@ fn main() -> ExitCode {
     let quiet = matches!(cli.command, Command::Check { .. } | Command::Replay { .. });
     let dev = matches!(cli.command, Command::Dev { .. });
     init_tracing(cli.log_format, cli.verbose, quiet, dev);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -151,7 +154,11 @@ fn main() -> ExitCode {
 
 /// `{:#}` of an error chain, folded onto one line.
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").lines().map(str::trim).collect::<Vec<_>>().join(" ")
+    format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The config file to use: the one named, else `roost.toml` here if it exists.
@@ -168,9 +175,19 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<roost::config::Config> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev { plugins, config, state, name, room, no_build, quiet_secs, max_wait_secs } => {
+        Command::Dev {
+            plugins,
+            config,
+            state,
+            name,
+            room,
+            no_build,
+            quiet_secs,
+            max_wait_secs,
+        } => {
             let secs = |what: &str, s: f64| {
-                Duration::try_from_secs_f64(s).map_err(|_| anyhow::anyhow!("--{what} must be a number of seconds, not {s}"))
+                Duration::try_from_secs_f64(s)
+                    .map_err(|_| anyhow::anyhow!("--{what} must be a number of seconds, not {s}"))
             };
             let opts = roost::dev::DevOptions {
                 plugins,
@@ -185,7 +202,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             roost::dev::run(opts, shutdown_signal()).await
         }
-        Command::Run { config, server, plugins, state, metrics, print_config } => {
+        Command::Run {
+            config,
+            server,
+            plugins,
+            state,
+            metrics,
+            print_config,
+        } => {
             let mut config = load_config(config)?;
             if let Some(s) = server {
                 config.server.url = s;
@@ -206,10 +230,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             roost::bot::host::run(config, shutdown_signal()).await
         }
-        Command::Replay { plugin, log, config, json } => {
+        Command::Replay {
+            plugin,
+            log,
+            config,
+            json,
+        } => {
             let config = load_config(config)?;
             let runtime = roost::plugin::Runtime::new(config.runtime_config())?;
-            let report = roost::bot::replay::replay(&runtime, &plugin, &log, &config.policy).await?;
+            let report =
+                roost::bot::replay::replay(&runtime, &plugin, &log, &config.policy).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json())?);
             } else {
@@ -222,13 +252,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Build { path, output } => {
             let opts = roost::build::BuildOptions { path, output };
-            let out = tokio::task::spawn_blocking(move || roost::build::build_persona(&opts)).await??;
+            let out =
+                tokio::task::spawn_blocking(move || roost::build::build_persona(&opts)).await??;
             println!("built {}", out.display());
             Ok(())
         }
         Command::New { name, lang } => {
             let opts = roost::scaffold::NewOptions { path: name, lang };
-            let made = tokio::task::spawn_blocking(move || roost::scaffold::new_persona(&opts)).await??;
+            let made =
+                tokio::task::spawn_blocking(move || roost::scaffold::new_persona(&opts)).await??;
             print!("{}", made.next_steps());
             Ok(())
         }
@@ -289,7 +321,9 @@ fn init_tracing(format: LogFormat, verbose: u8, quiet: bool, dev: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

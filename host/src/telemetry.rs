@@ -63,8 +63,11 @@ impl Probes {
     }
 
     pub fn snapshot(&self) -> Vec<BotSnapshot> {
-        let probes: Vec<(String, BotProbe)> =
-            self.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let probes: Vec<(String, BotProbe)> = self
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         probes
             .into_iter()
             .map(|(label, p)| BotSnapshot {
@@ -129,7 +132,9 @@ where
 {
     let mut fam = enc.encode_descriptor(name, help, None, ty)?;
     for b in bots {
-        let label = BotLabel { bot: b.label.clone() };
+        let label = BotLabel {
+            bot: b.label.clone(),
+        };
         sample(b, fam.encode_family(&label)?)?;
     }
     Ok(())
@@ -156,44 +161,107 @@ impl Collector for BotCollector {
             for b in &bots {
                 let now = state_name(&b.status.state);
                 for s in STATES {
-                    let label = StateLabel { bot: b.label.clone(), state: s };
+                    let label = StateLabel {
+                        bot: b.label.clone(),
+                        state: s,
+                    };
                     gauge(fam.encode_family(&label)?, i64::from(s == now))?;
                 }
             }
         }
-        family(&mut enc, "roost_bot_uptime_seconds", "Seconds since the bot started", MetricType::Gauge, &bots, |b, e| {
-            gauge(e, b.status.uptime.as_secs() as i64)
-        })?;
-        family(&mut enc, "roost_bot_reconnects", "Reconnections of the bot's session", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.status.reconnects)
-        })?;
-        family(&mut enc, "roost_bot_messages_in", "Messages received by the bot's session", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.status.messages_in)
-        })?;
-        family(&mut enc, "roost_bot_messages_out", "Messages the bot sent and saw confirmed", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.status.messages_out)
-        })?;
-        family(&mut enc, "roost_bot_outbox_depth", "Replies waiting in the outbox", MetricType::Gauge, &bots, |b, e| {
-            gauge(e, b.status.outbox_depth as i64)
-        })?;
-        family(&mut enc, "roost_bot_outbox_stale", "Outbox entries dropped as stale", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.status.outbox_stale)
-        })?;
-        family(&mut enc, "roost_bot_inbound_dropped", "Inbound messages dropped because the bot's queue was full", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.queue_dropped + b.status.inbound_dropped)
-        })?;
-        family(&mut enc, "roost_bot_blocked", "Replies blocked by the secret scanner or a leak phrase", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.policy.blocked + b.counters.policy.leak_blocked)
-        })?;
-        family(&mut enc, "roost_bot_rate_limited", "Replies dropped by a rate limit", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.policy.rate_limited)
-        })?;
-        family(&mut enc, "roost_bot_loop_guarded", "Replies dropped by the loop guard", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.policy.loop_guarded)
-        })?;
-        family(&mut enc, "roost_bot_flagged_inbound", "Inbound messages flagged suspicious", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.policy.flagged_inbound)
-        })?;
+        family(
+            &mut enc,
+            "roost_bot_uptime_seconds",
+            "Seconds since the bot started",
+            MetricType::Gauge,
+            &bots,
+            |b, e| gauge(e, b.status.uptime.as_secs() as i64),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_reconnects",
+            "Reconnections of the bot's session",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.reconnects),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_messages_in",
+            "Messages received by the bot's session",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.messages_in),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_messages_out",
+            "Messages the bot sent and saw confirmed",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.messages_out),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_outbox_depth",
+            "Replies waiting in the outbox",
+            MetricType::Gauge,
+            &bots,
+            |b, e| gauge(e, b.status.outbox_depth as i64),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_outbox_stale",
+            "Outbox entries dropped as stale",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.outbox_stale),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_inbound_dropped",
+            "Inbound messages dropped because the bot's queue was full",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.queue_dropped + b.status.inbound_dropped),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_blocked",
+            "Replies blocked by the secret scanner or a leak phrase",
+            MetricType::Counter,
+            &bots,
+            |b, e| {
+                counter(
+                    e,
+                    b.counters.policy.blocked + b.counters.policy.leak_blocked,
+                )
+            },
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_rate_limited",
+            "Replies dropped by a rate limit",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.policy.rate_limited),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_loop_guarded",
+            "Replies dropped by the loop guard",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.policy.loop_guarded),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_flagged_inbound",
+            "Inbound messages flagged suspicious",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.policy.flagged_inbound),
+        )?;
         {
             let mut fam = enc.encode_descriptor(
                 "roost_bot_dropped",
@@ -212,34 +280,77 @@ impl Collector for BotCollector {
                     ("rate-limited", p.rate_limited),
                     ("loop-guard", p.loop_guarded),
                 ] {
-                    let label = ReasonLabel { bot: b.label.clone(), reason };
+                    let label = ReasonLabel {
+                        bot: b.label.clone(),
+                        reason,
+                    };
                     counter(fam.encode_family(&label)?, v)?;
                 }
             }
         }
-        family(&mut enc, "roost_persona_calls", "Calls into the persona", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.sandbox.calls)
-        })?;
-        family(&mut enc, "roost_persona_errors", "Persona calls that trapped, hit a limit or timed out", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.sandbox.failures)
-        })?;
-        family(&mut enc, "roost_persona_quarantines", "Times the persona was quarantined", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.sandbox.quarantines)
-        })?;
-        family(&mut enc, "roost_persona_quarantined", "1 while the persona is quarantined", MetricType::Gauge, &bots, |b, e| {
-            gauge(e, i64::from(b.counters.quarantined))
-        })?;
-        family(&mut enc, "roost_persona_reloads", "Versions of the persona swapped in by hot reload", MetricType::Counter, &bots, |b, e| {
-            counter(e, b.counters.reloads)
-        })?;
-        family(&mut enc, "roost_persona_call_seconds", "Latency of persona calls", MetricType::Histogram, &bots, |b, mut e| {
-            let s = &b.counters.sandbox;
-            let mut buckets: Vec<(f64, u64)> =
-                LATENCY_BUCKETS.iter().copied().zip(s.latency_buckets.iter().copied()).collect();
-            // prometheus-client writes an upper bound of f64::MAX as `le="+Inf"`.
-            buckets.push((f64::MAX, s.latency_buckets[LATENCY_BUCKETS.len()]));
-            e.encode_histogram::<prometheus_client::encoding::NoLabelSet>(s.latency_sum, s.calls, &buckets, None)
-        })?;
+        family(
+            &mut enc,
+            "roost_persona_calls",
+            "Calls into the persona",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.sandbox.calls),
+        )?;
+        family(
+            &mut enc,
+            "roost_persona_errors",
+            "Persona calls that trapped, hit a limit or timed out",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.sandbox.failures),
+        )?;
+        family(
+            &mut enc,
+            "roost_persona_quarantines",
+            "Times the persona was quarantined",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.sandbox.quarantines),
+        )?;
+        family(
+            &mut enc,
+            "roost_persona_quarantined",
+            "1 while the persona is quarantined",
+            MetricType::Gauge,
+            &bots,
+            |b, e| gauge(e, i64::from(b.counters.quarantined)),
+        )?;
+        family(
+            &mut enc,
+            "roost_persona_reloads",
+            "Versions of the persona swapped in by hot reload",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.reloads),
+        )?;
+        family(
+            &mut enc,
+            "roost_persona_call_seconds",
+            "Latency of persona calls",
+            MetricType::Histogram,
+            &bots,
+            |b, mut e| {
+                let s = &b.counters.sandbox;
+                let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+                    .iter()
+                    .copied()
+                    .zip(s.latency_buckets.iter().copied())
+                    .collect();
+                // prometheus-client writes an upper bound of f64::MAX as `le="+Inf"`.
+                buckets.push((f64::MAX, s.latency_buckets[LATENCY_BUCKETS.len()]));
+                e.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    s.latency_sum,
+                    s.calls,
+                    &buckets,
+                    None,
+                )
+            },
+        )?;
         Ok(())
     }
 }
@@ -287,7 +398,9 @@ pub fn render(probes: &Probes) -> String {
 
 fn registry(probes: &Probes) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(BotCollector { probes: probes.clone() }));
+    registry.register_collector(Box::new(BotCollector {
+        probes: probes.clone(),
+    }));
     registry
 }
 
@@ -296,7 +409,10 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             out,
         ),
         Err(_) => (
@@ -309,7 +425,10 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     match health(&s.probes.snapshot()) {
-        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))),
+        Ok(()) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok"})),
+        ),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(reason)),
     }
 }
@@ -325,13 +444,19 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
-    let state = AppState { registry: Arc::new(registry(&probes)), probes };
+    let state = AppState {
+        registry: Arc::new(registry(&probes)),
+        probes,
+    };
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(state);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!("metrics server failed: {e}");
         }
     });

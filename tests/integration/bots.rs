@@ -69,28 +69,43 @@ async fn echo_answers_a_mention_within_a_second_and_greeter_welcomes_newcomers()
     install(dir.path(), &example("echo"), "echo");
     install(dir.path(), &example("greeter"), "greeter");
     let mut events = server.state().subscribe();
-    let host = BotHost::start(config_for(&server.base_url(), dir.path())).await.expect("start");
+    let host = BotHost::start(config_for(&server.base_url(), dir.path()))
+        .await
+        .expect("start");
     assert_eq!(host.bots.len(), 2);
     wait_joined(&mut events, "echo", "lobby").await;
     wait_joined(&mut events, "greeter", "lobby").await;
 
     let started = std::time::Instant::now();
-    server.state().post_message("ada", "lobby", "@echo hello roost").expect("post");
+    server
+        .state()
+        .post_message("ada", "lobby", "@echo hello roost")
+        .expect("post");
     let reply = wait_message(&mut events, Duration::from_secs(5), |m| m.from == "echo")
         .await
         .expect("echo answered");
     assert_eq!(reply.text, "hello roost");
-    assert!(started.elapsed() < Duration::from_secs(1), "answered in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "answered in {:?}",
+        started.elapsed()
+    );
 
     // Its own message (as the network echoes it back) is never answered.
-    server.state().post_message("echo", "lobby", "@echo talking to myself").expect("post");
+    server
+        .state()
+        .post_message("echo", "lobby", "@echo talking to myself")
+        .expect("post");
     // Greeter welcomes an agent announced by a join line, once.
     server.state().join_room("bob", "lobby").expect("join");
     let welcome = wait_message(&mut events, Duration::from_secs(5), |m| m.from == "greeter")
         .await
         .expect("greeter spoke");
     assert!(welcome.text.contains("bob"), "{}", welcome.text);
-    server.state().join_room("bob", "lobby").expect("join again");
+    server
+        .state()
+        .join_room("bob", "lobby")
+        .expect("join again");
     let extra = wait_message(&mut events, Duration::from_millis(800), |m| {
         (m.from == "greeter" && m.text.contains("bob")) || m.from == "echo"
     })
@@ -124,12 +139,17 @@ async fn two_mutually_answering_bots_go_quiet_within_the_loop_budget() {
     wait_joined(&mut events, "alice", "lobby").await;
     wait_joined(&mut events, "bobby", "lobby").await;
 
-    server.state().post_message("ada", "lobby", "@alice @bobby what do you two think?").expect("post");
+    server
+        .state()
+        .post_message("ada", "lobby", "@alice @bobby what do you two think?")
+        .expect("post");
     let mut said = std::collections::HashMap::<String, usize>::new();
     // Bounded: stop once nothing is said for 2 s, or after 200 messages.
     for _ in 0..200 {
         match wait_message(&mut events, Duration::from_secs(2), |m| m.from != "ada").await {
-            Some(m) if m.from == "alice" || m.from == "bobby" => *said.entry(m.from).or_default() += 1,
+            Some(m) if m.from == "alice" || m.from == "bobby" => {
+                *said.entry(m.from).or_default() += 1
+            }
             Some(_) => {}
             None => break,
         }
@@ -138,9 +158,16 @@ async fn two_mutually_answering_bots_go_quiet_within_the_loop_budget() {
     let bobby = said.get("bobby").copied().unwrap_or(0);
     assert!(alice >= 2 && bobby >= 2, "they did talk: {said:?}");
     // Each may answer its partner at most `budget` times (plus one answer to ada).
-    assert!(alice <= budget + 1 && bobby <= budget + 1, "loop not stopped: {said:?}");
+    assert!(
+        alice <= budget + 1 && bobby <= budget + 1,
+        "loop not stopped: {said:?}"
+    );
     // Only the loop guard can have ended it (chatter always answers, limits are off).
-    let guarded: u64 = host.bots.values().map(|b| b.counters().policy.loop_guarded).sum();
+    let guarded: u64 = host
+        .bots
+        .values()
+        .map(|b| b.counters().policy.loop_guarded)
+        .sum();
     assert!(guarded >= 1, "the loop guard never fired: {said:?}");
     host.stop().await;
     server.shutdown().await;
@@ -162,7 +189,10 @@ async fn a_reply_left_in_the_outbox_at_shutdown_goes_out_after_the_next_start() 
     // The network goes silent; a reply is queued; the host shuts down meanwhile.
     server.faults().stall(Duration::from_secs(120));
     let text = "queued while the network was stalled";
-    host.bots["echo"].session.send("lobby", text).expect("queued");
+    host.bots["echo"]
+        .session
+        .send("lobby", text)
+        .expect("queued");
     host.stop().await;
     server.faults().end_stall();
 

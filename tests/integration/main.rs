@@ -1,15 +1,15 @@
 //! roost's integration tests, compiled into one binary (see host/Cargo.toml).
 //! Every test binds 127.0.0.1:0 and never reaches the internet.
 
+mod bots;
+mod capabilities;
+mod dev;
 mod guests;
 mod llm;
+mod policy;
+mod python;
+mod reload;
+mod replay;
 mod runtime;
 mod session;
-mod policy;
-mod bots;
-mod replay;
 mod telemetry;
-mod dev;
-mod reload;
-mod capabilities;
-mod python;

@@ -7,9 +7,16 @@ use serde_json::Value;
 use crate::guests::example;
 
 fn corpus(room: &str) -> PathBuf {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus/nohumans"))
-        .join(format!("{room}.jsonl"));
-    assert!(p.is_file(), "the shared corpus is missing: {} (CI lays shared/ beside the repo)", p.display());
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/corpus/nohumans"
+    ))
+    .join(format!("{room}.jsonl"));
+    assert!(
+        p.is_file(),
+        "the shared corpus is missing: {} (CI lays shared/ beside the repo)",
+        p.display()
+    );
     p
 }
 
@@ -53,7 +60,10 @@ fn derived_lobby(dir: &std::path::Path) -> (PathBuf, usize) {
 }
 
 fn roost(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_roost")).args(args).output().expect("run roost")
+    std::process::Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args(args)
+        .output()
+        .expect("run roost")
 }
 
 #[test]
@@ -61,8 +71,18 @@ fn replaying_lobby_through_echo_gives_no_duplicates_and_no_own_name_prefixes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, mentions) = derived_lobby(dir.path());
     let echo = example("echo");
-    let out = roost(&["replay", "--json", "--plugin", echo.to_str().unwrap(), log.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = roost(&[
+        "replay",
+        "--json",
+        "--plugin",
+        echo.to_str().unwrap(),
+        log.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     for key in [
         "messages_in",
@@ -83,27 +103,51 @@ fn replaying_lobby_through_echo_gives_no_duplicates_and_no_own_name_prefixes() {
     // Every mention from another agent is answered or dropped by policy (rate limit,
     // loop guard), never silently lost.
     assert_eq!(replies.len() + dropped, mentions, "{v}");
-    assert!(replies.len() >= mentions / 2, "most mentions answered: {} of {mentions}", replies.len());
+    assert!(
+        replies.len() >= mentions / 2,
+        "most mentions answered: {} of {mentions}",
+        replies.len()
+    );
     let mut seen = std::collections::HashSet::new();
     for r in replies {
         let line = r["in_reply_to"]["line"].as_u64().expect("line");
         assert!(seen.insert(line), "two replies to line {line}");
         let text = r["text"].as_str().expect("text");
-        assert!(!text.to_lowercase().starts_with("echo"), "own-name prefix: {text}");
+        assert!(
+            !text.to_lowercase().starts_with("echo"),
+            "own-name prefix: {text}"
+        );
         assert_ne!(r["in_reply_to"]["from"], "echo", "answered itself: {r}");
     }
-    assert!(v["dropped_own"].as_u64().unwrap_or(0) > 0, "own lines were in the log");
+    assert!(
+        v["dropped_own"].as_u64().unwrap_or(0) > 0,
+        "own lines were in the log"
+    );
 }
 
 #[test]
 fn replay_prints_a_transcript_and_a_summary() {
     let echo = example("echo");
-    let out = roost(&["replay", "--plugin", echo.to_str().unwrap(), corpus("lobby").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = roost(&[
+        "replay",
+        "--plugin",
+        echo.to_str().unwrap(),
+        corpus("lobby").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("messages in"), "{stdout}");
     // Bad input: one line, non-zero exit.
-    let out = roost(&["replay", "--plugin", echo.to_str().unwrap(), "/nonexistent/log.jsonl"]);
+    let out = roost(&[
+        "replay",
+        "--plugin",
+        echo.to_str().unwrap(),
+        "/nonexistent/log.jsonl",
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -112,7 +156,14 @@ fn replay_prints_a_transcript_and_a_summary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_real_corpus_replays_through_greeter_without_errors() {
     let rt = roost::plugin::Runtime::new(Default::default()).expect("runtime");
-    for room in ["agent-creativity", "builders", "debug", "lobby", "philosophy", "shitpost"] {
+    for room in [
+        "agent-creativity",
+        "builders",
+        "debug",
+        "lobby",
+        "philosophy",
+        "shitpost",
+    ] {
         let report = roost::bot::replay::replay(
             &rt,
             &example("greeter"),
@@ -123,11 +174,19 @@ async fn the_whole_real_corpus_replays_through_greeter_without_errors() {
         .expect("replay");
         assert_eq!(report.plugin_errors, 0, "{room}: {:?}", report.errors);
         assert_eq!(report.blocked, 0, "{room}");
-        assert!(report.malformed_lines.is_empty(), "{room}: {:?}", report.malformed_lines);
+        assert!(
+            report.malformed_lines.is_empty(),
+            "{room}: {:?}",
+            report.malformed_lines
+        );
         // Greeter greets each joining agent at most once.
         let mut greeted = std::collections::HashSet::new();
         for r in &report.reply_list {
-            assert!(greeted.insert(r.text.clone()), "{room}: greeted twice: {}", r.text);
+            assert!(
+                greeted.insert(r.text.clone()),
+                "{room}: greeted twice: {}",
+                r.text
+            );
         }
     }
 }

@@ -48,7 +48,10 @@ async fn echo_describes_itself_and_echoes_a_mention() {
     let m = sb.describe().await.expect("describe");
     assert_eq!(m.name, "echo");
     assert!(m.rooms.contains(&"lobby".to_string()));
-    let actions = sb.on_message(&msg("@echo hello there")).await.expect("call");
+    let actions = sb
+        .on_message(&msg("@echo hello there"))
+        .await
+        .expect("call");
     assert_eq!(said(&actions), vec!["hello there".to_string()]);
     let actions = sb.on_message(&msg("echo: second")).await.expect("call");
     assert_eq!(said(&actions), vec!["second".to_string()]);
@@ -62,14 +65,20 @@ async fn an_infinite_loop_is_interrupted_and_named() {
     let rt = runtime();
     let mut sb = sandbox(&rt, &guest("loop"));
     let started = Instant::now();
-    let err = sb.on_message(&msg("spin")).await.expect_err("must be interrupted");
+    let err = sb
+        .on_message(&msg("spin"))
+        .await
+        .expect_err("must be interrupted");
     let took = started.elapsed();
     assert!(
         matches!(err.kind, FailureKind::Limit(LimitHit::Cpu { .. })),
         "unexpected failure: {err}"
     );
     let line = err.to_string();
-    assert!(line.contains("`loop`") && line.contains("CPU time limit of 200 ms"), "{line}");
+    assert!(
+        line.contains("`loop`") && line.contains("CPU time limit of 200 ms"),
+        "{line}"
+    );
     assert!(line.contains("message from `ada` in #lobby"), "{line}");
     // Generous: 5 × the 200 ms deadline on a noisy machine.
     assert!(took < Duration::from_millis(1_000), "took {took:?}");
@@ -104,11 +113,18 @@ async fn a_panic_fails_one_call_and_the_next_gets_a_fresh_instance() {
     let rt = runtime();
     let mut sb = sandbox(&rt, &guest("panic"));
     let err = sb.on_message(&msg("boom")).await.expect_err("must trap");
-    assert!(matches!(err.kind, FailureKind::Trap(_)), "unexpected failure: {err}");
+    assert!(
+        matches!(err.kind, FailureKind::Trap(_)),
+        "unexpected failure: {err}"
+    );
     assert!(err.to_string().contains("panicked"), "{err}");
     let before = sb.stats().instances_created;
     let _ = sb.on_message(&msg("boom")).await;
-    assert_eq!(sb.stats().instances_created, before + 1, "a fresh instance per call after a trap");
+    assert_eq!(
+        sb.stats().instances_created,
+        before + 1,
+        "a fresh instance per call after a trap"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +136,10 @@ async fn a_huge_reply_is_refused() {
         matches!(err.kind, FailureKind::Limit(LimitHit::ReplyBytes { .. })),
         "unexpected failure: {err}"
     );
-    assert!(err.to_string().contains("reply size limit of 64 KiB"), "{err}");
+    assert!(
+        err.to_string().contains("reply size limit of 64 KiB"),
+        "{err}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -141,7 +160,10 @@ async fn five_failures_quarantine_with_doubling_backoff() {
     let _ = sb.on_message(&msg("boom")).await.expect_err("trap");
     assert_eq!(sb.stats().calls, calls + 1);
     let q = sb.quarantined_for().expect("re-quarantined");
-    assert!(q > Duration::from_secs(59) && q <= Duration::from_secs(60), "{q:?}");
+    assert!(
+        q > Duration::from_secs(59) && q <= Duration::from_secs(60),
+        "{q:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +185,10 @@ async fn a_good_persona_keeps_answering_while_a_hostile_one_spins() {
     let mut slowest = Duration::ZERO;
     for i in 0..20 {
         let started = Instant::now();
-        let actions = good.on_message(&msg(&format!("@echo ping {i}"))).await.expect("echo");
+        let actions = good
+            .on_message(&msg(&format!("@echo ping {i}")))
+            .await
+            .expect("echo");
         slowest = slowest.max(started.elapsed());
         assert_eq!(said(&actions), vec![format!("ping {i}")]);
         answered += 1;
@@ -171,7 +196,10 @@ async fn a_good_persona_keeps_answering_while_a_hostile_one_spins() {
     }
     assert_eq!(answered, 20);
     // Generous on a noisy 2-core machine: well under the hostile guest's 200 ms slice.
-    assert!(slowest < Duration::from_millis(500), "slowest echo call {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "slowest echo call {slowest:?}"
+    );
     assert_eq!(spinner.await.expect("join"), 5);
 }
 
@@ -183,7 +211,10 @@ async fn ungranted_capabilities_answer_denied_and_log_and_config_work() {
     settings.insert("greeting".to_string(), "hi".to_string());
     let ctx = PersonaContext::new("hoarder", "hoarder-1a2b", settings, Default::default());
     let mut sb = Sandbox::new(rt.clone(), component, ctx, Limits::default());
-    let actions = sb.on_message(&msg("collect")).await.expect("hoarder must not trap");
+    let actions = sb
+        .on_message(&msg("collect"))
+        .await
+        .expect("hoarder must not trap");
     let report = said(&actions).join("\n");
     for cap in ["llm", "kv", "history"] {
         assert!(
@@ -191,24 +222,38 @@ async fn ungranted_capabilities_answer_denied_and_log_and_config_work() {
             "{cap} should be denied with its config key: {report}"
         );
     }
-    assert!(report.contains("hoarder-1a2b"), "bot-name visible: {report}");
+    assert!(
+        report.contains("hoarder-1a2b"),
+        "bot-name visible: {report}"
+    );
     assert!(report.contains("hi"), "settings visible: {report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_grants_no_files_environment_or_network() {
     // A real listener the guest is told about: it must not be able to reach it.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     // SAFETY: tests in this binary don't read this variable concurrently in ways
     // that matter; it only has to exist in the host's environment.
     unsafe { std::env::set_var("ROOST_TEST_CANARY", "canary-3f9c2a1b") };
     let rt = runtime();
     let mut sb = sandbox(&rt, &guest("escape"));
-    let actions = sb.on_message(&msg(&port.to_string())).await.expect("escape must not trap");
+    let actions = sb
+        .on_message(&msg(&port.to_string()))
+        .await
+        .expect("escape must not trap");
     let report = said(&actions).join("\n");
-    assert!(!report.contains("canary-3f9c2a1b"), "environment leaked: {report}");
-    assert!(!report.contains("root:x:0:0"), "/etc/passwd leaked: {report}");
+    assert!(
+        !report.contains("canary-3f9c2a1b"),
+        "environment leaked: {report}"
+    );
+    assert!(
+        !report.contains("root:x:0:0"),
+        "/etc/passwd leaked: {report}"
+    );
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(accepted.is_err(), "the guest reached a host socket");
     let v: serde_json::Value = serde_json::from_str(&report).expect("escape reports JSON");
@@ -232,7 +277,10 @@ fn incompatible_files_are_refused_with_one_line() {
         (core, "is a core WebAssembly module, not a component"),
         (truncated, "is not a valid component"),
         (dir.path().join("missing.wasm"), "no such file"),
-        (guest("wrong-world"), "is not a roost persona: it does not export"),
+        (
+            guest("wrong-world"),
+            "is not a roost persona: it does not export",
+        ),
         (guest("future-version"), "was built for roost:persona@0.2.0"),
     ];
     for (path, want) in cases {
@@ -255,7 +303,11 @@ fn roost_check_prints_the_manifest_or_one_line_and_fails() {
         .output()
         .expect("run roost");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("name:         echo"), "{stdout}");
     assert!(stdout.contains("roost:persona@0.1.0"), "{stdout}");
 
@@ -270,7 +322,11 @@ fn roost_check_prints_the_manifest_or_one_line_and_fails() {
     let dir = tempfile::tempdir().expect("tempdir");
     let garbage = dir.path().join("garbage.wasm");
     std::fs::write(&garbage, [0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9]).expect("write");
-    for path in [garbage, dir.path().join("missing.wasm"), guest("wrong-world")] {
+    for path in [
+        garbage,
+        dir.path().join("missing.wasm"),
+        guest("wrong-world"),
+    ] {
         let out = std::process::Command::new(bin)
             .arg("check")
             .arg(&path)

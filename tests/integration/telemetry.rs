@@ -72,7 +72,10 @@ async fn metrics_and_health_describe_the_running_bots() {
     })
     .await
     .expect("echo joined");
-    server.state().post_message("ada", "lobby", "@echo count me").expect("post");
+    server
+        .state()
+        .post_message("ada", "lobby", "@echo count me")
+        .expect("post");
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Ok(ServerEvent::Message(m)) = events.recv().await
@@ -95,14 +98,30 @@ async fn metrics_and_health_describe_the_running_bots() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        sample(&metrics, "roost_bot_connection_state{bot=\"echo\",state=\"active\"}"),
+        sample(
+            &metrics,
+            "roost_bot_connection_state{bot=\"echo\",state=\"active\"}"
+        ),
         Some(1.0),
         "{metrics}"
     );
-    assert!(sample(&metrics, "roost_persona_calls_total{bot=\"echo\"}").unwrap_or(0.0) >= 1.0, "{metrics}");
-    assert_eq!(sample(&metrics, "roost_persona_errors_total{bot=\"echo\"}"), Some(0.0), "{metrics}");
-    assert!(sample(&metrics, "roost_bot_messages_in_total{bot=\"echo\"}").unwrap_or(0.0) >= 1.0, "{metrics}");
-    assert!(sample(&metrics, "roost_persona_call_seconds_count{bot=\"echo\"}").unwrap_or(0.0) >= 1.0, "{metrics}");
+    assert!(
+        sample(&metrics, "roost_persona_calls_total{bot=\"echo\"}").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "roost_persona_errors_total{bot=\"echo\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "roost_bot_messages_in_total{bot=\"echo\"}").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "roost_persona_call_seconds_count{bot=\"echo\"}").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
     for name in [
         "roost_bot_reconnects_total",
         "roost_bot_messages_out_total",
@@ -113,10 +132,15 @@ async fn metrics_and_health_describe_the_running_bots() {
         "roost_persona_reloads_total",
         "roost_persona_quarantined",
     ] {
-        assert!(metrics.contains(&format!("{name}{{bot=\"echo\"")), "{name} missing:\n{metrics}");
+        assert!(
+            metrics.contains(&format!("{name}{{bot=\"echo\"")),
+            "{name} missing:\n{metrics}"
+        );
     }
     assert!(
-        metrics.lines().any(|l| l.starts_with("roost_persona_call_seconds_bucket{le=\"+Inf\",bot=\"echo\"}")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("roost_persona_call_seconds_bucket{le=\"+Inf\",bot=\"echo\"}")),
         "{metrics}"
     );
     let (status, body) = get(&format!("http://{addr}/healthz")).await;

@@ -19,9 +19,17 @@ pub struct HistoryCap {
 }
 
 impl HistoryBackend for HistoryCap {
-    fn recent(&self, room: String, limit: u32) -> BoxFuture<'_, Result<Vec<Message>, history::Error>> {
+    fn recent(
+        &self,
+        room: String,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Message>, history::Error>> {
         Box::pin(async move {
-            let joined = self.rooms.lock().unwrap_or_else(|p| p.into_inner()).contains(&room);
+            let joined = self
+                .rooms
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&room);
             if !joined {
                 return Err(history::Error::NotInRoom(room));
             }
@@ -53,7 +61,10 @@ pub struct KvCap {
 
 impl KvCap {
     fn quota(&self) -> KvQuota {
-        KvQuota { total_bytes: self.quota_bytes, value_bytes: self.value_bytes }
+        KvQuota {
+            total_bytes: self.quota_bytes,
+            value_bytes: self.value_bytes,
+        }
     }
 
     /// Runs `f(store, persona)` on the blocking pool.
@@ -98,7 +109,9 @@ impl KvBackend for KvCap {
         Box::pin(async move {
             check_key(&key)?;
             self.blocking("read", move |store, persona| {
-                store.kv_get(persona, &key).map_err(|e| storage(persona, "read", &e))
+                store
+                    .kv_get(persona, &key)
+                    .map_err(|e| storage(persona, "read", &e))
             })
             .await
         })
@@ -109,18 +122,24 @@ impl KvBackend for KvCap {
             check_key(&key)?;
             let quota = self.quota();
             self.blocking("write", move |store, persona| {
-                store.kv_set(persona, &key, &value, quota).map_err(|e| match e {
-                    KvSetError::ValueTooLarge { limit, .. } => kv::Error::ValueTooLarge(format!(
-                        "{} bytes; the limit is {limit} bytes per value",
-                        value.len()
-                    )),
-                    KvSetError::QuotaExceeded { used, would_use, quota } => {
-                        kv::Error::QuotaExceeded(format!(
+                store
+                    .kv_set(persona, &key, &value, quota)
+                    .map_err(|e| match e {
+                        KvSetError::ValueTooLarge { limit, .. } => {
+                            kv::Error::ValueTooLarge(format!(
+                                "{} bytes; the limit is {limit} bytes per value",
+                                value.len()
+                            ))
+                        }
+                        KvSetError::QuotaExceeded {
+                            used,
+                            would_use,
+                            quota,
+                        } => kv::Error::QuotaExceeded(format!(
                             "{used} of {quota} bytes in use; this would make {would_use}"
-                        ))
-                    }
-                    KvSetError::Store(e) => storage(persona, "write", &e),
-                })
+                        )),
+                        KvSetError::Store(e) => storage(persona, "write", &e),
+                    })
             })
             .await
         })
@@ -130,7 +149,9 @@ impl KvBackend for KvCap {
         Box::pin(async move {
             check_key(&key)?;
             self.blocking("delete", move |store, persona| {
-                store.kv_delete(persona, &key).map_err(|e| storage(persona, "delete", &e))
+                store
+                    .kv_delete(persona, &key)
+                    .map_err(|e| storage(persona, "delete", &e))
             })
             .await
         })
@@ -142,7 +163,9 @@ impl KvBackend for KvCap {
                 return Ok(Vec::new());
             }
             self.blocking("list", move |store, persona| {
-                store.kv_list(persona, &prefix).map_err(|e| storage(persona, "list", &e))
+                store
+                    .kv_list(persona, &prefix)
+                    .map_err(|e| storage(persona, "list", &e))
             })
             .await
         })
@@ -154,15 +177,26 @@ mod tests {
     use super::*;
 
     fn cap(store: &Store, persona: &str) -> KvCap {
-        KvCap { store: store.clone(), persona: persona.into(), quota_bytes: 64, value_bytes: 16 }
+        KvCap {
+            store: store.clone(),
+            persona: persona.into(),
+            quota_bytes: 64,
+            value_bytes: 16,
+        }
     }
 
     #[tokio::test]
     async fn typed_errors_and_namespaces() {
         let store = Store::open_in_memory().unwrap();
         let (a, b) = (cap(&store, "a"), cap(&store, "b"));
-        assert!(matches!(a.set(String::new(), vec![]).await, Err(kv::Error::InvalidKey(_))));
-        assert!(matches!(a.get("k".repeat(513)).await, Err(kv::Error::InvalidKey(_))));
+        assert!(matches!(
+            a.set(String::new(), vec![]).await,
+            Err(kv::Error::InvalidKey(_))
+        ));
+        assert!(matches!(
+            a.get("k".repeat(513)).await,
+            Err(kv::Error::InvalidKey(_))
+        ));
         assert!(a.get("k".repeat(512)).await.unwrap().is_none());
         let Err(kv::Error::ValueTooLarge(why)) = a.set("k".into(), vec![0; 17]).await else {
             panic!("expected value-too-large")

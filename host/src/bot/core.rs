@@ -48,7 +48,12 @@ pub struct BotCore {
 }
 
 impl BotCore {
-    pub fn new(sandbox: Sandbox, policy: Policy, manifest: Manifest, history: Arc<History>) -> Self {
+    pub fn new(
+        sandbox: Sandbox,
+        policy: Policy,
+        manifest: Manifest,
+        history: Arc<History>,
+    ) -> Self {
         BotCore {
             label: sandbox.label().to_string(),
             sandbox,
@@ -60,7 +65,9 @@ impl BotCore {
     }
 
     pub fn wants_system(&self) -> bool {
-        self.manifest.subscriptions.contains(Subscriptions::SYSTEM_LINES)
+        self.manifest
+            .subscriptions
+            .contains(Subscriptions::SYSTEM_LINES)
     }
 
     pub fn counters(&self) -> CoreCounters {
@@ -76,7 +83,11 @@ impl BotCore {
     /// Runs one message through the pipeline. The verdict says what inbound policy
     /// decided; the effects are what to do.
     pub async fn handle(&mut self, msg: &ChatMessage) -> (InboundVerdict, Vec<Effect>) {
-        let inbound = InboundMsg { room: &msg.room, from: &msg.from, text: &msg.text };
+        let inbound = InboundMsg {
+            room: &msg.room,
+            from: &msg.from,
+            text: &msg.text,
+        };
         let verdict = self.policy.inbound(&inbound, self.wants_system());
         let flags = wit_flags(&verdict);
         let wit_msg = bindings::Message {
@@ -134,7 +145,10 @@ impl BotCore {
                                 "outbound reply changed by normalisation"
                             );
                         }
-                        Effect::Say { room: out.room, text: o.text }
+                        Effect::Say {
+                            room: out.room,
+                            text: o.text,
+                        }
                     }
                     OutboundVerdict::Drop(reason) => {
                         tracing::info!(
@@ -143,7 +157,10 @@ impl BotCore {
                             reason = %reason,
                             "outbound reply dropped"
                         );
-                        Effect::Dropped { room: out.room, reason }
+                        Effect::Dropped {
+                            room: out.room,
+                            reason,
+                        }
                     }
                 }
             }

@@ -18,7 +18,10 @@ pub struct History {
 
 impl History {
     pub fn new(per_room: usize) -> Self {
-        History { per_room: per_room.max(1), rooms: Mutex::new(HashMap::new()) }
+        History {
+            per_room: per_room.max(1),
+            rooms: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn record(&self, msg: Message) {
@@ -69,7 +72,10 @@ mod tests {
         }
         h.record(m("debug", 9));
         let r = h.recent("lobby", 10).unwrap();
-        assert_eq!(r.iter().map(|m| m.timestamp_ms).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(
+            r.iter().map(|m| m.timestamp_ms).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
         assert_eq!(h.recent("lobby", 1).unwrap()[0].timestamp_ms, 4);
         assert!(h.recent("nowhere", 5).is_none());
     }

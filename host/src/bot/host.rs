@@ -50,7 +50,11 @@ impl BotHost {
             llm,
         };
         let reload = super::reload::ReloadState::new(&context);
-        let mut host = BotHost { context, bots: BTreeMap::new(), reload };
+        let mut host = BotHost {
+            context,
+            bots: BTreeMap::new(),
+            reload,
+        };
         let files = persona_files(&config.paths.plugins)?;
         for file in files {
             if let Err(e) = host.add(&file).await {

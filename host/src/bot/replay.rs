@@ -183,9 +183,11 @@ pub async fn replay(
         };
         for effect in effects {
             match effect {
-                Effect::Say { room, text } => {
-                    report.reply_list.push(ReplayReply { room, text, in_reply_to: trigger() })
-                }
+                Effect::Say { room, text } => report.reply_list.push(ReplayReply {
+                    room,
+                    text,
+                    in_reply_to: trigger(),
+                }),
                 Effect::Dropped { room, reason } => report.dropped.push(ReplayDrop {
                     room,
                     kind: reason.as_str(),
@@ -295,7 +297,10 @@ fn clock_of(ms: u64) -> String {
 }
 
 fn one_line(text: &str, max: usize) -> String {
-    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if flat.chars().count() > max {
         let cut: String = flat.chars().take(max).collect();
         format!("{cut}…")
@@ -311,15 +316,24 @@ mod tests {
     #[test]
     fn both_log_shapes_parse() {
         let corpus = r#"{"timestamp": "2026-01-30T16:28:22.699000", "type": "message", "user": "nc", "text": "hi", "room": "lobby", "id": "x"}"#;
-        let Line::Message(m) = parse_line(corpus) else { panic!("corpus line") };
-        assert_eq!((m.room.as_str(), m.from.as_str(), m.text.as_str()), ("lobby", "nc", "hi"));
+        let Line::Message(m) = parse_line(corpus) else {
+            panic!("corpus line")
+        };
+        assert_eq!(
+            (m.room.as_str(), m.from.as_str(), m.text.as_str()),
+            ("lobby", "nc", "hi")
+        );
         let sys = r#"{"timestamp": "2026-01-30T16:28:22.699000", "type": "system", "user": "system", "text": "⚡ a joined #lobby.", "room": "lobby"}"#;
         assert!(matches!(parse_line(sys), Line::Message(m) if m.from == "system"));
         let resp = r#"{"timestamp": "2026-01-30T16:28:22.699000", "type": "response", "user": "me", "text": "x", "room": "lobby"}"#;
         assert!(matches!(parse_line(resp), Line::Skip));
-        let frame = r#"{"type":"message","room":"lobby","from":"a","text":"yo","timestamp":1769790508965}"#;
+        let frame =
+            r#"{"type":"message","room":"lobby","from":"a","text":"yo","timestamp":1769790508965}"#;
         assert!(matches!(parse_line(frame), Line::Message(m) if m.timestamp_ms == 1769790508965));
-        assert!(matches!(parse_line(r#"{"type":"connected","agent":"a"}"#), Line::Skip));
+        assert!(matches!(
+            parse_line(r#"{"type":"connected","agent":"a"}"#),
+            Line::Skip
+        ));
         assert!(matches!(parse_line("not json"), Line::Malformed));
         assert!(matches!(parse_line("[1,2]"), Line::Malformed));
         assert!(matches!(parse_line(r#"{"user":"a"}"#), Line::Malformed));

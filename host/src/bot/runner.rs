@@ -53,7 +53,11 @@ impl InboundQueue {
     /// Adds a message; returns the message dropped to make room, if any.
     pub fn push(&self, msg: ChatMessage) -> Option<ChatMessage> {
         let mut q = self.items.lock().unwrap_or_else(|p| p.into_inner());
-        let dropped = if q.len() >= self.capacity { q.pop_front() } else { None };
+        let dropped = if q.len() >= self.capacity {
+            q.pop_front()
+        } else {
+            None
+        };
         q.push_back(msg);
         drop(q);
         if dropped.is_some() {
@@ -64,7 +68,10 @@ impl InboundQueue {
     }
 
     pub fn try_pop(&self) -> Option<ChatMessage> {
-        self.items.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        self.items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
     }
 
     pub async fn pop(&self) -> ChatMessage {
@@ -116,7 +123,10 @@ pub struct Bot {
 
 impl Bot {
     /// Describes the persona, registers/connects the session and starts the worker.
-    pub async fn start(host: &HostContext, component: Arc<PersonaComponent>) -> anyhow::Result<Bot> {
+    pub async fn start(
+        host: &HostContext,
+        component: Arc<PersonaComponent>,
+    ) -> anyhow::Result<Bot> {
         let label = component.label.clone();
         let cfg = host.config.persona(&label);
         let history = Arc::new(History::new(cfg.history.limit as usize));
@@ -142,8 +152,12 @@ impl Bot {
         grants.llm = host.llm.backend(&label, &cfg.llm)?;
         let wanted = cfg.name.clone().unwrap_or_else(|| label.clone());
         let ctx = PersonaContext::new(&label, &wanted, cfg.settings.clone(), grants);
-        let mut sandbox =
-            Sandbox::new(host.runtime.clone(), component, ctx, host.config.limits_for(&label));
+        let mut sandbox = Sandbox::new(
+            host.runtime.clone(),
+            component,
+            ctx,
+            host.config.limits_for(&label),
+        );
         let mut m = sandbox.describe().await?;
         if let Some(n) = &cfg.name {
             m.name = n.clone();
@@ -251,9 +265,23 @@ impl Bot {
         let probes = host.probes.clone();
         probes.insert(
             &label,
-            crate::telemetry::BotProbe { session: session.clone(), counters: counters.clone() },
+            crate::telemetry::BotProbe {
+                session: session.clone(),
+                counters: counters.clone(),
+            },
         );
-        Ok(Bot { label, manifest: m, session, queue, counters, stop, worker, forwarder, probes, swaps })
+        Ok(Bot {
+            label,
+            manifest: m,
+            session,
+            queue,
+            counters,
+            stop,
+            worker,
+            forwarder,
+            probes,
+            swaps,
+        })
     }
 
     pub fn status(&self) -> SessionStatus {
@@ -269,7 +297,10 @@ impl Bot {
     }
 
     pub fn counters(&self) -> BotCounters {
-        self.counters.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops taking messages, lets the one in flight finish, flushes the outbox
@@ -307,7 +338,10 @@ fn apply(
             },
             Effect::Leave(room) => match session.leave(&room) {
                 Ok(()) => {
-                    rooms.lock().unwrap_or_else(|p| p.into_inner()).remove(&room);
+                    rooms
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&room);
                     history.forget(&room);
                 }
                 Err(e) => tracing::warn!(bot = %label, room = %room, "leave refused: {e}"),
@@ -337,7 +371,9 @@ impl IdentityTracker {
     }
 
     fn refresh(&mut self, session: &SessionHandle, store: &Store, core: &mut BotCore) {
-        let Some(name) = session.status().name else { return };
+        let Some(name) = session.status().name else {
+            return;
+        };
         if self.name.as_deref() != Some(name.as_str()) {
             core.set_network_name(&name);
             self.name = Some(name);

@@ -14,9 +14,7 @@ wasmtime::component::bindgen!({
 
 // `self::`: the generated module `roost` would otherwise be ambiguous with this
 // crate's own name when rustdoc compiles the crate for doctests.
-pub use self::roost::persona::types::{
-    Denied, MessageFlags, Outgoing, Subscriptions,
-};
+pub use self::roost::persona::types::{Denied, MessageFlags, Outgoing, Subscriptions};
 pub use self::roost::persona::{config, history, kv, llm, log};
 
 /// The WIT package version this host serves.

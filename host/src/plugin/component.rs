@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use wasmtime::component::types::ComponentItem;
 use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
 
 use super::bindings::{CAPABILITIES, PersonaPre, WIT_PACKAGE, WIT_VERSION};
 use super::engine::Runtime;
@@ -13,8 +13,14 @@ use super::state::HostState;
 /// The world's exports a persona must have.
 pub const REQUIRED_EXPORTS: &[&str] = &["describe", "on-message"];
 /// WASI p2 packages the linker provides (with nothing granted).
-const WASI_PACKAGES: &[&str] =
-    &["wasi:cli", "wasi:clocks", "wasi:filesystem", "wasi:io", "wasi:random", "wasi:sockets"];
+const WASI_PACKAGES: &[&str] = &[
+    "wasi:cli",
+    "wasi:clocks",
+    "wasi:filesystem",
+    "wasi:io",
+    "wasi:random",
+    "wasi:sockets",
+];
 
 /// Why a component was refused. `Display` is one line.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +46,11 @@ pub enum LoadError {
     #[error(
         "{what} is not a roost persona: it does not export `{missing}` (it exports: {exports}); build it for the world {WIT_PACKAGE}/persona@{WIT_VERSION}"
     )]
-    WrongWorld { what: String, missing: String, exports: String },
+    WrongWorld {
+        what: String,
+        missing: String,
+        exports: String,
+    },
     #[error(
         "{what} imports `{import}`, which roost does not provide (it provides {WIT_PACKAGE}@{WIT_VERSION} and WASI 0.2 cli, clocks, filesystem, io, random, sockets)"
     )]
@@ -89,7 +99,13 @@ impl std::fmt::Debug for PersonaComponent {
 pub fn one_line(err: &wasmtime::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in err.chain() {
-        let s = cause.to_string().lines().next().unwrap_or_default().trim().to_string();
+        let s = cause
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         if !s.is_empty() && !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
@@ -99,7 +115,10 @@ pub fn one_line(err: &wasmtime::Error) -> String {
 
 /// The label for a persona file: its stem.
 pub fn label_for(path: &Path) -> String {
-    path.file_stem().and_then(|s| s.to_str()).unwrap_or("persona").to_string()
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("persona")
+        .to_string()
 }
 
 /// Checks the header: empty, too short, not wasm, a core module.
@@ -112,7 +131,10 @@ pub fn check_header(what: &str, bytes: &[u8]) -> Result<(), LoadError> {
         if !b"\0asm".starts_with(&bytes[..bytes.len().min(4)]) {
             return Err(LoadError::NotWasm { what });
         }
-        return Err(LoadError::TooShort { what, len: bytes.len() });
+        return Err(LoadError::TooShort {
+            what,
+            len: bytes.len(),
+        });
     }
     if &bytes[..4] != b"\0asm" {
         return Err(LoadError::NotWasm { what });
@@ -163,14 +185,24 @@ impl Runtime {
         size_bytes: usize,
     ) -> Result<PersonaComponent, LoadError> {
         let info = contract_info(self, what, &component, size_bytes)?;
-        let pre = self.linker().instantiate_pre(&component).map_err(|e| {
-            LoadError::Incompatible { what: what.to_string(), reason: one_line(&e) }
-        })?;
+        let pre =
+            self.linker()
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Incompatible {
+                    what: what.to_string(),
+                    reason: one_line(&e),
+                })?;
         let pre = PersonaPre::new(pre).map_err(|e| LoadError::Incompatible {
             what: what.to_string(),
             reason: one_line(&e),
         })?;
-        Ok(PersonaComponent { label: label.to_string(), path: None, component, pre, info })
+        Ok(PersonaComponent {
+            label: label.to_string(),
+            path: None,
+            component,
+            pre,
+            info,
+        })
     }
 }
 
@@ -234,22 +266,40 @@ fn contract_info(
             return Err(LoadError::WrongWorld {
                 what: what.to_string(),
                 missing: required.to_string(),
-                exports: if exports.is_empty() { "nothing".into() } else { exports.join(", ") },
+                exports: if exports.is_empty() {
+                    "nothing".into()
+                } else {
+                    exports.join(", ")
+                },
             });
         }
     }
     capabilities.sort();
     capabilities.dedup();
-    Ok(ContractInfo { wit_version, capabilities, imports, exports, size_bytes })
+    Ok(ContractInfo {
+        wit_version,
+        capabilities,
+        imports,
+        exports,
+        size_bytes,
+    })
 }
 
 /// `0.1.x` is served: 0.x versions are compatible within a minor version.
 fn version_served(version: &str) -> bool {
     let mut want = WIT_VERSION.split('.');
     let mut got = version.split('.');
-    let (Some(wmaj), Some(wmin)) = (want.next(), want.next()) else { return false };
-    let (Some(gmaj), Some(gmin)) = (got.next(), got.next()) else { return false };
-    wmaj == gmaj && wmin == gmin && got.next().is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
+    let (Some(wmaj), Some(wmin)) = (want.next(), want.next()) else {
+        return false;
+    };
+    let (Some(gmaj), Some(gmin)) = (got.next(), got.next()) else {
+        return false;
+    };
+    wmaj == gmaj
+        && wmin == gmin
+        && got
+            .next()
+            .is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -258,10 +308,22 @@ mod tests {
 
     #[test]
     fn headers_are_told_apart() {
-        assert!(matches!(check_header("f", b""), Err(LoadError::Empty { .. })));
-        assert!(matches!(check_header("f", b"\0as"), Err(LoadError::TooShort { .. })));
-        assert!(matches!(check_header("f", b"hello world"), Err(LoadError::NotWasm { .. })));
-        assert!(matches!(check_header("f", b"\0asm\x01\0\0\0"), Err(LoadError::CoreModule { .. })));
+        assert!(matches!(
+            check_header("f", b""),
+            Err(LoadError::Empty { .. })
+        ));
+        assert!(matches!(
+            check_header("f", b"\0as"),
+            Err(LoadError::TooShort { .. })
+        ));
+        assert!(matches!(
+            check_header("f", b"hello world"),
+            Err(LoadError::NotWasm { .. })
+        ));
+        assert!(matches!(
+            check_header("f", b"\0asm\x01\0\0\0"),
+            Err(LoadError::CoreModule { .. })
+        ));
         assert!(check_header("f", b"\0asm\x0d\0\x01\0").is_ok());
     }
 

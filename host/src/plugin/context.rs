@@ -30,8 +30,11 @@ pub trait KvBackend: Send + Sync {
 
 /// The host side of `history`, scoped to one bot's rooms.
 pub trait HistoryBackend: Send + Sync {
-    fn recent(&self, room: String, limit: u32)
-    -> BoxFuture<'_, Result<Vec<Message>, history::Error>>;
+    fn recent(
+        &self,
+        room: String,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Message>, history::Error>>;
 }
 
 /// Capabilities granted to one persona. `None` means not granted: the call answers

@@ -63,7 +63,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("pooling", &self.inner.pooling).finish()
+        f.debug_struct("Runtime")
+            .field("pooling", &self.inner.pooling)
+            .finish()
     }
 }
 
@@ -77,16 +79,30 @@ impl Runtime {
                     tracing::warn!(
                         "pooling allocator unavailable ({e}); using on-demand allocation"
                     );
-                    (Engine::new(&engine_config(&config, false)).map_err(anyhow::Error::from)?, false)
+                    (
+                        Engine::new(&engine_config(&config, false)).map_err(anyhow::Error::from)?,
+                        false,
+                    )
                 }
             }
         } else {
-            (Engine::new(&engine_config(&config, false)).map_err(anyhow::Error::from)?, false)
+            (
+                Engine::new(&engine_config(&config, false)).map_err(anyhow::Error::from)?,
+                false,
+            )
         };
         let linker = build_linker(&engine)?;
         let stop_ticker = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), config.epoch_tick, stop_ticker.clone())?;
-        Ok(Runtime { inner: Arc::new(Inner { engine, linker, config, pooling, stop_ticker }) })
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                config,
+                pooling,
+                stop_ticker,
+            }),
+        })
     }
 
     pub fn engine(&self) -> &Engine {

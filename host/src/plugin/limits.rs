@@ -15,10 +15,16 @@ pub struct Limits {
     /// Python does not get a default of its own (see README.md, "Python personas").
     pub memory_bytes: u64,
     /// CPU time per call, excluding time spent waiting in host functions (default 200 ms).
-    #[serde(rename = "cpu_per_call_ms", with = "crate::plugin::limits::duration_ms")]
+    #[serde(
+        rename = "cpu_per_call_ms",
+        with = "crate::plugin::limits::duration_ms"
+    )]
     pub cpu_per_call: Duration,
     /// Wall time per call including host waits (default 60 s).
-    #[serde(rename = "wall_per_call_ms", with = "crate::plugin::limits::duration_ms")]
+    #[serde(
+        rename = "wall_per_call_ms",
+        with = "crate::plugin::limits::duration_ms"
+    )]
     pub wall_per_call: Duration,
     /// Elements per table (default 20,000).
     pub table_elements: usize,
@@ -75,16 +81,27 @@ impl std::fmt::Display for LimitHit {
                 human_bytes(*wanted)
             ),
             LimitHit::TableElements { limit, wanted } => {
-                write!(f, "table limit of {limit} elements exceeded (wanted {wanted})")
+                write!(
+                    f,
+                    "table limit of {limit} elements exceeded (wanted {wanted})"
+                )
             }
             LimitHit::Instances { limit } => write!(f, "instance limit of {limit} exceeded"),
             LimitHit::Tables { limit } => write!(f, "table count limit of {limit} exceeded"),
             LimitHit::Memories { limit } => write!(f, "memory count limit of {limit} exceeded"),
             LimitHit::Cpu { limit } => {
-                write!(f, "CPU time limit of {} ms per call exceeded", limit.as_millis())
+                write!(
+                    f,
+                    "CPU time limit of {} ms per call exceeded",
+                    limit.as_millis()
+                )
             }
             LimitHit::Wall { limit } => {
-                write!(f, "wall time limit of {} s per call exceeded", limit.as_secs_f64())
+                write!(
+                    f,
+                    "wall time limit of {} s per call exceeded",
+                    limit.as_secs_f64()
+                )
             }
             LimitHit::ReplyBytes { limit, got } => write!(
                 f,
@@ -93,7 +110,10 @@ impl std::fmt::Display for LimitHit {
                 human_bytes(*got as u64)
             ),
             LimitHit::Actions { limit, got } => {
-                write!(f, "action limit of {limit} per call exceeded ({got} returned)")
+                write!(
+                    f,
+                    "action limit of {limit} per call exceeded ({got} returned)"
+                )
             }
             LimitHit::Stack { limit } => write!(
                 f,
@@ -132,7 +152,11 @@ pub struct Limiter {
 
 impl Limiter {
     pub fn new(limits: Limits) -> Self {
-        Limiter { limits, hit: None, memory_in_use: 0 }
+        Limiter {
+            limits,
+            hit: None,
+            memory_in_use: 0,
+        }
     }
 
     /// Linear memory granted so far, summed over the instance's memories (initial
@@ -159,7 +183,10 @@ impl wasmtime::ResourceLimiter for Limiter {
         let growth = (desired - current) as u64;
         let total = self.memory_in_use + growth;
         if total > self.limits.memory_bytes {
-            self.record(LimitHit::Memory { limit: self.limits.memory_bytes, wanted: total });
+            self.record(LimitHit::Memory {
+                limit: self.limits.memory_bytes,
+                wanted: total,
+            });
             return Ok(false);
         }
         self.memory_in_use = total;
@@ -218,12 +245,18 @@ mod tests {
 
     #[test]
     fn memory_growth_is_summed_and_the_hit_is_remembered() {
-        let mut l = Limiter::new(Limits { memory_bytes: 1 << 20, ..Limits::default() });
+        let mut l = Limiter::new(Limits {
+            memory_bytes: 1 << 20,
+            ..Limits::default()
+        });
         assert!(l.memory_growing(0, 512 << 10, None).unwrap());
         assert!(l.memory_growing(512 << 10, 1 << 20, None).unwrap());
         assert!(!l.memory_growing(1 << 20, (1 << 20) + 65536, None).unwrap());
         let hit = l.hit.clone().unwrap();
-        assert_eq!(hit.to_string(), "memory limit of 1 MiB exceeded (wanted 1.1 MiB)");
+        assert_eq!(
+            hit.to_string(),
+            "memory limit of 1 MiB exceeded (wanted 1.1 MiB)"
+        );
     }
 
     #[test]

@@ -42,7 +42,11 @@ impl LogSink {
     pub fn new(label: &str) -> Self {
         LogSink {
             label: label.to_string(),
-            bucket: Mutex::new(Bucket { tokens: BURST, last: Instant::now(), suppressed: 0 }),
+            bucket: Mutex::new(Bucket {
+                tokens: BURST,
+                last: Instant::now(),
+                suppressed: 0,
+            }),
             suppressed_total: AtomicU64::new(0),
         }
     }
@@ -92,7 +96,10 @@ impl LogSink {
 
     /// A `wasi:cli` stdout/stderr stream writing lines into this sink.
     pub fn stream(self: &std::sync::Arc<Self>, level: Level) -> GuestOutput {
-        GuestOutput { sink: self.clone(), level }
+        GuestOutput {
+            sink: self.clone(),
+            level,
+        }
     }
 }
 
@@ -128,7 +135,10 @@ impl wasmtime_wasi::cli::IsTerminal for GuestOutput {
 
 impl wasmtime_wasi::cli::StdoutStream for GuestOutput {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineWriter { out: self.clone(), buf: Vec::new() })
+        Box::new(LineWriter {
+            out: self.clone(),
+            buf: Vec::new(),
+        })
     }
 }
 

@@ -15,7 +15,9 @@ pub enum ManifestError {
     NameLength(String),
     #[error("manifest name {0:?} contains control characters or only spaces")]
     NameChars(String),
-    #[error("manifest room {0:?} is not a valid room name (1-{ROOM_MAX} characters, no spaces, no `#`)")]
+    #[error(
+        "manifest room {0:?} is not a valid room name (1-{ROOM_MAX} characters, no spaces, no `#`)"
+    )]
     Room(String),
 }
 
@@ -40,7 +42,9 @@ pub fn validate(m: &Manifest) -> Result<(), ManifestError> {
 pub fn valid_room(room: &str) -> bool {
     let n = room.chars().count();
     (1..=ROOM_MAX).contains(&n)
-        && !room.chars().any(|c| c.is_whitespace() || c.is_control() || c == '#' || c == '/' || c == '?')
+        && !room
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '#' || c == '/' || c == '?')
 }
 
 #[cfg(test)]

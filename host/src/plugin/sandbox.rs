@@ -48,7 +48,11 @@ impl std::fmt::Display for FailureKind {
             FailureKind::Trap(t) => write!(f, "trapped: {t}"),
             FailureKind::Instantiate(e) => write!(f, "could not be instantiated: {e}"),
             FailureKind::Quarantined { remaining } => {
-                write!(f, "quarantined for another {} s", remaining.as_secs().max(1))
+                write!(
+                    f,
+                    "quarantined for another {} s",
+                    remaining.as_secs().max(1)
+                )
             }
         }
     }
@@ -64,8 +68,9 @@ pub struct CallFailure {
 }
 
 /// Upper bounds (seconds) of the call-latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 12] =
-    [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0];
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0,
+];
 
 /// Counters for one sandbox.
 #[derive(Debug, Clone, Default)]
@@ -84,7 +89,10 @@ pub struct SandboxStats {
 impl SandboxStats {
     fn observe(&mut self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         self.latency_buckets[i] += 1;
         self.latency_sum += secs;
         self.last_latency = Some(d);
@@ -204,11 +212,13 @@ impl Sandbox {
             Ok::<_, FailureKind>(tokio::time::timeout(wall, fut).await)
         }
         .await;
-        let out = self.settle(result, started).and_then(|actions: Vec<Action>| {
-            let size: usize = actions.iter().map(action_bytes).sum();
-            self.check_reply_size(size, actions.len())?;
-            Ok(actions)
-        });
+        let out = self
+            .settle(result, started)
+            .and_then(|actions: Vec<Action>| {
+                let size: usize = actions.iter().map(action_bytes).sum();
+                self.check_reply_size(size, actions.len())?;
+                Ok(actions)
+            });
         self.record(out, during)
     }
 
@@ -219,12 +229,17 @@ impl Sandbox {
             if until > now {
                 return Err(self.failure(
                     during.to_string(),
-                    FailureKind::Quarantined { remaining: until - now },
+                    FailureKind::Quarantined {
+                        remaining: until - now,
+                    },
                 ));
             }
             self.health.until = None;
             self.health.probation = true;
-            tracing::info!(persona = self.label(), "persona released from quarantine (on probation)");
+            tracing::info!(
+                persona = self.label(),
+                "persona released from quarantine (on probation)"
+            );
         }
         Ok(())
     }
@@ -240,7 +255,9 @@ impl Sandbox {
                 let state = ctx.data_mut();
                 if state.clock.guest_time() > state.limits.cpu_per_call {
                     if state.limiter.hit.is_none() {
-                        state.limiter.hit = Some(LimitHit::Cpu { limit: state.limits.cpu_per_call });
+                        state.limiter.hit = Some(LimitHit::Cpu {
+                            limit: state.limits.cpu_per_call,
+                        });
                     }
                     return Err(Trap::Interrupt.into());
                 }
@@ -248,8 +265,8 @@ impl Sandbox {
             });
             begin_call(&mut store);
             let wall = self.limits.wall_per_call;
-            let inst = tokio::time::timeout(wall, self.component.pre.instantiate_async(&mut store))
-                .await;
+            let inst =
+                tokio::time::timeout(wall, self.component.pre.instantiate_async(&mut store)).await;
             self.stats.instances_created += 1;
             let persona = match inst {
                 Err(_) => return Err(FailureKind::Limit(LimitHit::Wall { limit: wall })),
@@ -263,7 +280,10 @@ impl Sandbox {
             };
             self.live = Some(Live { store, persona });
         }
-        let live = self.live.as_mut().ok_or_else(|| FailureKind::Instantiate("no instance".into()))?;
+        let live = self
+            .live
+            .as_mut()
+            .ok_or_else(|| FailureKind::Instantiate("no instance".into()))?;
         begin_call(&mut live.store);
         Ok(live)
     }
@@ -279,14 +299,19 @@ impl Sandbox {
         self.stats.observe(started.elapsed());
         let wall = self.limits.wall_per_call;
         let stack = self.runtime.config().max_wasm_stack;
-        let hit = self.live.as_mut().and_then(|l| l.store.data_mut().limiter.hit.take());
+        let hit = self
+            .live
+            .as_mut()
+            .and_then(|l| l.store.data_mut().limiter.hit.take());
         let out = match result {
             Err(kind) => Err(kind),
             Ok(Err(_elapsed)) => Err(FailureKind::Limit(LimitHit::Wall { limit: wall })),
             Ok(Ok(Err(e))) => Err(match hit {
                 Some(hit) => FailureKind::Limit(hit),
                 None => match e.downcast_ref::<Trap>() {
-                    Some(Trap::StackOverflow) => FailureKind::Limit(LimitHit::Stack { limit: stack }),
+                    Some(Trap::StackOverflow) => {
+                        FailureKind::Limit(LimitHit::Stack { limit: stack })
+                    }
                     Some(Trap::UnreachableCodeReached) => FailureKind::Trap(
                         "wasm `unreachable` executed (the persona panicked or aborted)".into(),
                     ),
@@ -303,9 +328,15 @@ impl Sandbox {
 
     fn check_reply_size(&mut self, bytes: usize, actions: usize) -> Result<(), FailureKind> {
         let hit = if actions > self.limits.actions {
-            Some(LimitHit::Actions { limit: self.limits.actions, got: actions })
+            Some(LimitHit::Actions {
+                limit: self.limits.actions,
+                got: actions,
+            })
         } else if bytes > self.limits.reply_bytes {
-            Some(LimitHit::ReplyBytes { limit: self.limits.reply_bytes, got: bytes })
+            Some(LimitHit::ReplyBytes {
+                limit: self.limits.reply_bytes,
+                got: bytes,
+            })
         } else {
             None
         };
@@ -319,7 +350,11 @@ impl Sandbox {
     }
 
     fn failure(&self, during: String, kind: FailureKind) -> CallFailure {
-        CallFailure { persona: self.label().to_string(), during, kind }
+        CallFailure {
+            persona: self.label().to_string(),
+            during,
+            kind,
+        }
     }
 
     /// Books the outcome: logs failures, counts them, quarantines repeat offenders.
@@ -364,7 +399,9 @@ fn begin_call(store: &mut Store<HostState>) {
 
 /// 30 s, 60 s, 120 s, ... capped at 30 min.
 pub fn quarantine_backoff(level: u32) -> Duration {
-    QUARANTINE_BASE.saturating_mul(1u32 << level.min(16)).min(QUARANTINE_CAP)
+    QUARANTINE_BASE
+        .saturating_mul(1u32 << level.min(16))
+        .min(QUARANTINE_CAP)
 }
 
 fn action_bytes(a: &Action) -> usize {

@@ -57,7 +57,10 @@ impl HostState {
             table: ResourceTable::new(),
             limiter: Limiter::new(limits.clone()),
             ctx,
-            clock: CallClock { started: Instant::now(), host_wait: Duration::ZERO },
+            clock: CallClock {
+                started: Instant::now(),
+                host_wait: Duration::ZERO,
+            },
             limits,
         }
     }
@@ -74,6 +77,9 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }

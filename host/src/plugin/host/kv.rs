@@ -8,7 +8,11 @@ use crate::plugin::state::HostState;
 
 impl HostState {
     fn kv(&self) -> Result<Arc<dyn KvBackend>, Error> {
-        self.ctx.grants.kv.clone().ok_or_else(|| Error::Denied(self.ctx.denied("kv")))
+        self.ctx
+            .grants
+            .kv
+            .clone()
+            .ok_or_else(|| Error::Denied(self.ctx.denied("kv")))
     }
 }
 

@@ -35,7 +35,10 @@ const LINES: &[&str] = &[
 
 impl Guest for Chatter {
     fn describe() -> Manifest {
-        manifest("chatter", "Answers everyone, every time, with something new.")
+        manifest(
+            "chatter",
+            "Answers everyone, every time, with something new.",
+        )
     }
 
     fn on_message(msg: Message) -> Vec<Action> {
