@@ -1,70 +1,15 @@
 //! Bots end to end: personas, sessions and policy against the local chat server.
 
-use std::path::Path;
 use std::time::Duration;
 
 use roost::bot::host::BotHost;
-use roost::config::Config;
-use roost::devserver::{self, ServerConfig, ServerEvent};
-use tokio::sync::broadcast;
 
 use crate::guests::{example, guest};
-
-/// A config pointing at `server`, with plugins and state in `dir`.
-fn config_for(server: &str, dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.server.url = server.to_string();
-    c.paths.plugins = dir.join("plugins");
-    c.paths.state = dir.join("state");
-    c
-}
-
-fn install(dir: &Path, wasm: &Path, as_name: &str) {
-    std::fs::create_dir_all(dir.join("plugins")).expect("mkdir");
-    std::fs::copy(wasm, dir.join("plugins").join(format!("{as_name}.wasm"))).expect("copy");
-}
-
-/// Waits for a message event matching `pred`, up to `within`.
-async fn wait_message(
-    events: &mut broadcast::Receiver<ServerEvent>,
-    within: Duration,
-    pred: impl Fn(&roost::protocol::ChatMessage) -> bool,
-) -> Option<roost::protocol::ChatMessage> {
-    tokio::time::timeout(within, async {
-        loop {
-            match events.recv().await {
-                Ok(ServerEvent::Message(m)) if pred(&m) => return Some(m),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten()
-}
-
-/// Waits until `agent` has joined `room`.
-async fn wait_joined(events: &mut broadcast::Receiver<ServerEvent>, agent: &str, room: &str) {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Ok(ServerEvent::Joined { agent: a, room: r }) = events.recv().await
-                && a == agent
-                && r == room
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{agent} never joined #{room}"));
-}
+use crate::support::{config_for, install, server, wait_joined, wait_message};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_answers_a_mention_within_a_second_and_greeter_welcomes_newcomers() {
-    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .expect("server");
+    let server = server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     install(dir.path(), &example("echo"), "echo");
     install(dir.path(), &example("greeter"), "greeter");
@@ -117,9 +62,7 @@ async fn echo_answers_a_mention_within_a_second_and_greeter_welcomes_newcomers()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mutually_answering_bots_go_quiet_within_the_loop_budget() {
-    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .expect("server");
+    let server = server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     install(dir.path(), &guest("chatter"), "alice");
     install(dir.path(), &guest("chatter"), "bobby");
@@ -175,9 +118,7 @@ async fn two_mutually_answering_bots_go_quiet_within_the_loop_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_left_in_the_outbox_at_shutdown_goes_out_after_the_next_start() {
-    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .expect("server");
+    let server = server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     install(dir.path(), &example("echo"), "echo");
     let mut config = config_for(&server.base_url(), dir.path());
@@ -204,6 +145,45 @@ async fn a_reply_left_in_the_outbox_at_shutdown_goes_out_after_the_next_start() 
     assert!(again.is_none(), "delivered twice");
     let stored = server.state().messages("lobby", None, 50).expect("room");
     assert_eq!(stored.iter().filter(|m| m.text == text).count(), 1);
+    host.stop().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_throttle_close_pauses_outbound_replies() {
+    let server = server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(dir.path(), &example("echo"), "echo");
+    let mut events = server.state().subscribe();
+    let host = BotHost::start(config_for(&server.base_url(), dir.path()))
+        .await
+        .expect("start");
+    wait_joined(&mut events, "echo", "lobby").await;
+    // The server closes with a rate-limit code: the session backs off and the
+    // bot's outbound policy is told, so replies pause too.
+    assert!(server.faults().close_connections(4029, "slow down") >= 1);
+    let bot = &host.bots["echo"];
+    let mut told = false;
+    for _ in 0..100 {
+        if bot.status().throttles >= 1 {
+            // The worker passes it on at its next wake-up (a state change).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            told = bot.counters().policy.server_throttles >= 1;
+            if told {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        bot.status().throttles >= 1,
+        "the session did not count the throttle"
+    );
+    assert!(
+        told,
+        "the outbound policy was not told: {:?}",
+        bot.counters().policy
+    );
     host.stop().await;
     server.shutdown().await;
 }

@@ -354,6 +354,8 @@ fn apply(
 /// Follows the name the network gave the bot and feeds its key to the secret
 /// scanner once registration has stored it.
 struct IdentityTracker {
+    /// Server throttles already passed on to the outbound policy.
+    throttles: u64,
     endpoints: Option<session::http::Endpoints>,
     persona: String,
     name: Option<String>,
@@ -363,6 +365,7 @@ struct IdentityTracker {
 impl IdentityTracker {
     fn new(server: &str, persona: &str) -> Self {
         IdentityTracker {
+            throttles: 0,
             endpoints: session::http::Endpoints::parse(server).ok(),
             persona: persona.to_string(),
             name: None,
@@ -371,7 +374,19 @@ impl IdentityTracker {
     }
 
     fn refresh(&mut self, session: &SessionHandle, store: &Store, core: &mut BotCore) {
-        let Some(name) = session.status().name else {
+        let status = session.status();
+        // The server asked us to slow down: outbound replies back off too (dropped,
+        // with a reason, rather than piling up in the outbox).
+        if status.throttles > self.throttles {
+            self.throttles = status.throttles;
+            let pause = core.policy.on_server_throttle(None);
+            tracing::warn!(
+                bot = %core.label,
+                pause_ms = pause.as_millis() as u64,
+                "server throttled the bot; replies paused"
+            );
+        }
+        let Some(name) = status.name else {
             return;
         };
         if self.name.as_deref() != Some(name.as_str()) {

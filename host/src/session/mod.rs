@@ -269,6 +269,8 @@ pub struct SessionStatus {
     pub inbound_dropped: u64,
     /// Outbox entries dropped as stale.
     pub outbox_stale: u64,
+    /// Times the server asked us to slow down (429, close 1013/4008/4029/4429).
+    pub throttles: u64,
     /// Frames received, unknown and undecodable.
     pub protocol: ProtocolStatsSnapshot,
 }
@@ -301,6 +303,7 @@ struct Shared {
     connections: AtomicU64,
     inbound_dropped: AtomicU64,
     outbox_stale: AtomicU64,
+    throttles: AtomicU64,
     outbox_depth: AtomicUsize,
     protocol: ProtocolStats,
     state_tx: watch::Sender<StateSnapshot>,
@@ -400,6 +403,7 @@ impl SessionHandle {
             rooms: inner.rooms.iter().cloned().collect(),
             inbound_dropped: s.inbound_dropped.load(Ordering::Relaxed),
             outbox_stale: s.outbox_stale.load(Ordering::Relaxed),
+            throttles: s.throttles.load(Ordering::Relaxed),
             protocol: s.protocol.snapshot(),
         }
     }
@@ -458,6 +462,7 @@ pub fn spawn(
         connections: AtomicU64::new(0),
         inbound_dropped: AtomicU64::new(0),
         outbox_stale: AtomicU64::new(0),
+        throttles: AtomicU64::new(0),
         outbox_depth: AtomicUsize::new(outbox.depth()),
         protocol: ProtocolStats::default(),
         state_tx,

@@ -263,6 +263,11 @@ impl Supervisor {
                     if self.stopping.is_some() {
                         break;
                     }
+                    if cause.next() == super::machine::Next::SlowDown {
+                        self.shared
+                            .throttles
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let policy = self.policy();
                     let retry = plan_retry(
                         &policy,
