@@ -251,6 +251,35 @@ pub struct OutboxEntry {
     pub sent_at: Option<i64>,
 }
 
+/// An `outbox` row as stored, its state still text.
+struct OutboxRow {
+    id: OutboxId,
+    bot: String,
+    room: String,
+    text: String,
+    created_at: i64,
+    state: String,
+    attempts: i64,
+    sent_at: Option<i64>,
+}
+
+impl OutboxRow {
+    /// Reads the columns `id, bot, room, text, created_at, state, attempts, sent_at`,
+    /// in that order.
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+        Ok(OutboxRow {
+            id: OutboxId(row.get(0)?),
+            bot: row.get(1)?,
+            room: row.get(2)?,
+            text: row.get(3)?,
+            created_at: row.get(4)?,
+            state: row.get(5)?,
+            attempts: row.get(6)?,
+            sent_at: row.get(7)?,
+        })
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) `<state_dir>/roost.db` and migrates it to the current schema.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
@@ -438,38 +467,11 @@ impl Store {
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![bot], |row| {
-                Ok((
-                    OutboxId(row.get(0)?),
-                    row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, i64>(4)?,
-                    row.get::<_, String>(5)?,
-                    row.get::<_, i64>(6)?,
-                    row.get::<_, Option<i64>>(7)?,
-                ))
-            })
+            .query_map(params![bot], OutboxRow::read)
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, bot, room, text, created_at, state, attempts, sent_at) =
-                row.map_err(|e| self.err(e))?;
-            let state = OutboxState::parse(&state).ok_or_else(|| StoreError::Invalid {
-                path: self.path.to_path_buf(),
-                what: "outbox.state",
-                value: state.clone(),
-            })?;
-            out.push(OutboxEntry {
-                id,
-                bot,
-                room,
-                text,
-                created_at,
-                state,
-                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-                sent_at,
-            });
+            out.push(self.outbox_entry(row.map_err(|e| self.err(e))?)?);
         }
         Ok(out)
     }
@@ -482,38 +484,31 @@ impl Store {
                 "SELECT id, bot, room, text, created_at, state, attempts, sent_at
                  FROM outbox WHERE id = ?1",
                 params![id.0],
-                |row| {
-                    Ok((
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
-                        row.get::<_, String>(3)?,
-                        row.get::<_, i64>(4)?,
-                        row.get::<_, String>(5)?,
-                        row.get::<_, i64>(6)?,
-                        row.get::<_, Option<i64>>(7)?,
-                    ))
-                },
+                OutboxRow::read,
             )
             .optional()
             .map_err(|e| self.err(e))?;
-        let Some((bot, room, text, created_at, state, attempts, sent_at)) = row else {
-            return Ok(None);
-        };
-        let state = OutboxState::parse(&state).ok_or_else(|| StoreError::Invalid {
+        row.map(|row| self.outbox_entry(row)).transpose()
+    }
+
+    /// The entry an outbox row holds; a state this version does not know is
+    /// [`StoreError::Invalid`].
+    fn outbox_entry(&self, row: OutboxRow) -> Result<OutboxEntry, StoreError> {
+        let state = OutboxState::parse(&row.state).ok_or_else(|| StoreError::Invalid {
             path: self.path.to_path_buf(),
             what: "outbox.state",
-            value: state.clone(),
+            value: row.state.clone(),
         })?;
-        Ok(Some(OutboxEntry {
-            id,
-            bot,
-            room,
-            text,
-            created_at,
+        Ok(OutboxEntry {
+            id: row.id,
+            bot: row.bot,
+            room: row.room,
+            text: row.text,
+            created_at: row.created_at,
             state,
-            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-            sent_at,
-        }))
+            attempts: u32::try_from(row.attempts).unwrap_or(u32::MAX),
+            sent_at: row.sent_at,
+        })
     }
 
     /// Records that the entry was written to a connection at `sent_at` (Unix ms).

@@ -12,34 +12,23 @@ use roost::bot::caps::{HistoryCap, KvCap};
 use roost::bot::history::History;
 use roost::bot::host::BotHost;
 use roost::config::Config;
-use roost::devserver::{self, ServerConfig, ServerEvent};
 use roost::llm::fake::{FakeLlm, FakeMode};
 use roost::llm::{LlmHub, PersonaLlmConfig, ProviderKind};
-use roost::plugin::bindings::{Action, Message, MessageFlags};
+use roost::plugin::bindings::{Message, MessageFlags};
 use roost::plugin::context::KvBackend;
-use roost::plugin::{Grants, Limits, PersonaContext, Runtime, RuntimeConfig, Sandbox};
+use roost::plugin::{Grants, Limits, PersonaContext, Runtime, Sandbox};
 use roost::policy::{SecretScanner, SecretsConfig};
 use roost::store::Store;
 use serde_json::Value;
-use tokio::sync::broadcast;
 
 use crate::guests::{example, guest};
+use crate::support::{fake, install, runtime, said, server, wait_joined, wait_message_recording};
 
 /// The LLM keys of the tests: word-like (low entropy), so only the host's list of
 /// known secrets, not a generic rule, can recognise a disguised copy.
 const OPENAI_KEY: &str = "sk-roost-correct-horse-battery-staple-4711";
 const CLAUDE_KEY: &str = "sk-ant-roost-purple-monkey-dishwasher-0815";
 const CHAT_KEY: &str = "ac_roostChatKey9f8e7d6c5b4a3928";
-
-fn runtime() -> Runtime {
-    Runtime::new(RuntimeConfig::default()).expect("runtime")
-}
-
-async fn fake() -> FakeLlm {
-    FakeLlm::spawn("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("fake llm")
-}
 
 fn message(room: &str, sender: &str, text: &str) -> Message {
     Message {
@@ -49,16 +38,6 @@ fn message(room: &str, sender: &str, text: &str) -> Message {
         timestamp_ms: 1_769_790_508_965,
         flags: MessageFlags::MENTIONS_ME,
     }
-}
-
-fn said(actions: &[Action]) -> Vec<String> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Say(o) => Some(o.text.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 /// What one persona is granted in [`hoard`].
@@ -169,14 +148,17 @@ async fn each_capability_is_denied_until_granted_through_a_real_sandbox() {
             "{cap}: {got}"
         );
     };
+    // The hoarder run with only what `allow` grants.
+    let hoard_with = |allow: Allow| {
+        hoard(
+            &rt,
+            "hoarder",
+            &[],
+            grants(&store, &hub, "hoarder", allow, quota, &llm),
+        )
+    };
 
-    let (none, _) = hoard(
-        &rt,
-        "hoarder",
-        &[],
-        grants(&store, &hub, "hoarder", Allow::default(), quota, &llm),
-    )
-    .await;
+    let (none, _) = hoard_with(Allow::default()).await;
     for cap in ["kv", "history", "llm"] {
         denied(&none, cap);
     }
@@ -189,13 +171,7 @@ async fn each_capability_is_denied_until_granted_through_a_real_sandbox() {
         kv: true,
         ..Allow::default()
     };
-    let (r, _) = hoard(
-        &rt,
-        "hoarder",
-        &[],
-        grants(&store, &hub, "hoarder", only_kv, quota, &llm),
-    )
-    .await;
+    let (r, _) = hoard_with(only_kv).await;
     assert_eq!(
         [
             field(&r, "kv_get"),
@@ -212,13 +188,7 @@ async fn each_capability_is_denied_until_granted_through_a_real_sandbox() {
         history: true,
         ..Allow::default()
     };
-    let (r, _) = hoard(
-        &rt,
-        "hoarder",
-        &[],
-        grants(&store, &hub, "hoarder", only_history, quota, &llm),
-    )
-    .await;
+    let (r, _) = hoard_with(only_history).await;
     let history = field(&r, "history");
     assert!(
         history.starts_with("Ok([") && history.contains("earlier words from bob"),
@@ -231,13 +201,7 @@ async fn each_capability_is_denied_until_granted_through_a_real_sandbox() {
         llm: true,
         ..Allow::default()
     };
-    let (r, _) = hoard(
-        &rt,
-        "hoarder",
-        &[],
-        grants(&store, &hub, "hoarder", only_llm, quota, &llm),
-    )
-    .await;
+    let (r, _) = hoard_with(only_llm).await;
     let completion = field(&r, "llm");
     assert!(
         completion.starts_with("Ok(Completion {") && completion.contains("collect everything"),
@@ -601,53 +565,6 @@ fn bot_config(dir: &Path, server: &str, fake: &FakeLlm, kind: ProviderKind, extr
     Config::load(&path).expect("config loads")
 }
 
-fn install(dir: &Path, wasm: &Path, as_name: &str) {
-    std::fs::create_dir_all(dir.join("plugins")).expect("mkdir");
-    std::fs::copy(wasm, dir.join("plugins").join(format!("{as_name}.wasm"))).expect("copy");
-}
-
-/// Waits for a message event matching `pred`, up to `within`; every message seen is
-/// also appended to `seen`.
-async fn wait_message(
-    events: &mut broadcast::Receiver<ServerEvent>,
-    seen: &mut Vec<roost::protocol::ChatMessage>,
-    within: Duration,
-    pred: impl Fn(&roost::protocol::ChatMessage) -> bool,
-) -> Option<roost::protocol::ChatMessage> {
-    tokio::time::timeout(within, async {
-        loop {
-            match events.recv().await {
-                Ok(ServerEvent::Message(m)) => {
-                    seen.push(m.clone());
-                    if pred(&m) {
-                        return Some(m);
-                    }
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten()
-}
-
-async fn wait_joined(events: &mut broadcast::Receiver<ServerEvent>, agent: &str, room: &str) {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Ok(ServerEvent::Joined { agent: a, room: r }) = events.recv().await
-                && a == agent
-                && r == room
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{agent} never joined #{room}"));
-}
-
 /// Polls `cond` every 20 ms for up to `within`.
 async fn eventually(within: Duration, cond: impl Fn() -> bool) -> bool {
     tokio::time::timeout(within, async {
@@ -661,9 +578,7 @@ async fn eventually(within: Duration, cond: impl Fn() -> bool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_answer_holding_a_host_key_never_reaches_the_chat() {
-    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .expect("server");
+    let server = server().await;
     let fake = fake().await;
     let dir = tempfile::tempdir().expect("tempdir");
     install(dir.path(), &example("llm-persona"), "rook");
@@ -728,14 +643,14 @@ async fn a_provider_answer_holding_a_host_key_never_reaches_the_chat() {
         .state()
         .post_message("ada", "lobby", "@rook and the LLM key?")
         .expect("post");
-    let reply = wait_message(&mut events, &mut seen, Duration::from_secs(10), |m| {
+    let reply = wait_message_recording(&mut events, &mut seen, Duration::from_secs(10), |m| {
         m.from == "rook"
     })
     .await
     .expect("rook answered round 3");
     assert_eq!(reply.text, "plainly: [redacted]");
     // Drain what else arrived, briefly.
-    let _ = wait_message(&mut events, &mut seen, Duration::from_millis(300), |_| {
+    let _ = wait_message_recording(&mut events, &mut seen, Duration::from_millis(300), |_| {
         false
     })
     .await;
@@ -759,9 +674,7 @@ async fn a_provider_answer_holding_a_host_key_never_reaches_the_chat() {
 
 /// Mention rook twice; the second answer is built on the first exchange.
 async fn conversation(kind: ProviderKind) {
-    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .expect("server");
+    let server = server().await;
     let fake = fake().await;
     fake.set_required_key(Some(OPENAI_KEY));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -776,7 +689,7 @@ async fn conversation(kind: ProviderKind) {
         .state()
         .post_message("ada", "lobby", "@rook hello there, bird")
         .expect("post");
-    let first = wait_message(&mut events, &mut seen, Duration::from_secs(10), |m| {
+    let first = wait_message_recording(&mut events, &mut seen, Duration::from_secs(10), |m| {
         m.from == "rook"
     })
     .await
@@ -796,7 +709,7 @@ async fn conversation(kind: ProviderKind) {
         .state()
         .post_message("ada", "lobby", "rook: do you remember me")
         .expect("post");
-    let second = wait_message(&mut events, &mut seen, Duration::from_secs(10), |m| {
+    let second = wait_message_recording(&mut events, &mut seen, Duration::from_secs(10), |m| {
         m.from == "rook"
     })
     .await
@@ -884,7 +797,7 @@ async fn conversation(kind: ProviderKind) {
         .state()
         .post_message("bob", "lobby", "@ada what about you?")
         .expect("post");
-    let quiet = wait_message(&mut events, &mut seen, Duration::from_millis(1000), |m| {
+    let quiet = wait_message_recording(&mut events, &mut seen, Duration::from_millis(1000), |m| {
         m.from == "rook"
     })
     .await;
@@ -903,7 +816,7 @@ async fn conversation(kind: ProviderKind) {
         .state()
         .post_message("ada", "lobby", "@rook still there?")
         .expect("post");
-    let quiet = wait_message(&mut events, &mut seen, Duration::from_millis(1500), |m| {
+    let quiet = wait_message_recording(&mut events, &mut seen, Duration::from_millis(1500), |m| {
         m.from == "rook"
     })
     .await;

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::guests::example;
+use crate::support::{install, plugins};
 
 /// The longest a `roost dev` run may take before the test kills it and fails.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -72,11 +73,10 @@ fn run_dev(cwd: &Path, plugins: &Path, input: &str) -> Run {
     }
 }
 
+/// The plugins folder in `dir`, holding `echo`.
 fn plugins_with_echo(dir: &Path) -> std::path::PathBuf {
-    let plugins = dir.join("plugins");
-    std::fs::create_dir_all(&plugins).expect("mkdir");
-    std::fs::copy(example("echo"), plugins.join("echo.wasm")).expect("copy echo");
-    plugins
+    install(dir, &example("echo"), "echo");
+    plugins(dir)
 }
 
 #[test]

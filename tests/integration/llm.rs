@@ -15,13 +15,9 @@ use roost::plugin::bindings::llm::{Completion, Error, Request, Role, Turn};
 use roost::plugin::context::LlmBackend;
 use secrecy::ExposeSecret;
 
-const KEY: &str = "sk-roost-test-9f8e7d6c5b4a39281706";
+use crate::support::fake;
 
-async fn fake() -> FakeLlm {
-    FakeLlm::spawn("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("fake llm")
-}
+const KEY: &str = "sk-roost-test-9f8e7d6c5b4a39281706";
 
 /// A key file holding [`KEY`] (with a trailing newline, as editors write it).
 fn key_file() -> (tempfile::TempDir, PathBuf) {

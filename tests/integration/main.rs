@@ -12,4 +12,5 @@ mod reload;
 mod replay;
 mod runtime;
 mod session;
+mod support;
 mod telemetry;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use roost::plugin::bindings::{Action, Message, MessageFlags, history, kv};
+use roost::plugin::bindings::{Message, MessageFlags, history, kv};
 use roost::plugin::context::{BoxFuture, HistoryBackend, KvBackend};
 use roost::plugin::state::HostState;
 use roost::plugin::{
@@ -24,6 +24,7 @@ use serde_json::Value;
 use wasmtime::component::Component;
 
 use crate::guests::repo_root;
+use crate::support::{runtime, said};
 
 /// `plugins/py-persona`, built once per test process into the host's target folder.
 fn quizmaster() -> PathBuf {
@@ -52,7 +53,7 @@ fn quizmaster() -> PathBuf {
 fn loaded() -> &'static (Runtime, Arc<PersonaComponent>) {
     static LOADED: OnceLock<(Runtime, Arc<PersonaComponent>)> = OnceLock::new();
     LOADED.get_or_init(|| {
-        let rt = Runtime::new(RuntimeConfig::default()).expect("runtime");
+        let rt = runtime();
         let component = rt
             .load_file(&quizmaster())
             .unwrap_or_else(|e| panic!("{e}"));
@@ -97,14 +98,9 @@ fn msg(sender: &str, text: &str, mentions: bool) -> Message {
     }
 }
 
-fn said(actions: &[Action]) -> Vec<String> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Say(o) => Some(o.text.clone()),
-            _ => None,
-        })
-        .collect()
+/// What the persona in `sb` says to `m`; `what` names the call if it fails.
+async fn answer(sb: &mut Sandbox, m: Message, what: &str) -> Vec<String> {
+    said(&sb.on_message(&m).await.expect(what))
 }
 
 /// `kv` in memory, shared between sandboxes like the host's store.
@@ -213,11 +209,7 @@ async fn a_round_with_kv_and_history_granted() {
     let m = sb.describe().await.expect("describe");
     assert_eq!(m.name, "quizmaster");
 
-    let recap = said(
-        &sb.on_message(&msg("cy", "@quizmaster recap", true))
-            .await
-            .expect("recap"),
-    );
+    let recap = answer(&mut sb, msg("cy", "@quizmaster recap", true), "recap").await;
     assert_eq!(
         recap,
         [
@@ -226,21 +218,13 @@ async fn a_round_with_kv_and_history_granted() {
         "the recap comes from history"
     );
 
-    let asked = said(
-        &sb.on_message(&msg("ada", "@quizmaster quiz", true))
-            .await
-            .expect("quiz"),
-    );
+    let asked = answer(&mut sb, msg("ada", "@quizmaster quiz", true), "quiz").await;
     assert!(
         asked[0].starts_with("❓ Question 1/12: What is the capital of France?"),
         "{asked:?}"
     );
     assert!(kv.text("open/lobby").is_some(), "the open round is in kv");
-    let wrong = said(
-        &sb.on_message(&msg("bob", "@quizmaster lyon", true))
-            .await
-            .expect("answer"),
-    );
+    let wrong = answer(&mut sb, msg("bob", "@quizmaster lyon", true), "answer").await;
     assert_eq!(wrong, ["Not quite, bob. (1 try so far)"]);
     // Plain chat is ignored; a correct answer counts without the mention.
     assert!(
@@ -249,11 +233,7 @@ async fn a_round_with_kv_and_history_granted() {
             .expect("chat")
             .is_empty()
     );
-    let right = said(
-        &sb.on_message(&msg("ada", "Paris!", false))
-            .await
-            .expect("answer"),
-    );
+    let right = answer(&mut sb, msg("ada", "Paris!", false), "answer").await;
     assert_eq!(right, ["✅ ada got it: paris! ada has 1 point."]);
     assert_eq!(kv.text("score/ada").as_deref(), Some("1"));
     assert_eq!(kv.text("open/lobby"), None, "the round is closed");
@@ -264,19 +244,9 @@ async fn a_round_with_kv_and_history_granted() {
         ..Grants::default()
     });
     again.describe().await.expect("describe");
-    let scores = said(
-        &again
-            .on_message(&msg("bob", "@quizmaster scores", true))
-            .await
-            .expect("scores"),
-    );
+    let scores = answer(&mut again, msg("bob", "@quizmaster scores", true), "scores").await;
     assert_eq!(scores, ["🏆 Scores: ada 1"]);
-    let next = said(
-        &again
-            .on_message(&msg("bob", "@quizmaster quiz", true))
-            .await
-            .expect("quiz"),
-    );
+    let next = answer(&mut again, msg("bob", "@quizmaster quiz", true), "quiz").await;
     assert!(
         next[0].starts_with("❓ Question 2/12:"),
         "rotation kept in kv: {next:?}"
@@ -288,35 +258,20 @@ async fn a_round_with_kv_and_history_granted() {
 async fn without_grants_it_falls_back_to_memory() {
     let mut sb = sandbox_with(Grants::default());
     sb.describe().await.expect("describe");
-    let help = said(
-        &sb.on_message(&msg("ada", "@quizmaster", true))
-            .await
-            .expect("help"),
-    );
+    let help = answer(&mut sb, msg("ada", "@quizmaster", true), "help").await;
     assert!(help[0].starts_with("I'm the quiz master."), "{help:?}");
-    let asked = said(
-        &sb.on_message(&msg("ada", "@quizmaster quiz", true))
-            .await
-            .expect("quiz"),
-    );
+    let asked = answer(&mut sb, msg("ada", "@quizmaster quiz", true), "quiz").await;
     assert!(asked[0].starts_with("❓ Question 1/12:"), "{asked:?}");
-    let right = said(
-        &sb.on_message(&msg("bob", "@quizmaster I think it's Paris", true))
-            .await
-            .expect("answer"),
-    );
+    let right = answer(
+        &mut sb,
+        msg("bob", "@quizmaster I think it's Paris", true),
+        "answer",
+    )
+    .await;
     assert_eq!(right, ["✅ bob got it: paris! bob has 1 point."]);
-    let scores = said(
-        &sb.on_message(&msg("ada", "@quizmaster scores", true))
-            .await
-            .expect("scores"),
-    );
+    let scores = answer(&mut sb, msg("ada", "@quizmaster scores", true), "scores").await;
     assert_eq!(scores, ["🏆 Scores: bob 1"]);
-    let recap = said(
-        &sb.on_message(&msg("ada", "@quizmaster recap", true))
-            .await
-            .expect("recap"),
-    );
+    let recap = answer(&mut sb, msg("ada", "@quizmaster recap", true), "recap").await;
     assert_eq!(
         recap,
         [

@@ -2,7 +2,7 @@
 //! the local chat server. `echo-v2` (a test guest) is a changed `echo`: same manifest
 //! name, but its answers start with `v2: `, so every answer says which version gave it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,9 +16,13 @@ use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::guests::{example, guest};
+use crate::support::{self, install, plugins, wait_event, wait_joined_within, wait_message};
 
 /// Debounce used by these tests (the default is 300 ms).
 const DEBOUNCE_MS: u64 = 100;
+
+/// How long these tests wait for a server event (a bot joining, leaving, ...).
+const EVENT_WAIT: Duration = Duration::from_secs(30);
 
 async fn server() -> DevServer {
     let config = ServerConfig {
@@ -33,10 +37,7 @@ async fn server() -> DevServer {
 /// A config for `server` with plugins and state in `dir`, rate limits and the loop
 /// guard out of the way (one agent mentions the bot hundreds of times).
 fn config_for(server: &str, dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.server.url = server.to_string();
-    c.paths.plugins = dir.join("plugins");
-    c.paths.state = dir.join("state");
+    let mut c = support::config_for(server, dir);
     c.reload.debounce_ms = DEBOUNCE_MS;
     let l = &mut c.policy.limits;
     l.room_per_minute = 100_000;
@@ -47,18 +48,6 @@ fn config_for(server: &str, dir: &Path) -> Config {
     c.policy.loop_guard.max_exchanges = 100_000;
     c.policy.loop_guard.repeat_history = 0;
     c
-}
-
-fn plugins(dir: &Path) -> PathBuf {
-    let p = dir.join("plugins");
-    std::fs::create_dir_all(&p).expect("mkdir plugins");
-    p
-}
-
-fn install(dir: &Path, wasm: &Path, as_name: &str) -> PathBuf {
-    let to = plugins(dir).join(format!("{as_name}.wasm"));
-    std::fs::copy(wasm, &to).expect("copy");
-    to
 }
 
 /// Writes `bytes` the way compilers do: to a hidden temporary file, then a rename.
@@ -119,52 +108,9 @@ impl Running {
     }
 }
 
-/// Waits for a message event matching `pred`, up to `within`.
-async fn wait_message(
-    events: &mut broadcast::Receiver<ServerEvent>,
-    within: Duration,
-    pred: impl Fn(&ChatMessage) -> bool,
-) -> Option<ChatMessage> {
-    tokio::time::timeout(within, async {
-        loop {
-            match events.recv().await {
-                Ok(ServerEvent::Message(m)) if pred(&m) => return Some(m),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten()
-}
-
-/// Waits until `pred` matches a server event.
-async fn wait_event(
-    events: &mut broadcast::Receiver<ServerEvent>,
-    what: &str,
-    pred: impl Fn(&ServerEvent) -> bool,
-) {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match events.recv().await {
-                Ok(e) if pred(&e) => return,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => panic!("server gone"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
-
+/// Waits until `agent` has joined `room`, up to [`EVENT_WAIT`].
 async fn wait_joined(events: &mut broadcast::Receiver<ServerEvent>, agent: &str, room: &str) {
-    wait_event(
-        events,
-        &format!("{agent} to join #{room}"),
-        |e| matches!(e, ServerEvent::Joined { agent: a, room: r } if a == agent && r == room),
-    )
-    .await;
+    wait_joined_within(events, EVENT_WAIT, agent, room).await;
 }
 
 /// Mentions `echo` and returns its answer.
@@ -440,6 +386,7 @@ async fn a_new_file_starts_a_bot_and_a_deleted_one_stops_it() {
     std::fs::remove_file(&echo).expect("rm");
     wait_event(
         &mut events,
+        EVENT_WAIT,
         "echo to disconnect",
         |e| matches!(e, ServerEvent::Disconnected { agent, .. } if agent == "echo"),
     )
@@ -506,6 +453,7 @@ async fn a_manifest_with_other_rooms_moves_the_bot() {
     write_atomically(&file, &std::fs::read(example("echo")).unwrap());
     wait_event(
         &mut events,
+        EVENT_WAIT,
         "echo to leave #builders",
         |e| matches!(e, ServerEvent::Left { agent, room } if agent == "echo" && room == "builders"),
     )
@@ -557,6 +505,7 @@ async fn another_manifest_name_is_another_bot_unless_roost_toml_names_it() {
     write_atomically(&file, &std::fs::read(guest("counter")).unwrap());
     wait_event(
         &mut events,
+        EVENT_WAIT,
         "echo to disconnect",
         |e| matches!(e, ServerEvent::Disconnected { agent, .. } if agent == "echo"),
     )
@@ -664,26 +613,21 @@ async fn a_restart_loads_from_the_compile_cache() {
     bytes[mid] ^= 0xff;
     std::fs::write(&entry, &bytes).expect("corrupt");
     let host = BotHost::start(config.clone()).await.expect("restart");
-    assert_eq!(
-        host.reload_stats()
-            .snapshot()
-            .last_load
-            .expect("loaded")
-            .outcome,
-        CacheOutcome::Rebuilt
-    );
+    assert_eq!(last_outcome(&host), CacheOutcome::Rebuilt);
     host.stop().await;
     let host = BotHost::start(config).await.expect("restart");
-    assert_eq!(
-        host.reload_stats()
-            .snapshot()
-            .last_load
-            .expect("loaded")
-            .outcome,
-        CacheOutcome::Hit
-    );
+    assert_eq!(last_outcome(&host), CacheOutcome::Hit);
     host.stop().await;
     server.shutdown().await;
+}
+
+/// Where the host's last load got its compiled code from.
+fn last_outcome(host: &BotHost) -> CacheOutcome {
+    host.reload_stats()
+        .snapshot()
+        .last_load
+        .expect("loaded")
+        .outcome
 }
 
 /// `component` with a custom section appended: other bytes, the same behaviour.

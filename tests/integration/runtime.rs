@@ -4,16 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use roost::plugin::bindings::{Action, Message, MessageFlags};
-use roost::plugin::{
-    FailureKind, LimitHit, Limits, LoadError, PersonaContext, Runtime, RuntimeConfig, Sandbox,
-};
+use roost::plugin::bindings::{Message, MessageFlags};
+use roost::plugin::{FailureKind, LimitHit, Limits, LoadError, PersonaContext, Runtime, Sandbox};
 
 use crate::guests::{example, guest};
-
-fn runtime() -> Runtime {
-    Runtime::new(RuntimeConfig::default()).expect("runtime")
-}
+use crate::support::{runtime, said};
 
 fn sandbox(rt: &Runtime, path: &std::path::Path) -> Sandbox {
     let component = Arc::new(rt.load_file(path).expect("load"));
@@ -29,16 +24,6 @@ fn msg(text: &str) -> Message {
         timestamp_ms: 1_769_790_508_965,
         flags: MessageFlags::MENTIONS_ME,
     }
-}
-
-fn said(actions: &[Action]) -> Vec<String> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Say(o) => Some(o.text.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

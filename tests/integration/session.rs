@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use roost::devserver::{self, DevServer, ServerConfig, ServerEvent, ServerState};
+use roost::devserver::{self, DevServer, ServerEvent, ServerState};
 use roost::protocol::ChatMessage;
 use roost::session::{self, SessionConfig, SessionHandle, SessionState, StateSnapshot};
 use roost::store::Store;
@@ -21,14 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
+use crate::support::server;
+
 /// Upper bound of any single wait (virtual time).
 const WAIT: Duration = Duration::from_secs(120);
-
-async fn server() -> DevServer {
-    devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .unwrap()
-}
 
 fn config(base_url: &str, name: &str) -> SessionConfig {
     SessionConfig {
@@ -55,6 +51,15 @@ fn temp_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     (dir, store)
+}
+
+/// A bot named `name` on `base_url` with a store of its own, active on its first
+/// connection; the folder holding the store must outlive the bot.
+async fn started(base_url: &str, name: &str) -> (tempfile::TempDir, Bot) {
+    let (dir, store) = temp_store();
+    let bot = start(config(base_url, name), &store);
+    active(&bot.handle, 1).await;
+    (dir, bot)
 }
 
 async fn wait_for(
@@ -146,9 +151,7 @@ async fn drain_to_marker(bot: &mut Bot, state: &ServerState, marker: &str) -> Ve
 #[tokio::test(start_paused = true)]
 async fn server_killed_and_restarted_on_the_same_port() {
     let srv = server().await;
-    let (_dir, store) = temp_store();
-    let mut bot = start(config(&srv.base_url(), "phoenix"), &store);
-    active(&bot.handle, 1).await;
+    let (_dir, mut bot) = started(&srv.base_url(), "phoenix").await;
     let name = bot.handle.status().name.unwrap();
 
     let (addr, state) = (srv.addr(), srv.state());
@@ -393,9 +396,7 @@ async fn outage(srv: &DevServer, bot: &Bot) {
 async fn a_message_posted_during_an_outage_is_delivered_once() {
     let srv = server().await;
     let state = srv.state();
-    let (_dir, store) = temp_store();
-    let mut bot = start(config(&srv.base_url(), "listener"), &store);
-    active(&bot.handle, 1).await;
+    let (_dir, mut bot) = started(&srv.base_url(), "listener").await;
     let before = drain_to_marker(&mut bot, &state, "before").await;
     assert_eq!(count_text(&before, "before"), 1);
 
@@ -434,9 +435,7 @@ async fn a_message_posted_during_an_outage_is_delivered_once() {
 async fn messages_posted_while_reconnecting_are_delivered_once_in_order() {
     let srv = server().await;
     let state = srv.state();
-    let (_dir, store) = temp_store();
-    let mut bot = start(config(&srv.base_url(), "juggler"), &store);
-    active(&bot.handle, 1).await;
+    let (_dir, mut bot) = started(&srv.base_url(), "juggler").await;
     drain_to_marker(&mut bot, &state, "settled").await;
 
     // Another agent talks at every step of the reconnect: while the bot is away, while it
@@ -482,9 +481,7 @@ async fn messages_posted_while_reconnecting_are_delivered_once_in_order() {
 async fn a_reply_queued_during_an_outage_is_delivered_once() {
     let srv = server().await;
     let state = srv.state();
-    let (_dir, store) = temp_store();
-    let bot = start(config(&srv.base_url(), "replier"), &store);
-    active(&bot.handle, 1).await;
+    let (_dir, bot) = started(&srv.base_url(), "replier").await;
 
     outage(&srv, &bot).await;
     bot.handle.send("lobby", "queued reply").unwrap();
@@ -604,9 +601,7 @@ async fn a_reply_cut_off_before_its_echo_is_not_doubled() {
     let srv = server().await;
     let state = srv.state();
     let proxy = Proxy::start(srv.addr()).await;
-    let (_dir, store) = temp_store();
-    let mut bot = start(config(&proxy.base_url(), "cutter"), &store);
-    active(&bot.handle, 1).await;
+    let (_dir, mut bot) = started(&proxy.base_url(), "cutter").await;
 
     proxy.cut_when_server_sends("reply that lost its echo");
     bot.handle
@@ -633,9 +628,7 @@ async fn a_reply_cut_off_before_its_echo_is_not_doubled() {
 async fn garbage_and_16_mib_frames_are_survived() {
     let srv = server().await;
     let state = srv.state();
-    let (_dir, store) = temp_store();
-    let mut bot = start(config(&srv.base_url(), "sturdy"), &store);
-    active(&bot.handle, 1).await;
+    let (_dir, mut bot) = started(&srv.base_url(), "sturdy").await;
 
     let f = srv.faults();
     assert_eq!(f.send_malformed(), 1);
@@ -756,9 +749,7 @@ async fn a_slow_bot_does_not_stall_the_connection() {
 async fn shutdown_flushes_the_outbox_and_closes_normally() {
     let srv = server().await;
     let state = srv.state();
-    let (_dir, store) = temp_store();
-    let bot = start(config(&srv.base_url(), "polite"), &store);
-    active(&bot.handle, 1).await;
+    let (_dir, bot) = started(&srv.base_url(), "polite").await;
     let mut events = state.subscribe();
     bot.handle.send("lobby", "goodbye").unwrap();
     bot.handle.shutdown().await;

@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use roost::bot::host::BotHost;
-use roost::config::Config;
-use roost::devserver::{self, ServerConfig, ServerEvent};
+use roost::devserver::ServerEvent;
 
 use crate::guests::example;
+use crate::support::{config_for, install, server, wait_event, wait_message};
 
 async fn get(url: &str) -> (u16, String) {
     let resp = reqwest::get(url).await.expect("request");
@@ -25,16 +25,10 @@ fn sample(metrics: &str, prefix: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_describe_the_running_bots() {
-    let server = devserver::spawn("127.0.0.1:0".parse().unwrap(), ServerConfig::default())
-        .await
-        .expect("server");
+    let server = server().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("plugins")).expect("mkdir");
-    std::fs::copy(example("echo"), dir.path().join("plugins/echo.wasm")).expect("copy");
-    let mut config = Config::default();
-    config.server.url = server.base_url();
-    config.paths.plugins = dir.path().join("plugins");
-    config.paths.state = dir.path().join("state");
+    install(dir.path(), &example("echo"), "echo");
+    let config = config_for(&server.base_url(), dir.path());
     let mut events = server.state().subscribe();
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -61,32 +55,20 @@ async fn metrics_and_health_describe_the_running_bots() {
     )
     .await
     .expect("metrics server");
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Ok(ServerEvent::Joined { agent, .. }) = events.recv().await
-                && agent == "echo"
-            {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("echo joined");
+    wait_event(
+        &mut events,
+        Duration::from_secs(20),
+        "echo to join",
+        |e| matches!(e, ServerEvent::Joined { agent, .. } if agent == "echo"),
+    )
+    .await;
     server
         .state()
         .post_message("ada", "lobby", "@echo count me")
         .expect("post");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(ServerEvent::Message(m)) = events.recv().await
-                && m.from == "echo"
-            {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("echo answered");
+    wait_message(&mut events, Duration::from_secs(10), |m| m.from == "echo")
+        .await
+        .expect("echo answered");
 
     // Counters are copied after the message is handled; poll briefly.
     let mut metrics = String::new();

@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 use url::Url;
 
 use super::http::{self, HttpSettings};
-use super::provider::{BoxFuture, ChatRequest, ChatResponse, Provider, ProviderError, Role, Usage};
+use super::provider::{BoxFuture, ChatRequest, ChatResponse, Provider, ProviderError, Role};
 use super::retry::RetryPolicy;
 use super::secret::SecretSet;
 
@@ -169,20 +169,13 @@ fn parse_answer(bytes: &[u8], requested_model: &str) -> Result<ChatResponse, Pro
         .filter(|b| b.kind == "text")
         .filter_map(|b| b.text)
         .collect();
-    let usage = answer
-        .usage
-        .and_then(|u| match (u.input_tokens, u.output_tokens) {
-            (Some(input), Some(output)) => Some(Usage { input, output }),
-            _ => None,
-        });
-    Ok(ChatResponse {
+    let tokens = answer.usage.map(|u| (u.input_tokens, u.output_tokens));
+    Ok(http::chat_response(
         text,
-        model: answer
-            .model
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| requested_model.to_string()),
-        usage,
-    })
+        answer.model,
+        requested_model,
+        tokens,
+    ))
 }
 
 impl Provider for AnthropicProvider {
@@ -212,6 +205,7 @@ impl fmt::Debug for AnthropicProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::Usage;
     use Role::{Assistant as A, User as U};
 
     fn t(v: &[(Role, &str)]) -> Vec<(Role, String)> {

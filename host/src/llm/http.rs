@@ -8,7 +8,7 @@ use reqwest::{Client, RequestBuilder, redirect};
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
-use super::provider::{ANSWER_BODY_LIMIT, ERROR_BODY_LIMIT, ProviderError};
+use super::provider::{ANSWER_BODY_LIMIT, ChatResponse, ERROR_BODY_LIMIT, ProviderError, Usage};
 use super::retry::{RetryPolicy, parse_retry_after};
 use super::secret::SecretSet;
 
@@ -133,6 +133,27 @@ async fn read_limited(
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProviderError> {
     serde_json::from_slice(body)
         .map_err(|e| ProviderError::Decode(format!("not the documented JSON shape: {e}")))
+}
+
+/// The normalised answer from its parts: `tokens` (input, output) become [`Usage`]
+/// only when the provider reported both, and an answer that names no model (or an
+/// empty one) is credited to `requested_model`.
+pub(crate) fn chat_response(
+    text: String,
+    model: Option<String>,
+    requested_model: &str,
+    tokens: Option<(Option<u32>, Option<u32>)>,
+) -> ChatResponse {
+    ChatResponse {
+        text,
+        model: model
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| requested_model.to_string()),
+        usage: tokens.and_then(|counts| match counts {
+            (Some(input), Some(output)) => Some(Usage { input, output }),
+            _ => None,
+        }),
+    }
 }
 
 #[cfg(test)]

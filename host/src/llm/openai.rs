@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use url::Url;
 
 use super::http::{self, HttpSettings};
-use super::provider::{BoxFuture, ChatRequest, ChatResponse, Provider, ProviderError, Usage};
+use super::provider::{BoxFuture, ChatRequest, ChatResponse, Provider, ProviderError};
 use super::retry::RetryPolicy;
 use super::secret::SecretSet;
 use secrecy::SecretString;
@@ -153,20 +153,13 @@ fn parse_answer(bytes: &[u8], requested_model: &str) -> Result<ChatResponse, Pro
         .message
         .content
         .ok_or_else(|| ProviderError::Decode("the answer has no text content".into()))?;
-    let usage = answer
-        .usage
-        .and_then(|u| match (u.prompt_tokens, u.completion_tokens) {
-            (Some(input), Some(output)) => Some(Usage { input, output }),
-            _ => None,
-        });
-    Ok(ChatResponse {
+    let tokens = answer.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+    Ok(http::chat_response(
         text,
-        model: answer
-            .model
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| requested_model.to_string()),
-        usage,
-    })
+        answer.model,
+        requested_model,
+        tokens,
+    ))
 }
 
 impl Provider for OpenAiProvider {
@@ -196,7 +189,7 @@ impl fmt::Debug for OpenAiProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::Role;
+    use crate::llm::{Role, Usage};
 
     fn provider() -> OpenAiProvider {
         let mut s = HttpSettings::new("http://127.0.0.1:9".parse().unwrap(), "m0");
