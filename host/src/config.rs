@@ -731,7 +731,7 @@ mod tests {
                 "roost.toml does not document {section}{key}"
             );
         }
-        assert!(parsed.personas.contains_key("echo"));
+        assert!(parsed.personas.contains_key("sage"));
     }
 
     #[test]
