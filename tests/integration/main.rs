@@ -3,6 +3,7 @@
 
 mod bots;
 mod capabilities;
+mod cli;
 mod dev;
 mod guests;
 mod llm;
