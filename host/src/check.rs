@@ -78,8 +78,29 @@ impl CheckReport {
     }
 }
 
+/// Components above this size take seconds to compile (a Python persona: ~18 MB).
+const LARGE_COMPONENT: u64 = 4 << 20;
+
+/// On a terminal, says that a large component is being compiled, since that can take
+/// seconds (nothing is printed when stderr is not a terminal, so scripts see only the
+/// result or the one-line error).
+pub fn announce_compile(path: &Path) {
+    use std::io::IsTerminal;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if meta.len() >= LARGE_COMPONENT && std::io::stderr().is_terminal() {
+        eprintln!(
+            "compiling {} ({}), this takes a few seconds…",
+            path.display(),
+            crate::plugin::limits::human_bytes(meta.len())
+        );
+    }
+}
+
 /// Runs every check; the error is one line saying why the file would not run.
 pub async fn check(runtime: &Runtime, path: &Path) -> anyhow::Result<CheckReport> {
+    announce_compile(path);
     let rt = runtime.clone();
     let p = path.to_path_buf();
     let component = tokio::task::spawn_blocking(move || rt.load_file(&p)).await??;

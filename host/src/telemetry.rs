@@ -15,10 +15,11 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::bot::reload::{ReloadStats, ReloadStatsSnapshot};
 use crate::bot::runner::BotCounters;
 use crate::plugin::sandbox::LATENCY_BUCKETS;
 use crate::session::{SessionHandle, SessionState, SessionStatus};
@@ -30,10 +31,13 @@ pub struct BotProbe {
     pub counters: Arc<Mutex<BotCounters>>,
 }
 
-/// The probes of every running bot, by persona label. Bots register on start and
-/// leave on stop.
+/// The probes of every running bot, by persona label (bots register on start and
+/// leave on stop), and the host's hot-reload counters once it serves reloads.
 #[derive(Clone, Default)]
-pub struct Probes(Arc<Mutex<BTreeMap<String, BotProbe>>>);
+pub struct Probes {
+    bots: Arc<Mutex<BTreeMap<String, BotProbe>>>,
+    reload: Arc<Mutex<Option<Arc<ReloadStats>>>>,
+}
 
 impl std::fmt::Debug for Probes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,7 +83,21 @@ impl Probes {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BotProbe>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.bots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reports the host's hot-reload and compile-cache counters too.
+    pub fn set_reload_stats(&self, stats: Arc<ReloadStats>) {
+        *self.reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+    }
+
+    pub fn reload_stats(&self) -> Option<ReloadStatsSnapshot> {
+        let stats = self
+            .reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        stats.map(|s| s.snapshot())
     }
 }
 
@@ -92,6 +110,11 @@ struct BotLabel {
 struct StateLabel {
     bot: String,
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -141,7 +164,7 @@ where
 }
 
 fn counter(mut e: MetricEncoder<'_>, v: u64) -> Result<(), std::fmt::Error> {
-    e.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&v, None)
+    e.encode_counter::<NoLabelSet, _, u64>(&v, None)
 }
 
 fn gauge(mut e: MetricEncoder<'_>, v: i64) -> Result<(), std::fmt::Error> {
@@ -343,16 +366,61 @@ impl Collector for BotCollector {
                     .collect();
                 // prometheus-client writes an upper bound of f64::MAX as `le="+Inf"`.
                 buckets.push((f64::MAX, s.latency_buckets[LATENCY_BUCKETS.len()]));
-                e.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                    s.latency_sum,
-                    s.calls,
-                    &buckets,
-                    None,
-                )
+                e.encode_histogram::<NoLabelSet>(s.latency_sum, s.calls, &buckets, None)
             },
         )?;
+        if let Some(r) = self.probes.reload_stats() {
+            encode_reload(&mut enc, &r)?;
+        }
         Ok(())
     }
+}
+
+/// Host-wide hot-reload and compile-cache counters.
+fn encode_reload(
+    enc: &mut DescriptorEncoder,
+    r: &ReloadStatsSnapshot,
+) -> Result<(), std::fmt::Error> {
+    {
+        let mut fam = enc.encode_descriptor(
+            "roost_reload_events",
+            "Persona files loaded, reloaded, rejected, unloaded, or seen unchanged",
+            None,
+            MetricType::Counter,
+        )?;
+        for (event, v) in [
+            ("loaded", r.loaded),
+            ("reloaded", r.reloaded),
+            ("rejected", r.rejected),
+            ("unloaded", r.unloaded),
+            ("unchanged", r.unchanged),
+        ] {
+            counter(fam.encode_family(&EventLabel { event })?, v)?;
+        }
+    }
+    {
+        let mut fam = enc.encode_descriptor(
+            "roost_compile_cache",
+            "Persona loads by compile-cache outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (event, v) in [
+            ("hit", r.cache_hits),
+            ("miss", r.cache_misses),
+            ("rebuilt", r.cache_rebuilt),
+        ] {
+            counter(fam.encode_family(&EventLabel { event })?, v)?;
+        }
+    }
+    let mut latency = enc.encode_descriptor(
+        "roost_reload_last_latency_seconds",
+        "File settled to new version installed, for the last reload",
+        None,
+        MetricType::Gauge,
+    )?;
+    latency.encode_gauge(&r.last_reload_latency.map_or(0.0, |d| d.as_secs_f64()))?;
+    Ok(())
 }
 
 /// Health of the bots: `Ok` while each is connected or inside its reconnect backoff.

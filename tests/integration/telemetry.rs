@@ -45,6 +45,7 @@ async fn metrics_and_health_describe_the_running_bots() {
     let _ = stop_tx.send(());
 
     let host = BotHost::start(config).await.expect("start");
+    host.context.probes.set_reload_stats(host.reload_stats());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let addr = roost::telemetry::serve(
         "127.0.0.1:0".parse().unwrap(),
@@ -123,6 +124,22 @@ async fn metrics_and_health_describe_the_running_bots() {
         metrics
             .lines()
             .any(|l| l.starts_with("roost_persona_call_seconds_bucket{le=\"+Inf\",bot=\"echo\"}")),
+        "{metrics}"
+    );
+    // Host-wide hot-reload and compile-cache counters: echo was loaded once, compiled
+    // (a cache miss: the state folder is new).
+    assert_eq!(
+        sample(&metrics, "roost_reload_events_total{event=\"loaded\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "roost_compile_cache_total{event=\"miss\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("roost_reload_last_latency_seconds "),
         "{metrics}"
     );
     let (status, body) = get(&format!("http://{addr}/healthz")).await;

@@ -99,6 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = host.context.config.telemetry.metrics {
+        host.context.probes.set_reload_stats(host.reload_stats());
         let stopped = async {
             let _ = metrics_stopped.await;
         };

@@ -134,6 +134,7 @@ pub async fn replay(
 ) -> anyhow::Result<ReplayReport> {
     let text = std::fs::read_to_string(log)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", log.display()))?;
+    crate::check::announce_compile(plugin);
     let rt = runtime.clone();
     let p = plugin.to_path_buf();
     let component = Arc::new(tokio::task::spawn_blocking(move || rt.load_file(&p)).await??);
