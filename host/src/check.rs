@@ -78,8 +78,9 @@ impl CheckReport {
     }
 }
 
-/// Components above this size take seconds to compile (a Python persona: ~18 MB).
-const LARGE_COMPONENT: u64 = 4 << 20;
+/// Components from this size up take seconds to compile (a Python persona: ~18 MB);
+/// `roost check`, `roost replay` and `roost dev` say so before compiling one.
+pub const LARGE_COMPONENT: u64 = 4 << 20;
 
 /// On a terminal, says that a large component is being compiled, since that can take
 /// seconds (nothing is printed when stderr is not a terminal, so scripts see only the

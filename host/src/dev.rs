@@ -102,9 +102,6 @@ use crate::policy::LimitsConfig;
 use crate::protocol::{ChatMessage, ClientFrame, ServerFrame};
 use crate::session::{SessionHandle, SessionState};
 
-/// Persona files from this size up (MiB) are compiled with a progress line.
-const LARGE_MIB: u64 = 4;
-
 /// How long to wait for the bots to be live before the human joins.
 const BOTS_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -678,7 +675,7 @@ async fn warm_cache(config: &Config, files: &[PathBuf], status: &Status) {
         .iter()
         .filter_map(|file| {
             let len = std::fs::metadata(file).ok()?.len();
-            if len >> 20 < LARGE_MIB {
+            if len < crate::check::LARGE_COMPONENT {
                 return None;
             }
             let key = cache.key(&content_hash(&std::fs::read(file).ok()?));

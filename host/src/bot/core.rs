@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::plugin::bindings::{self, Action, Manifest, MessageFlags as WitFlags, Subscriptions};
-use crate::plugin::{CallFailure, Sandbox, manifest};
+use crate::plugin::{Sandbox, manifest};
 use crate::policy::{DropReason, InboundMsg, InboundVerdict, OutboundVerdict, Policy};
 use crate::protocol::ChatMessage;
 
@@ -119,7 +119,7 @@ impl BotCore {
             Ok(actions) => actions,
             Err(failure) => {
                 self.counters.plugin_errors += 1;
-                return (verdict, vec![Effect::PluginError(failure_line(&failure))]);
+                return (verdict, vec![Effect::PluginError(failure.to_string())]);
             }
         };
         let mut effects = Vec::with_capacity(actions.len());
@@ -177,10 +177,6 @@ impl BotCore {
         tracing::info!(bot = %self.label, "persona action refused: {what}");
         Effect::Refused { what }
     }
-}
-
-fn failure_line(f: &CallFailure) -> String {
-    f.to_string()
 }
 
 /// The WIT flags for a verdict.
