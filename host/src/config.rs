@@ -98,8 +98,10 @@ pub struct SessionSection {
     pub retention_secs: u64,
     pub outbox_ttl_secs: u64,
     pub shutdown_flush_ms: u64,
-    /// Messages waiting for a bot's persona; overflow drops the oldest.
+    /// Messages waiting for a bot's persona; overflow drops the oldest (counted).
     pub inbound_queue: usize,
+    /// Bytes of message text waiting for a bot's persona, at most; same overflow rule.
+    pub inbound_queue_bytes: usize,
 }
 
 impl Default for SessionSection {
@@ -117,9 +119,19 @@ impl Default for SessionSection {
             retention_secs: d.retention.as_secs(),
             outbox_ttl_secs: d.outbox_ttl.as_secs(),
             shutdown_flush_ms: d.shutdown_flush.as_millis() as u64,
-            inbound_queue: 256,
+            inbound_queue: d.inbound_capacity,
+            inbound_queue_bytes: d.inbound_bytes,
         }
     }
+}
+
+/// `[store]`: the state database in `<paths.state>/roost.db`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `"normal"` (default): a commit survives the process crashing; `"full"`: it also
+    /// survives power loss (one fsync per group commit). See [`crate::store::Synchronous`].
+    pub synchronous: crate::store::Synchronous,
 }
 
 /// `[cache]`: the compile cache in `<paths.state>/cache/` (see
@@ -302,6 +314,7 @@ pub struct Config {
     pub cache: CacheSection,
     pub reload: ReloadSection,
     pub telemetry: TelemetrySection,
+    pub store: StoreSection,
     pub personas: BTreeMap<String, PersonaSection>,
 }
 
@@ -389,6 +402,7 @@ impl Config {
             ("session.retention_secs", s.retention_secs),
             ("session.outbox_ttl_secs", s.outbox_ttl_secs),
             ("session.inbound_queue", s.inbound_queue as u64),
+            ("session.inbound_queue_bytes", s.inbound_queue_bytes as u64),
             ("runtime.epoch_tick_ms", self.runtime.epoch_tick_ms),
             ("runtime.pool_instances", self.runtime.pool_instances as u64),
             ("cache.max_mib", self.cache.max_mib),
@@ -508,6 +522,8 @@ impl Config {
             retention: Duration::from_secs(s.retention_secs),
             outbox_ttl: Duration::from_secs(s.outbox_ttl_secs),
             shutdown_flush: Duration::from_millis(s.shutdown_flush_ms),
+            inbound_capacity: s.inbound_queue,
+            inbound_bytes: s.inbound_queue_bytes,
             ..SessionConfig::default()
         }
     }
@@ -553,7 +569,8 @@ mod tests {
         let c = Config::parse("", "roost.toml").unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.server.url, DEFAULT_SERVER);
-        assert_eq!(c.session.inbound_queue, 256);
+        assert_eq!(c.session.inbound_queue, 1024);
+        assert_eq!(c.session.inbound_queue_bytes, 1 << 20);
     }
 
     #[test]

@@ -90,7 +90,6 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::bot::host::{BotHost, persona_files};
 use crate::bot::reload::{ReloadStats, ReloadStatsSnapshot};
-use crate::bot::runner::InboundQueue;
 use crate::build::{BuildOptions, CargoRunner, PYTHON_MANIFEST, ProjectKind, build_persona_with};
 use crate::config::Config;
 use crate::devserver::{self, DevServer, ServerConfig};
@@ -230,7 +229,7 @@ pub async fn run(opts: DevOptions, shutdown: impl Future<Output = ()>) -> anyhow
     let probes: Vec<BotProbe> = host
         .bots
         .values()
-        .map(|b| (b.queue.clone(), b.session.clone()))
+        .map(|b| b.session.clone())
         .collect();
 
     // 5. The human.
@@ -336,7 +335,7 @@ struct Summary {
 }
 
 /// What piped mode looks at to tell whether a bot is still busy.
-type BotProbe = (Arc<InboundQueue>, SessionHandle);
+type BotProbe = SessionHandle;
 
 /// In dev a person types to the bots at the speed of a conversation, so unless
 /// the config sets `[policy.limits]` itself, the per-room pacing is relaxed to the
@@ -1280,7 +1279,7 @@ impl Chat<'_> {
                 _ = tokio::time::sleep_until(check_at), if may_end => {
                     let busy = bots
                         .iter()
-                        .any(|(queue, session)| !queue.is_empty() || session.status().outbox_depth > 0);
+                        .any(|session| session.inbound_waiting() > 0 || session.status().outbox_depth > 0);
                     if !busy {
                         return Ok(());
                     }

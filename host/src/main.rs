@@ -133,6 +133,10 @@ fn main() -> ExitCode {
     let quiet = matches!(cli.command, Command::Check { .. } | Command::Replay { .. });
     let dev = matches!(cli.command, Command::Dev { .. });
     init_tracing(cli.log_format, cli.verbose, quiet, dev);
+    match roost::os::raise_open_files_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -246,7 +246,7 @@ impl Collector for BotCollector {
             "Inbound messages dropped because the bot's queue was full",
             MetricType::Counter,
             &bots,
-            |b, e| counter(e, b.counters.queue_dropped + b.status.inbound_dropped),
+            |b, e| counter(e, b.status.inbound_dropped),
         )?;
         family(
             &mut enc,

@@ -3,9 +3,8 @@
 //! the chat, and `llm-persona` (rook) holding a conversation through the fake LLM in
 //! both provider shapes. Everything binds 127.0.0.1:0; every wait is bounded.
 
-use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use roost::bot::caps::{HistoryCap, KvCap};
@@ -65,7 +64,7 @@ fn grants(
 ) -> Grants {
     let history = Arc::new(History::new(50));
     history.record(message("lobby", "bob", "earlier words from bob"));
-    let rooms: Arc<Mutex<BTreeSet<String>>> = Arc::new(Mutex::new(["lobby".to_string()].into()));
+    let rooms = roost::session::Membership::new(["lobby".to_string()]);
     Grants {
         kv: allow.kv.then(|| {
             Arc::new(KvCap {

@@ -18,7 +18,6 @@ use roost::session::{self, SessionConfig, SessionHandle, SessionState, StateSnap
 use roost::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
 use crate::support::server;
@@ -39,7 +38,7 @@ fn config(base_url: &str, name: &str) -> SessionConfig {
 
 struct Bot {
     handle: SessionHandle,
-    rx: mpsc::Receiver<ChatMessage>,
+    rx: session::Events,
 }
 
 fn start(config: SessionConfig, store: &Store) -> Bot {
@@ -93,14 +92,14 @@ async fn disconnected(handle: &SessionHandle) -> StateSnapshot {
 /// Receives until a message satisfies `pred`; returns everything received up to and
 /// including it.
 async fn recv_until(
-    rx: &mut mpsc::Receiver<ChatMessage>,
+    rx: &mut session::Events,
     what: &str,
     mut pred: impl FnMut(&ChatMessage) -> bool,
 ) -> Vec<ChatMessage> {
     let mut got = Vec::new();
     let deadline = Instant::now() + WAIT;
     loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
+        match tokio::time::timeout_at(deadline, rx.recv_message()).await {
             Ok(Some(m)) => {
                 let done = pred(&m);
                 got.push(m);
@@ -712,7 +711,9 @@ async fn a_slow_bot_does_not_stall_the_connection() {
     let state = srv.state();
     let (_dir, store) = temp_store();
     let mut cfg = config(&srv.base_url(), "sloth");
-    cfg.inbound_capacity = 1;
+    // Room for the 200 messages and the system lines: this test is about keepalive;
+    // what overflow does is `overflow_drops_the_oldest_messages_and_counts_them`.
+    cfg.inbound_capacity = 256;
     let mut bot = start(cfg, &store);
     active(&bot.handle, 1).await;
     for i in 0..200 {
@@ -778,4 +779,131 @@ async fn configuration_errors_are_reported_at_spawn() {
     cfg.name = "x".into();
     let err = session::spawn(cfg, store).unwrap_err().to_string();
     assert!(err.contains("2-30"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_is_never_sent_before_its_row_is_committed() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let bot = start(config(&srv.base_url(), "durable"), &store);
+    active(&bot.handle, 1).await;
+
+    let hold = store.hold_commits();
+    let id = bot.handle.send("lobby", "only once it is on disk").unwrap();
+    // Long enough for any number of flushes and housekeeping ticks.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        history_count(&state, "lobby", "durable", "only once it is on disk"),
+        0,
+        "sent before its row was committed"
+    );
+    assert!(
+        store.outbox_get(id).unwrap().is_none(),
+        "the row is not committed while commits are held"
+    );
+    drop(hold);
+    wait_outbox_empty(&bot.handle).await;
+    assert_eq!(
+        history_count(&state, "lobby", "durable", "only once it is on disk"),
+        1
+    );
+    let row = store.outbox_get(id).unwrap().unwrap();
+    assert_eq!(row.state, roost::store::OutboxState::Confirmed);
+    assert!(store.commit_stats().batches >= 1);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn replies_queued_together_are_committed_together_and_sent_in_order() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let bot = start(config(&srv.base_url(), "grouped"), &store);
+    active(&bot.handle, 1).await;
+    let before = store.commit_stats();
+    let hold = store.hold_commits();
+    for i in 0..20 {
+        bot.handle.send("lobby", &format!("reply {i}")).unwrap();
+    }
+    drop(hold);
+    wait_outbox_empty(&bot.handle).await;
+    let after = store.commit_stats();
+    // The 20 rows went in one transaction (sends and confirmations follow in others).
+    assert!(after.writes - before.writes >= 20);
+    assert!(
+        after.batches - before.batches < 20,
+        "{before:?} -> {after:?}: not grouped"
+    );
+    let history = state.messages("lobby", None, 50).unwrap();
+    let mine: Vec<&str> = history
+        .iter()
+        .rev()
+        .filter(|m| m.from == "grouped")
+        .map(|m| m.text.as_str())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("reply {i}")).collect();
+    assert_eq!(mine, expected.iter().map(String::as_str).collect::<Vec<_>>());
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn overflow_drops_the_oldest_messages_and_counts_them() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let mut cfg = config(&srv.base_url(), "laggard");
+    cfg.inbound_capacity = 10;
+    let mut bot = start(cfg, &store);
+    active(&bot.handle, 1).await;
+    // Read what came with the connection, so only the flood is queued.
+    while bot.rx.try_recv().is_some() {}
+    for i in 0..50 {
+        state
+            .post_message("chatty", "lobby", &format!("m{i}"))
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(bot.handle.status().inbound_dropped, 40);
+    assert_eq!(bot.handle.inbound_waiting(), 10);
+    let got = recv_until(&mut bot.rx, "m49", |m| m.text == "m49").await;
+    let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
+    let expected: Vec<String> = (40..50).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected.iter().map(String::as_str).collect::<Vec<_>>());
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_bot_learns_its_identity_and_throttles_from_its_events() {
+    let srv = server().await;
+    let (_dir, store) = temp_store();
+    let mut bot = start(config(&srv.base_url(), "listener"), &store);
+    let mut identity = None;
+    let mut states = Vec::new();
+    while identity.is_none() || !states.contains(&SessionState::Active) {
+        match timeout(WAIT, bot.rx.recv()).await.unwrap().unwrap() {
+            session::SessionEvent::Identity { name, key } => identity = Some((name, key)),
+            session::SessionEvent::State(s) => states.push(s),
+            _ => {}
+        }
+    }
+    let (name, key) = identity.unwrap();
+    assert_eq!(name, "listener");
+    let stored = store.credentials(&srv.base_url(), "listener").unwrap().unwrap();
+    assert_eq!(key.expose(), stored.key.expose());
+
+    // A rate-limit close: the bot hears of it with the time the session stays away.
+    srv.faults().close_connections(4029, "slow down");
+    let retry = loop {
+        match timeout(WAIT, bot.rx.recv()).await.unwrap().unwrap() {
+            session::SessionEvent::Throttled { retry_after } => break retry_after,
+            _ => continue,
+        }
+    };
+    assert!(retry.is_some_and(|d| d >= Duration::from_secs(1)), "{retry:?}");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
 }

@@ -32,11 +32,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use roost::devserver::{self, ServerConfig};
-use roost::protocol::ChatMessage;
 use roost::session::{self, SessionConfig, SessionHandle, SessionState, StateSnapshot};
 use roost::store::Store;
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 const ROOM: &str = "soak";
@@ -110,7 +109,7 @@ fn spawn_bot(
     store: &Store,
     seed: Option<u64>,
     dwell: Duration,
-) -> anyhow::Result<(Bot, mpsc::Receiver<ChatMessage>)> {
+) -> anyhow::Result<(Bot, session::Events)> {
     // Connections here live for well under the default 30 s; count one that survived half
     // a dwell as healthy so every drop starts from the first backoff step, as a drop every
     // few minutes would in production (otherwise the backoff climbs to its 30 s cap).
@@ -150,10 +149,10 @@ fn spawn_bot(
     ))
 }
 
-fn spawn_receiver(bot: &Bot, mut rx: mpsc::Receiver<ChatMessage>) {
+fn spawn_receiver(bot: &Bot, mut rx: session::Events) {
     let received = bot.received.clone();
     tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
+        while let Some(msg) = rx.recv_message().await {
             if msg.room == ROOM && (msg.text.starts_with("A#") || msg.text.starts_with("B#")) {
                 *received
                     .lock()

@@ -1,8 +1,7 @@
 //! Capability backends a bot provides to its persona from its own state: `history`
 //! ([`HistoryCap`]) and `kv` ([`KvCap`]).
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::plugin::bindings::{Message, history, kv};
 use crate::plugin::context::{BoxFuture, HistoryBackend, KvBackend};
@@ -13,7 +12,8 @@ use super::history::History;
 /// `history.recent` over the bot's [`History`], limited to the rooms it is in.
 pub struct HistoryCap {
     pub history: Arc<History>,
-    pub rooms: Arc<Mutex<BTreeSet<String>>>,
+    /// The rooms the bot is in (owned by its session).
+    pub rooms: crate::session::Membership,
     /// Most messages one call returns.
     pub limit: u32,
 }
@@ -25,11 +25,7 @@ impl HistoryBackend for HistoryCap {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<Message>, history::Error>> {
         Box::pin(async move {
-            let joined = self
-                .rooms
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&room);
+            let joined = self.rooms.contains(&room);
             if !joined {
                 return Err(history::Error::NotInRoom(room));
             }

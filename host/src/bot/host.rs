@@ -39,7 +39,7 @@ impl BotHost {
     pub async fn start(config: Config) -> anyhow::Result<BotHost> {
         let config = Arc::new(config);
         let runtime = Runtime::new(config.runtime_config())?;
-        let store = Store::open(&config.paths.state)?;
+        let store = Store::open_with(&config.paths.state, config.store.synchronous)?;
         // Reads every provider key once (environment or file); a missing key stops here.
         let llm = Arc::new(crate::llm::LlmHub::from_config(&config.llm)?);
         let context = HostContext {
@@ -56,17 +56,8 @@ impl BotHost {
             reload,
         };
         let files = persona_files(&config.paths.plugins)?;
-        for file in files {
-            if let Err(e) = host.add(&file).await {
-                tracing::error!(file = %file.display(), "persona not started: {e:#}");
-            }
-        }
+        host.add_files(&files).await;
         Ok(host)
-    }
-
-    /// Loads one persona file (through the compile cache) and starts its bot.
-    pub async fn add(&mut self, file: &Path) -> anyhow::Result<()> {
-        self.add_file(file).await
     }
 
     /// Stops every bot concurrently (each finishes its message in flight and

@@ -68,7 +68,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -516,30 +516,102 @@ impl BotHost {
         }
     }
 
-    /// Loads one persona file (through the compile cache) and starts its bot; used
-    /// at start-up. Failures are counted as rejections and returned.
-    pub(crate) async fn add_file(&mut self, file: &Path) -> anyhow::Result<()> {
-        let label = label_for(file);
-        let read = tokio::fs::read(file).await.map_err(|e| LoadError::Read {
-            path: file.display().to_string(),
-            reason: crate::plugin::component::io_reason(&e),
-        });
-        let stamp = std::fs::metadata(file).ok().map(|m| FileStamp::of(&m));
-        let result = match read {
-            Ok(bytes) => {
-                let hash = content_hash(&bytes);
-                self.reload.seen.insert(label.clone(), Seen { hash, stamp });
-                match self.compile(file, bytes, stamp).await {
-                    Ok(compiled) => self.start_compiled(compiled).await,
-                    Err(e) => Err(e),
+    /// Loads and starts every persona file at start-up, in parallel: files are read
+    /// and hashed, each distinct content is compiled once (distinct contents on all
+    /// cores at once), the copies then load from the shared compiled code, and the
+    /// bots start concurrently. A persona that fails is logged and counted; the others
+    /// run. Bots whose manifests want the same network name: the first label wins.
+    pub(crate) async fn add_files(&mut self, files: &[PathBuf]) {
+        use futures_util::stream::{self, StreamExt};
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // 1. Read and hash; keep the bytes of one file per distinct content only.
+        let mut first_of: BTreeMap<ContentHash, PathBuf> = BTreeMap::new();
+        let mut plan: Vec<(PathBuf, ContentHash, Option<FileStamp>, Option<Vec<u8>>)> =
+            Vec::with_capacity(files.len());
+        for file in files {
+            match tokio::fs::read(file).await {
+                Ok(bytes) => {
+                    let hash = content_hash(&bytes);
+                    let stamp = std::fs::metadata(file).ok().map(|m| FileStamp::of(&m));
+                    self.reload
+                        .seen
+                        .insert(label_for(file), Seen { hash, stamp });
+                    let keep = !first_of.contains_key(&hash);
+                    if keep {
+                        first_of.insert(hash, file.clone());
+                    }
+                    plan.push((file.clone(), hash, stamp, keep.then_some(bytes)));
+                }
+                Err(e) => {
+                    ReloadStats::bump(&self.reload.stats.rejected);
+                    tracing::error!(file = %file.display(), "persona not started: {}", LoadError::Read {
+                        path: file.display().to_string(),
+                        reason: crate::plugin::component::io_reason(&e),
+                    });
                 }
             }
-            Err(e) => Err(e.into()),
-        };
-        if result.is_err() {
-            ReloadStats::bump(&self.reload.stats.rejected);
         }
-        result
+        // 2. Compile each distinct content once, then the copies.
+        let (firsts, copies): (Vec<_>, Vec<_>) = plan.into_iter().partition(|p| p.3.is_some());
+        let this = &*self;
+        let compile_all = |batch: Vec<(PathBuf, ContentHash, Option<FileStamp>, Option<Vec<u8>>)>, width: usize| {
+            stream::iter(batch)
+                .map(move |(file, _hash, stamp, bytes)| async move {
+                    let bytes = match bytes {
+                        Some(b) => Ok(b),
+                        None => tokio::fs::read(&file).await.map_err(anyhow::Error::from),
+                    };
+                    let out = match bytes {
+                        Ok(b) => this.compile(&file, b, stamp).await,
+                        Err(e) => Err(e),
+                    };
+                    (file, out)
+                })
+                .buffer_unordered(width)
+                .collect::<Vec<_>>()
+        };
+        let mut compiled = compile_all(firsts, parallel).await;
+        compiled.extend(compile_all(copies, parallel * 8).await);
+        compiled.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut ready = Vec::with_capacity(compiled.len());
+        for (file, out) in compiled {
+            match out {
+                Ok(c) => ready.push(c),
+                Err(e) => {
+                    ReloadStats::bump(&self.reload.stats.rejected);
+                    tracing::error!(file = %file.display(), "persona not started: {e:#}");
+                }
+            }
+        }
+        // 3. Start the bots concurrently (describe, session); admit them in label order.
+        let context = self.context.clone();
+        let started: Vec<(Compiled, anyhow::Result<Bot>)> = stream::iter(ready)
+            .map(|c| {
+                let context = context.clone();
+                async move {
+                    let bot = Bot::start(&context, c.component.clone()).await;
+                    (c, bot)
+                }
+            })
+            .buffered(parallel * 32)
+            .collect()
+            .await;
+        for (compiled, bot) in started {
+            let label = compiled.component.label.clone();
+            let file = compiled.component.path.clone().unwrap_or_default();
+            match bot {
+                Ok(bot) => {
+                    if let Err(e) = self.admit(compiled, bot).await {
+                        ReloadStats::bump(&self.reload.stats.rejected);
+                        tracing::error!(file = %file.display(), "persona not started: {e:#}");
+                    }
+                }
+                Err(e) => {
+                    ReloadStats::bump(&self.reload.stats.rejected);
+                    tracing::error!(file = %file.display(), bot = %label, "persona not started: {e:#}");
+                }
+            }
+        }
     }
 
     /// Every persona file in the folder and every running bot's file, skipping
@@ -686,6 +758,17 @@ impl BotHost {
 
     /// Starts a bot for a compiled persona whose label has none.
     async fn start_compiled(&mut self, compiled: Compiled) -> anyhow::Result<()> {
+        let label = compiled.component.label.clone();
+        if self.bots.contains_key(&label) {
+            anyhow::bail!("a bot for `{label}` is already running");
+        }
+        let bot = Bot::start(&self.context, compiled.component.clone()).await?;
+        self.admit(compiled, bot).await
+    }
+
+    /// Adds a started bot to the host, unless its label runs already or another bot
+    /// has its network name (then it is stopped again).
+    async fn admit(&mut self, compiled: Compiled, bot: Bot) -> anyhow::Result<()> {
         let Compiled {
             component,
             hash,
@@ -694,9 +777,9 @@ impl BotHost {
         let label = component.label.clone();
         let file = component.path.clone().unwrap_or_default();
         if self.bots.contains_key(&label) {
+            bot.stop().await;
             anyhow::bail!("a bot for `{label}` is already running");
         }
-        let bot = Bot::start(&self.context, component).await?;
         if let Some((other, _)) = self
             .bots
             .iter()

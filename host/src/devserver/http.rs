@@ -337,8 +337,15 @@ async fn ws_upgrade(
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
+        // Thousands of idle bots per server: small buffers that grow only while a
+        // large frame is in flight (tungstenite's defaults are 128 KiB each way).
+        .read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
         .on_upgrade(move |socket| super::ws::accept(state, inst, agent, socket))
 }
+
+/// Initial read buffer of one server-side WebSocket.
+const WS_BUFFER_BYTES: usize = 4 * 1024;
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "not_found")

@@ -143,6 +143,32 @@ fn handle_client_text(state: &ServerState, id: u64, text: &str) -> Option<Messag
     }
 }
 
+/// Frames written to one client before a flush.
+const WRITE_BATCH: usize = 64;
+
+/// Sends a close frame and gives the client a moment to answer with its own.
+async fn close(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    code: u16,
+    reason: &str,
+) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(truncate_reason(reason)),
+    };
+    if sink.send(Message::Close(Some(frame))).await.is_ok() {
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
 async fn run(
     state: ServerState,
     inst: Arc<Instance>,
@@ -193,23 +219,32 @@ async fn run(
             out = out_rx.recv() => match out {
                 None => return,
                 Some(Outbound::Text(text)) => {
-                    if sink.send(Message::Text(text)).await.is_err() {
+                    // Everything already queued for this client goes out in one write.
+                    if sink.feed(Message::Text(text)).await.is_err() {
+                        return;
+                    }
+                    let mut batch = 1;
+                    while batch < WRITE_BATCH {
+                        match out_rx.try_recv() {
+                            Ok(Outbound::Text(text)) => {
+                                if sink.feed(Message::Text(text)).await.is_err() {
+                                    return;
+                                }
+                                batch += 1;
+                            }
+                            Ok(Outbound::Close { code, reason }) => {
+                                close(&mut sink, &mut stream, code, &reason).await;
+                                return;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if sink.flush().await.is_err() {
                         return;
                     }
                 }
                 Some(Outbound::Close { code, reason }) => {
-                    let frame = CloseFrame { code, reason: Utf8Bytes::from(truncate_reason(&reason)) };
-                    if sink.send(Message::Close(Some(frame))).await.is_ok() {
-                        // Give the client a moment to answer with its own close frame.
-                        let _ = tokio::time::timeout(CLOSE_LINGER, async {
-                            while let Some(Ok(msg)) = stream.next().await {
-                                if matches!(msg, Message::Close(_)) {
-                                    break;
-                                }
-                            }
-                        })
-                        .await;
-                    }
+                    close(&mut sink, &mut stream, code, &reason).await;
                     return;
                 }
             },

@@ -44,8 +44,10 @@ impl SeenSet {
         let capacity = capacity.max(1);
         SeenSet {
             capacity,
-            order: VecDeque::with_capacity(capacity.min(4096)),
-            keys: HashSet::with_capacity(capacity.min(4096)),
+            // Grown on use: most of thousands of bots see few messages (4,096 keys
+            // allocated up front cost ~100 KB per bot).
+            order: VecDeque::new(),
+            keys: HashSet::new(),
         }
     }
 

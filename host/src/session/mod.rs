@@ -1,8 +1,10 @@
 //! The chat session: one bot's identity and its connection to the network.
 //!
 //! [`spawn`] starts a session task for one bot and returns a cloneable [`SessionHandle`]
-//! and the bounded receiver of everything said in the bot's rooms. The task owns the
-//! socket; nothing else touches it.
+//! and the bot's [`Events`]: one bounded stream of everything the bot needs to know
+//! (messages in its rooms, its identity, the server's throttles, the connection state;
+//! see [`events`] for its one overflow rule). The task owns the socket; nothing else
+//! touches it. The session also owns the bot's room membership ([`Membership`]).
 //!
 //! - **Identity** ([`identity`]): `{name, key}` registered once and kept in the [`Store`],
 //!   reused on every start; 409 → suffixed names; 401 on a stored key → register again
@@ -18,9 +20,10 @@
 //!   `GET /api/rooms/:room/messages?after=` fills the gap; messages are handed over in
 //!   timestamp order, exactly once (deduplicated on room, sender, timestamp, text), nothing
 //!   older than `retention`. Live frames that arrive meanwhile are held and merged.
-//! - **Outbox**: [`SessionHandle::send`] persists the message first and returns its id; the
-//!   task sends it on a connection that joined the room, in order per room, and confirms it
-//!   by its echo. After a reconnect an unconfirmed entry is re-sent only if the recovered
+//! - **Outbox**: [`SessionHandle::send`] queues the message's row for the store's group
+//!   commit and returns its id at once; the task learns of the entry only once its row is
+//!   committed, then sends it on a connection that joined the room, in order per room, and
+//!   confirms it by its echo. After a reconnect an unconfirmed entry is re-sent only if the recovered
 //!   history does not contain it. Entries older than `outbox_ttl` are dropped with a log
 //!   line. Pending entries survive a restart.
 //!
@@ -36,8 +39,8 @@
 //!     rooms: vec!["lobby".into()],
 //!     ..SessionConfig::default() // https://nohumans.chat, documented defaults
 //! };
-//! let (handle, mut inbound) = session::spawn(config, store)?;
-//! while let Some(msg) = inbound.recv().await {
+//! let (handle, mut events) = session::spawn(config, store)?;
+//! while let Some(msg) = events.recv_message().await {
 //!     if msg.from != handle.status().name.unwrap_or_default() && !msg.is_system() {
 //!         handle.send(&msg.room, &format!("you said: {}", msg.text))?;
 //!     }
@@ -54,6 +57,7 @@
 
 pub mod backoff;
 pub mod dedupe;
+pub mod events;
 pub mod http;
 pub mod identity;
 pub mod machine;
@@ -61,20 +65,22 @@ pub mod outbox;
 pub mod recovery;
 mod supervisor;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use backoff::Backoff;
+pub use events::{Events, SessionEvent};
 pub use identity::{Identity, RegisterError};
 pub use machine::{Next, SessionState, on_close};
 
-use crate::protocol::{ChatMessage, ProtocolStats, ProtocolStatsSnapshot};
+use crate::protocol::{ProtocolStats, ProtocolStatsSnapshot};
 use crate::store::{OutboxEntry, OutboxId, Store, StoreError};
+use events::EventQueue;
 
 /// Every knob of a session. `Default` gives the documented defaults; `name` must be set.
 #[derive(Clone, Debug)]
@@ -123,11 +129,11 @@ pub struct SessionConfig {
     pub outbox_ttl: Duration,
     /// How long [`SessionHandle::shutdown`] waits for the outbox to drain (default 5 s).
     pub shutdown_flush: Duration,
-    /// Capacity of the inbound channel (default 256).
+    /// Messages waiting for the bot, at most (default 1024); see [`events`] for the
+    /// overflow rule.
     pub inbound_capacity: usize,
-    /// Messages buffered for a slow bot beyond the channel before new ones are dropped
-    /// with a warning (default 10 000).
-    pub max_buffered_inbound: usize,
+    /// Bytes of message text waiting for the bot, at most (default 1 MiB).
+    pub inbound_bytes: usize,
     /// Largest WebSocket message accepted; a bigger one ends the connection, which is then
     /// replaced (default 1 MiB).
     pub max_frame_bytes: usize,
@@ -159,8 +165,8 @@ impl Default for SessionConfig {
             history_page_limit: 50,
             outbox_ttl: Duration::from_secs(300),
             shutdown_flush: Duration::from_secs(5),
-            inbound_capacity: 256,
-            max_buffered_inbound: 10_000,
+            inbound_capacity: 1024,
+            inbound_bytes: 1 << 20,
             max_frame_bytes: crate::protocol::MAX_FRAME_BYTES,
             seen_capacity: 4096,
             rng_seed: None,
@@ -202,10 +208,13 @@ impl SessionConfig {
                 "dead_after_intervals must be at least 1".into(),
             ));
         }
-        if self.inbound_capacity == 0 || self.history_page_limit == 0 || self.max_frame_bytes < 1024
+        if self.inbound_capacity == 0
+            || self.inbound_bytes == 0
+            || self.history_page_limit == 0
+            || self.max_frame_bytes < 1024
         {
             return Err(SessionError::Config(
-                "inbound_capacity and history_page_limit must be above zero, \
+                "inbound_capacity, inbound_bytes and history_page_limit must be above zero, \
                  max_frame_bytes at least 1024"
                     .into(),
             ));
@@ -269,6 +278,8 @@ pub struct SessionStatus {
     pub inbound_dropped: u64,
     /// Outbox entries dropped as stale.
     pub outbox_stale: u64,
+    /// Replies never sent because their outbox row could not be saved.
+    pub outbox_unsaved: u64,
     /// Times the server asked us to slow down (429, close 1013/4008/4029/4429).
     pub throttles: u64,
     /// Frames received, unknown and undecodable.
@@ -289,7 +300,54 @@ struct StatusInner {
     name: Option<String>,
     last_error: Option<String>,
     active_since: Option<Instant>,
-    rooms: BTreeSet<String>,
+}
+
+/// The rooms a bot is in (or will be, once connected): one set, owned by the session.
+/// [`SessionHandle::join`] and [`SessionHandle::leave`] change it; everyone else (the
+/// `history` capability, status) only reads it.
+#[derive(Clone, Debug, Default)]
+pub struct Membership(Arc<RwLock<BTreeSet<String>>>);
+
+impl Membership {
+    pub fn new<I: IntoIterator<Item = String>>(rooms: I) -> Self {
+        Membership(Arc::new(RwLock::new(rooms.into_iter().collect())))
+    }
+
+    pub fn contains(&self, room: &str) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).contains(room)
+    }
+
+    /// The rooms, sorted.
+    pub fn rooms(&self) -> Vec<String> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&self, room: &str) -> bool {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(room.to_string())
+    }
+
+    fn remove(&self, room: &str) -> bool {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(room)
+    }
 }
 
 /// State shared between the handles and the task.
@@ -301,12 +359,18 @@ struct Shared {
     messages_in: AtomicU64,
     messages_out: AtomicU64,
     connections: AtomicU64,
-    inbound_dropped: AtomicU64,
     outbox_stale: AtomicU64,
+    /// Replies whose row could not be committed (never sent).
+    outbox_unsaved: AtomicU64,
+    /// Replies queued whose row is not committed yet (part of the outbox depth).
+    outbox_committing: AtomicUsize,
     throttles: AtomicU64,
     outbox_depth: AtomicUsize,
     protocol: ProtocolStats,
     state_tx: watch::Sender<StateSnapshot>,
+    /// The bot's end reads these.
+    events: Arc<EventQueue>,
+    membership: Membership,
 }
 
 impl Shared {
@@ -332,8 +396,10 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// Queues `text` for `room` (persisted before this returns) and wakes the session.
-    /// Never waits on the network. The bot must be in `room`.
+    /// Queues `text` for `room` and returns its outbox id at once. The row goes into
+    /// the store's next group commit; the session sees the entry (and may send it) only
+    /// once the row is committed. Never waits on the network or the disk. The bot must
+    /// be in `room`.
     pub fn send(&self, room: &str, text: &str) -> Result<OutboxId, SessionError> {
         if self.cmds.is_closed() {
             return Err(SessionError::Stopped);
@@ -341,25 +407,50 @@ impl SessionHandle {
         if text.trim().is_empty() {
             return Err(SessionError::EmptyText);
         }
-        if !self.shared.status().rooms.contains(room) {
+        if !self.shared.membership.contains(room) {
             return Err(SessionError::NotJoined(room.to_string()));
         }
         let created_at = crate::store::now_ms();
-        let id = self
-            .store
-            .outbox_push(&self.shared.bot, room, text, created_at)?;
-        let entry = OutboxEntry {
-            id,
-            bot: self.shared.bot.clone(),
-            room: room.to_string(),
-            text: text.to_string(),
+        let (cmds, shared) = (self.cmds.clone(), self.shared.clone());
+        let (room_owned, text_owned) = (room.to_string(), text.to_string());
+        self.shared.outbox_committing.fetch_add(1, Ordering::Relaxed);
+        let id = self.store.outbox_enqueue(
+            &self.shared.bot,
+            room,
+            text,
             created_at,
-            state: crate::store::OutboxState::Pending,
-            attempts: 0,
-            sent_at: None,
-        };
-        // If the task just stopped, the entry stays in the store for the next start.
-        let _ = self.cmds.send(Command::Enqueued(entry));
+            move |id, committed| {
+                match committed {
+                    Ok(()) => {
+                        let entry = OutboxEntry {
+                            id,
+                            bot: shared.bot.clone(),
+                            room: room_owned,
+                            text: text_owned,
+                            created_at,
+                            state: crate::store::OutboxState::Pending,
+                            attempts: 0,
+                            sent_at: None,
+                        };
+                        // The task takes it off `outbox_committing` as it adds it. If the
+                        // task just stopped, the row stays for the next start.
+                        if cmds.send(Command::Enqueued(entry)).is_err() {
+                            shared.outbox_committing.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        shared.outbox_committing.fetch_sub(1, Ordering::Relaxed);
+                        shared.outbox_unsaved.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            bot = %shared.bot,
+                            room = %room_owned,
+                            error = %e,
+                            "reply not sent: its outbox row could not be saved"
+                        );
+                    }
+                }
+            },
+        );
         Ok(id)
     }
 
@@ -369,7 +460,7 @@ impl SessionHandle {
         if self.cmds.is_closed() {
             return Err(SessionError::Stopped);
         }
-        self.shared.status().rooms.insert(room.to_string());
+        self.shared.membership.insert(room);
         self.cmds
             .send(Command::Join(room.to_string()))
             .map_err(|_| SessionError::Stopped)
@@ -380,7 +471,7 @@ impl SessionHandle {
         if self.cmds.is_closed() {
             return Err(SessionError::Stopped);
         }
-        self.shared.status().rooms.remove(room);
+        self.shared.membership.remove(room);
         self.cmds
             .send(Command::Leave(room.to_string()))
             .map_err(|_| SessionError::Stopped)
@@ -399,13 +490,25 @@ impl SessionHandle {
             last_error: inner.last_error.clone(),
             messages_in: s.messages_in.load(Ordering::Relaxed),
             messages_out: s.messages_out.load(Ordering::Relaxed),
-            outbox_depth: s.outbox_depth.load(Ordering::Relaxed),
-            rooms: inner.rooms.iter().cloned().collect(),
-            inbound_dropped: s.inbound_dropped.load(Ordering::Relaxed),
+            outbox_depth: s.outbox_depth.load(Ordering::Relaxed)
+                + s.outbox_committing.load(Ordering::Relaxed),
+            rooms: s.membership.rooms(),
+            inbound_dropped: s.events.dropped.load(Ordering::Relaxed),
             outbox_stale: s.outbox_stale.load(Ordering::Relaxed),
+            outbox_unsaved: s.outbox_unsaved.load(Ordering::Relaxed),
             throttles: s.throttles.load(Ordering::Relaxed),
             protocol: s.protocol.snapshot(),
         }
+    }
+
+    /// Messages handed over and not yet read by the bot.
+    pub fn inbound_waiting(&self) -> usize {
+        self.shared.events.len()
+    }
+
+    /// The rooms the bot is in (the one set the session owns).
+    pub fn membership(&self) -> &Membership {
+        &self.shared.membership
     }
 
     /// State changes as they happen (latest value wins).
@@ -418,6 +521,8 @@ impl SessionHandle {
     /// has stopped.
     pub async fn shutdown(&self) {
         let mut rx = self.watch();
+        // Replies queued just before are handed to the task before it flushes.
+        self.store.flush().await;
         let _ = self.cmds.send(Command::Shutdown);
         // The task publishes Stopped last; if it is gone the sender is dropped.
         let _ = rx.wait_for(|s| s.state == SessionState::Stopped).await;
@@ -428,17 +533,26 @@ impl SessionHandle {
 ///
 /// Fails only on configuration errors (unparseable server URL, invalid name or room) or if
 /// the outbox cannot be read from the store; everything on the network is retried.
-pub fn spawn(
-    config: SessionConfig,
+pub fn spawn(config: SessionConfig, store: Store) -> Result<(SessionHandle, Events), SessionError> {
+    let membership = Membership::new(config.rooms.iter().cloned());
+    spawn_with(config, store, membership)
+}
+
+/// [`spawn`] with a [`Membership`] the caller created first (a bot hands it to its
+/// persona's `history` capability before the session exists). The session adds
+/// `config.rooms` to it and owns it from then on.
+pub fn spawn_with(
+    mut config: SessionConfig,
     store: Store,
-) -> Result<(SessionHandle, mpsc::Receiver<ChatMessage>), SessionError> {
+    membership: Membership,
+) -> Result<(SessionHandle, Events), SessionError> {
     let endpoints = config.validate()?;
+    for room in &config.rooms {
+        membership.insert(room);
+    }
+    config.rooms = membership.rooms();
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| SessionError::NoRuntime)?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| SessionError::Http(http::error_chain(&e)))?;
+    let http = shared_http_client(config.connect_timeout)?;
     let bot = config.persona_id().to_string();
     // Finished outbox rows older than a day are only history.
     let _ = store.outbox_prune(crate::store::now_ms() - 86_400_000);
@@ -447,6 +561,7 @@ pub fn spawn(
         state: SessionState::Connecting,
         connections: 0,
     });
+    let events = EventQueue::new(config.inbound_capacity, config.inbound_bytes);
     let shared = Arc::new(Shared {
         bot: bot.clone(),
         started: Instant::now(),
@@ -455,23 +570,21 @@ pub fn spawn(
             name: None,
             last_error: None,
             active_since: None,
-            rooms: config.rooms.iter().cloned().collect(),
         }),
         messages_in: AtomicU64::new(0),
         messages_out: AtomicU64::new(0),
         connections: AtomicU64::new(0),
-        inbound_dropped: AtomicU64::new(0),
         outbox_stale: AtomicU64::new(0),
+        outbox_unsaved: AtomicU64::new(0),
+        outbox_committing: AtomicUsize::new(0),
         throttles: AtomicU64::new(0),
         outbox_depth: AtomicUsize::new(outbox.depth()),
         protocol: ProtocolStats::default(),
         state_tx,
+        events: events.clone(),
+        membership,
     });
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_capacity);
-    let (deliver_tx, deliver_rx) = mpsc::unbounded_channel();
-    let backlog = Arc::new(AtomicUsize::new(0));
-    runtime.spawn(supervisor::deliver(deliver_rx, inbound_tx, backlog.clone()));
     let task = supervisor::Supervisor::new(supervisor::Parts {
         config,
         endpoints,
@@ -479,8 +592,6 @@ pub fn spawn(
         http,
         shared: shared.clone(),
         cmds: cmd_rx,
-        deliver_tx,
-        backlog,
         outbox,
     });
     runtime.spawn(task.run());
@@ -490,6 +601,27 @@ pub fn spawn(
             shared,
             store,
         },
-        inbound_rx,
+        Events::new(events),
     ))
+}
+
+/// One HTTP client per connect timeout for every session of the process: a client
+/// holds a connection pool and TLS roots, which thousands of bots need only once.
+fn shared_http_client(connect_timeout: Duration) -> Result<reqwest::Client, SessionError> {
+    static CLIENTS: OnceLock<Mutex<HashMap<Duration, reqwest::Client>>> = OnceLock::new();
+    let mut clients = CLIENTS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = clients.get(&connect_timeout) {
+        return Ok(c.clone());
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| SessionError::Http(http::error_chain(&e)))?;
+    clients.insert(connect_timeout, client.clone());
+    Ok(client)
 }

@@ -12,8 +12,9 @@
 //!   room with the same text;
 //! - which entries are stale ([`Outbox::expire`]).
 //!
-//! Store failures here are logged and do not stop the session: the in-memory state stays
-//! authoritative for this run.
+//! State changes go to the store's group commit without waiting (store failures are
+//! logged there and do not stop the session: the in-memory state stays authoritative
+//! for this run).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -30,7 +31,6 @@ struct Open {
 /// Open (pending or sent-unconfirmed) entries of one bot, in id order.
 #[derive(Debug)]
 pub struct Outbox {
-    bot: String,
     store: Store,
     open: BTreeMap<OutboxId, Open>,
 }
@@ -52,7 +52,6 @@ impl Outbox {
             })
             .collect();
         Ok(Outbox {
-            bot: bot.to_string(),
             store,
             open,
         })
@@ -114,9 +113,7 @@ impl Outbox {
             o.entry.state = OutboxState::Sent;
             o.entry.attempts = o.entry.attempts.saturating_add(1);
             o.entry.sent_at = Some(now_ms);
-            if let Err(e) = self.store.outbox_mark_sent(id, now_ms) {
-                tracing::error!(bot = %self.bot, %id, error = %e, "cannot record outbox send");
-            }
+            self.store.outbox_mark_sent(id, now_ms);
         }
     }
 
@@ -144,9 +141,7 @@ impl Outbox {
             })
             .map(|o| o.entry.id)?;
         let open = self.open.remove(&id)?;
-        if let Err(e) = self.store.outbox_finish(id, OutboxState::Confirmed) {
-            tracing::error!(bot = %self.bot, %id, error = %e, "cannot record outbox confirmation");
-        }
+        self.store.outbox_finish(id, OutboxState::Confirmed);
         let mut entry = open.entry;
         entry.state = OutboxState::Confirmed;
         Some(entry)
@@ -179,9 +174,7 @@ impl Outbox {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(o) = self.open.remove(id) {
-                if let Err(e) = self.store.outbox_finish(*id, state) {
-                    tracing::error!(bot = %self.bot, %id, error = %e, "cannot record outbox drop");
-                }
+                self.store.outbox_finish(*id, state);
                 let mut entry = o.entry;
                 entry.state = state;
                 out.push(entry);

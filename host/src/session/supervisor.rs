@@ -2,13 +2,14 @@
 //!
 //! One task per bot. Per connection it spawns a writer task (so a socket that stops
 //! draining can never block the loop that reads frames, answers commands and watches for
-//! a dead peer) and a recovery task (the history fetch). Messages reach the bot through a
-//! separate delivery task, so a slow bot only delays delivery, never keepalive.
+//! a dead peer) and a recovery task (the history fetch). Messages reach the bot through
+//! its bounded event stream ([`super::events`]), which never makes this task wait: a slow
+//! bot only loses its oldest unread messages (counted), never keepalive.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::stream::SplitSink;
@@ -31,7 +32,7 @@ use super::identity::{self, Identity, Registration};
 use super::machine::{Disconnect, RetryPolicy, SessionState, plan_retry};
 use super::outbox::Outbox;
 use super::recovery::{self, FetchError, FetchParams, Recovered, RoomFetch};
-use super::{Backoff, Command, SessionConfig, Shared, StateSnapshot};
+use super::{Backoff, Command, SessionConfig, SessionEvent, Shared, StateSnapshot};
 use crate::protocol::{ChatMessage, ClientFrame, ServerFrame};
 use crate::store::{Store, now_ms};
 
@@ -47,6 +48,8 @@ const OFFLINE_HOUSEKEEPING: Duration = Duration::from_secs(1);
 const MAX_HELD: usize = 10_000;
 /// How long a graceful close waits for the close frame to be written.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Initial read buffer and write batch of one WebSocket.
+const WS_BUFFER_BYTES: usize = 4 * 1024;
 /// Retries of a history request within one connection.
 const HISTORY_RETRIES: u32 = 2;
 
@@ -58,30 +61,7 @@ pub(super) struct Parts {
     pub http: reqwest::Client,
     pub shared: Arc<Shared>,
     pub cmds: mpsc::UnboundedReceiver<Command>,
-    pub deliver_tx: mpsc::UnboundedSender<ChatMessage>,
-    pub backlog: Arc<AtomicUsize>,
     pub outbox: Outbox,
-}
-
-/// Forwards messages to the bot's bounded channel. Runs as its own task so that a bot
-/// that does not keep up holds back only delivery. `backlog` counts messages between the
-/// session and the bot's channel.
-pub(super) async fn deliver(
-    mut rx: mpsc::UnboundedReceiver<ChatMessage>,
-    tx: mpsc::Sender<ChatMessage>,
-    backlog: Arc<AtomicUsize>,
-) {
-    while let Some(msg) = rx.recv().await {
-        backlog.fetch_sub(1, Ordering::Relaxed);
-        if tx.send(msg).await.is_err() {
-            // The bot dropped its receiver: discard from now on.
-            rx.close();
-            while rx.recv().await.is_some() {
-                backlog.fetch_sub(1, Ordering::Relaxed);
-            }
-            return;
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -91,6 +71,35 @@ struct RoomState {
     since_ms: u64,
     /// The newest timestamp delivered from this room.
     last_ts: Option<u64>,
+}
+
+/// The state of one connection (see [`Supervisor::serve`]).
+struct Conn {
+    /// Which connection of this session (outbox entries remember where they went).
+    seq: u64,
+    identity: Identity,
+    /// Frames for the writer task.
+    out_tx: mpsc::Sender<Message>,
+    /// Rooms joined on this connection.
+    joined: HashSet<String>,
+    /// Joins the server has not confirmed yet (recovery waits for them).
+    unacked: HashSet<String>,
+    recovery: Option<AbortOnDrop<Result<Vec<Recovered>, FetchError>>>,
+    /// When the last frame of any kind arrived.
+    last_life: Instant,
+    dead_after: Duration,
+    /// No frame until then: the peer is dead.
+    dead_at: Instant,
+    /// Recover anyway at this point, confirmed joins or not.
+    ack_deadline: Instant,
+    /// Since when the connection is active (recovered, sending).
+    active_since: Option<Instant>,
+}
+
+impl Conn {
+    fn up_for(&self) -> Option<Duration> {
+        self.active_since.map(|t| t.elapsed())
+    }
 }
 
 enum ConnEnd {
@@ -121,6 +130,7 @@ struct StoppedGuard(Arc<Shared>);
 impl Drop for StoppedGuard {
     fn drop(&mut self) {
         publish_state(&self.0, SessionState::Stopped);
+        self.0.events.close();
     }
 }
 
@@ -140,6 +150,7 @@ fn publish_state(shared: &Shared, state: SessionState) -> bool {
         state,
         connections: shared.connections.load(Ordering::Relaxed),
     });
+    shared.events.push(SessionEvent::State(state));
     true
 }
 
@@ -150,8 +161,6 @@ pub(super) struct Supervisor {
     http: reqwest::Client,
     shared: Arc<Shared>,
     cmds: mpsc::UnboundedReceiver<Command>,
-    deliver_tx: mpsc::UnboundedSender<ChatMessage>,
-    backlog: Arc<AtomicUsize>,
     outbox: Outbox,
     rng: StdRng,
     identity: Option<Identity>,
@@ -203,8 +212,6 @@ impl Supervisor {
             http: parts.http,
             shared: parts.shared,
             cmds: parts.cmds,
-            deliver_tx: parts.deliver_tx,
-            backlog: parts.backlog,
             outbox: parts.outbox,
             rng,
             identity: None,
@@ -263,11 +270,6 @@ impl Supervisor {
                     if self.stopping.is_some() {
                         break;
                     }
-                    if cause.next() == super::machine::Next::SlowDown {
-                        self.shared
-                            .throttles
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
                     let policy = self.policy();
                     let retry = plan_retry(
                         &policy,
@@ -277,6 +279,13 @@ impl Supervisor {
                         self.reregistered,
                         &mut self.rng,
                     );
+                    if cause.next() == super::machine::Next::SlowDown {
+                        self.shared.throttles.fetch_add(1, Ordering::Relaxed);
+                        // The bot's outbound policy pauses replies for as long as we stay away.
+                        self.shared.events.push(SessionEvent::Throttled {
+                            retry_after: Some(retry.delay),
+                        });
+                    }
                     if retry.reregister {
                         self.force_register = true;
                         self.reregistered = true;
@@ -374,6 +383,7 @@ impl Supervisor {
             }
             Some(Command::Enqueued(entry)) => {
                 self.outbox.add(entry);
+                self.shared.outbox_committing.fetch_sub(1, Ordering::Relaxed);
                 self.update_depth();
                 true
             }
@@ -442,9 +452,13 @@ impl Supervisor {
             Err(end) => return end,
         };
         let url = self.endpoints.websocket(&identity.key).to_string();
+        // Small buffers that grow only while a large frame is in flight: thousands of
+        // mostly idle bots per process (tungstenite's defaults are 128 KiB each way).
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(self.cfg.max_frame_bytes))
-            .max_frame_size(Some(self.cfg.max_frame_bytes));
+            .max_frame_size(Some(self.cfg.max_frame_bytes))
+            .read_buffer_size(WS_BUFFER_BYTES)
+            .write_buffer_size(WS_BUFFER_BYTES);
         let connect = tokio::time::timeout(
             self.cfg.connect_timeout,
             tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true),
@@ -532,6 +546,10 @@ impl Supervisor {
             self.own_names.push(identity.name.clone());
         }
         self.shared.status().name = Some(identity.name.clone());
+        self.shared.events.push(SessionEvent::Identity {
+            name: identity.name.clone(),
+            key: identity.key.clone(),
+        });
         self.identity = Some(identity);
     }
 
@@ -563,200 +581,269 @@ impl Supervisor {
             .collect()
     }
 
+    /// Serves one connection until it ends: a select over the socket, the commands,
+    /// the timers and the recovery, each handed to a method of [`Conn`]'s state.
     async fn serve(&mut self, ws: Ws, identity: Identity) -> ConnEnd {
         self.conn_seq += 1;
-        let conn = self.conn_seq;
         let (sink, mut stream) = ws.split();
         let (out_tx, out_rx) = mpsc::channel::<Message>(OUT_QUEUE);
         let mut writer = AbortOnDrop(tokio::spawn(write_loop(sink, out_rx)));
-
-        // Join every room again: joining is per connection.
-        let mut joined: HashSet<String> = HashSet::new();
-        for room in self.rooms.keys() {
-            let frame = ClientFrame::Join { room: room.clone() }.encode();
-            if out_tx.try_send(Message::Text(frame.into())).is_err() {
-                return lost(
-                    Disconnect::Io("write queue full while joining".into()),
-                    None,
-                );
-            }
-            joined.insert(room.clone());
-        }
-        self.shared.connections.fetch_add(1, Ordering::Relaxed);
-        self.set_state(SessionState::Joined);
-
-        // Recover what was missed once the server has processed our joins (the history
-        // request travels on another connection and could otherwise overtake them: a
-        // message posted in between would be in neither). Any message from a room proves
-        // the join (the server announces it with a system line); after
-        // `join_ack_timeout` we recover anyway. Live messages are held meanwhile.
-        let mut unacked: HashSet<String> = joined.clone();
-        let mut recovery: Option<AbortOnDrop<Result<Vec<Recovered>, FetchError>>> = None;
-        if unacked.is_empty() {
-            recovery = Some(self.start_recovery(&identity));
-        }
-        let ack_wait = tokio::time::sleep(self.cfg.join_ack_timeout);
-        tokio::pin!(ack_wait);
-
-        let ping_every = self.cfg.ping_interval;
-        let dead_after = ping_every.saturating_mul(self.cfg.dead_after_intervals);
-        let mut last_life = Instant::now();
-        let dead = tokio::time::sleep(dead_after);
-        tokio::pin!(dead);
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let mut c = match self.open_conn(identity, out_tx) {
+            Ok(c) => c,
+            Err(end) => return end,
+        };
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + self.cfg.ping_interval,
+            self.cfg.ping_interval,
+        );
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut active_since: Option<Instant> = None;
 
         loop {
-            if let Some(deadline) = self.stopping {
-                let left = self.outbox.depth_in(&joined);
-                if left == 0 || Instant::now() >= deadline {
-                    if left > 0 {
-                        tracing::info!(
-                            bot = self.bot(),
-                            left,
-                            "shutdown: outbox not drained in time; entries kept for the next start"
-                        );
-                    }
-                    close_gracefully(out_tx, writer).await;
-                    return ConnEnd::Shutdown;
+            if let Some(end) = self.shutdown_due(&c) {
+                if matches!(end, ConnEnd::Shutdown) {
+                    close_gracefully(c.out_tx.clone(), writer).await;
                 }
+                return end;
             }
-            let up_for = active_since.map(|t| t.elapsed());
-            tokio::select! {
-                cmd = self.cmds.recv() => {
-                    match cmd {
-                        None | Some(Command::Shutdown) => {
-                            if self.stopping.is_none() {
-                                self.stopping = Some(Instant::now() + self.cfg.shutdown_flush);
-                            }
-                        }
-                        Some(Command::Enqueued(entry)) => {
-                            self.outbox.add(entry);
-                            self.update_depth();
-                        }
-                        Some(Command::Join(room)) => {
-                            self.add_room(room.clone());
-                            if joined.insert(room.clone()) {
-                                let frame = ClientFrame::Join { room }.encode();
-                                let _ = out_tx.try_send(Message::Text(frame.into()));
-                            }
-                        }
-                        Some(Command::Leave(room)) => {
-                            self.remove_room(&room);
-                            if joined.remove(&room) {
-                                let frame = ClientFrame::Leave { room }.encode();
-                                let _ = out_tx.try_send(Message::Text(frame.into()));
-                            }
-                        }
-                    }
-                    unacked.retain(|r| joined.contains(r));
-                    if unacked.is_empty() && recovery.is_none() && active_since.is_none() {
-                        recovery = Some(self.start_recovery(&identity));
-                    }
-                    if active_since.is_some()
-                        && let Err(cause) = self.flush(conn, &out_tx, &joined, last_life)
-                    {
-                        return lost(cause, up_for);
-                    }
-                }
-                frame = stream.next() => {
-                    last_life = Instant::now();
-                    dead.as_mut().reset(last_life + dead_after);
-                    match frame {
-                        None => {
-                            return lost(Disconnect::Io("connection closed without a close frame".into()), up_for);
-                        }
-                        Some(Err(e)) => return lost(Disconnect::Io(self.describe_ws_error(&e)), up_for),
-                        Some(Ok(Message::Text(text))) => {
-                            let room = self.on_text(text.as_str(), active_since.is_none());
-                            if let Some(room) = room
-                                && unacked.remove(&room)
-                                && unacked.is_empty()
-                                && recovery.is_none()
-                                && active_since.is_none()
-                            {
-                                recovery = Some(self.start_recovery(&identity));
-                            }
-                        }
-                        Some(Ok(Message::Binary(bytes))) => {
-                            tracing::debug!(bot = self.bot(), len = bytes.len(), "binary frame ignored");
-                        }
-                        Some(Ok(Message::Close(frame))) => {
-                            if let Some(f) = &frame {
-                                tracing::info!(
-                                    bot = self.bot(),
-                                    code = u16::from(f.code),
-                                    reason = %excerpt(f.reason.as_bytes()),
-                                    "server closed the connection"
-                                );
-                            }
-                            return lost(Disconnect::Closed(frame.map(|f| u16::from(f.code))), up_for);
-                        }
-                        Some(Ok(_)) => {} // ping, pong: life, nothing else
-                    }
-                }
+            // Housekeeping only while there is something to keep: thousands of idle
+            // bots must not wake four times a second each.
+            let housekeeping = self.outbox.depth() > 0
+                || (c.active_since.is_some() && (self.attempt != 0 || self.reregistered));
+            let recovering = c.recovery.is_some();
+            let awaiting_acks = !recovering && c.active_since.is_none();
+            let step = tokio::select! {
+                cmd = self.cmds.recv() => self.on_command(&mut c, cmd),
+                frame = stream.next() => self.on_frame(&mut c, frame),
                 _ = ping.tick() => {
-                    let _ = out_tx.try_send(Message::Ping(Default::default()));
+                    let _ = c.out_tx.try_send(Message::Ping(Default::default()));
+                    Ok(())
                 }
-                () = &mut dead => return lost(Disconnect::DeadPeer, up_for),
-                () = &mut ack_wait, if recovery.is_none() && active_since.is_none() => {
+                () = tokio::time::sleep_until(c.dead_at) => Err(lost(Disconnect::DeadPeer, c.up_for())),
+                () = tokio::time::sleep_until(c.ack_deadline), if awaiting_acks => {
                     tracing::debug!(
                         bot = self.bot(),
-                        rooms = ?unacked,
+                        rooms = ?c.unacked,
                         "joins not confirmed by the server in time; recovering anyway"
                     );
-                    recovery = Some(self.start_recovery(&identity));
+                    c.recovery = Some(self.start_recovery(&c.identity));
+                    Ok(())
                 }
-                result = wait_recovery(&mut recovery), if recovery.is_some() => {
-                    recovery = None;
-                    match result {
-                        Ok(recovered) => {
-                            self.finish_recovery(recovered);
-                            let now = Instant::now();
-                            active_since = Some(now);
-                            self.set_state(SessionState::Active);
-                            self.shared.status().active_since = Some(now);
-                            if let Err(cause) = self.flush(conn, &out_tx, &joined, last_life) {
-                                return lost(cause, Some(Duration::ZERO));
-                            }
-                        }
-                        Err(FetchError::Unauthorized) => return lost(Disconnect::Unauthorized, None),
-                        Err(e @ FetchError::RateLimited(_)) => {
-                            return lost(Disconnect::RateLimited(e.to_string()), None);
-                        }
-                        Err(e) => {
-                            return lost(Disconnect::Transient(format!("recovering missed messages: {e}")), None);
-                        }
-                    }
+                result = wait_recovery(&mut c.recovery), if recovering => {
+                    c.recovery = None;
+                    self.on_recovered(&mut c, result)
                 }
-                _ = tick.tick() => {
-                    self.expire_outbox();
-                    if let Some(since) = active_since
-                        && since.elapsed() >= self.cfg.healthy_after
-                        && (self.attempt != 0 || self.reregistered)
-                    {
-                        self.attempt = 0;
-                        self.reregistered = false;
-                    }
-                    if active_since.is_some()
-                        && let Err(cause) = self.flush(conn, &out_tx, &joined, last_life)
-                    {
-                        return lost(cause, up_for);
-                    }
-                }
+                _ = tick.tick(), if housekeeping => self.on_tick(&mut c),
                 result = &mut writer.0 => {
                     let why = match result {
                         Ok(Ok(())) => "writer stopped".to_string(),
                         Ok(Err(e)) => self.redact(&e),
                         Err(e) => format!("writer task failed: {e}"),
                     };
-                    return lost(Disconnect::Io(why), up_for);
+                    Err(lost(Disconnect::Io(why), c.up_for()))
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Joins every room again (joining is per connection) and sets up the state of a
+    /// new connection.
+    fn open_conn(&mut self, identity: Identity, out_tx: mpsc::Sender<Message>) -> Result<Conn, ConnEnd> {
+        let mut joined: HashSet<String> = HashSet::new();
+        for room in self.rooms.keys() {
+            let frame = ClientFrame::Join { room: room.clone() }.encode();
+            if out_tx.try_send(Message::Text(frame.into())).is_err() {
+                return Err(lost(
+                    Disconnect::Io("write queue full while joining".into()),
+                    None,
+                ));
+            }
+            joined.insert(room.clone());
+        }
+        self.shared.connections.fetch_add(1, Ordering::Relaxed);
+        self.set_state(SessionState::Joined);
+        let now = Instant::now();
+        let dead_after = self
+            .cfg
+            .ping_interval
+            .saturating_mul(self.cfg.dead_after_intervals);
+        let mut c = Conn {
+            seq: self.conn_seq,
+            identity,
+            out_tx,
+            // Recover what was missed once the server has processed our joins (the
+            // history request travels on another connection and could otherwise overtake
+            // them: a message posted in between would be in neither). Any message from
+            // a room proves the join (the server announces it with a system line); after
+            // `join_ack_timeout` we recover anyway. Live messages are held meanwhile.
+            unacked: joined.clone(),
+            joined,
+            recovery: None,
+            last_life: now,
+            dead_after,
+            dead_at: now + dead_after,
+            ack_deadline: now + self.cfg.join_ack_timeout,
+            active_since: None,
+        };
+        if c.unacked.is_empty() {
+            c.recovery = Some(self.start_recovery(&c.identity));
+        }
+        Ok(c)
+    }
+
+    /// While shutting down: the end of this connection once the outbox has drained
+    /// (or the flush deadline passed).
+    fn shutdown_due(&self, c: &Conn) -> Option<ConnEnd> {
+        let deadline = self.stopping?;
+        let left = self.outbox.depth_in(&c.joined);
+        if left > 0 && Instant::now() < deadline {
+            return None;
+        }
+        if left > 0 {
+            tracing::info!(
+                bot = self.bot(),
+                left,
+                "shutdown: outbox not drained in time; entries kept for the next start"
+            );
+        }
+        Some(ConnEnd::Shutdown)
+    }
+
+    /// A command from the handle (or the group commit).
+    fn on_command(&mut self, c: &mut Conn, cmd: Option<Command>) -> Result<(), ConnEnd> {
+        match cmd {
+            None | Some(Command::Shutdown) => {
+                if self.stopping.is_none() {
+                    self.stopping = Some(Instant::now() + self.cfg.shutdown_flush);
+                }
+            }
+            Some(Command::Enqueued(entry)) => {
+                self.outbox.add(entry);
+                self.shared.outbox_committing.fetch_sub(1, Ordering::Relaxed);
+                self.update_depth();
+            }
+            Some(Command::Join(room)) => {
+                self.add_room(room.clone());
+                if c.joined.insert(room.clone()) {
+                    let frame = ClientFrame::Join { room }.encode();
+                    let _ = c.out_tx.try_send(Message::Text(frame.into()));
+                }
+            }
+            Some(Command::Leave(room)) => {
+                self.remove_room(&room);
+                if c.joined.remove(&room) {
+                    let frame = ClientFrame::Leave { room }.encode();
+                    let _ = c.out_tx.try_send(Message::Text(frame.into()));
                 }
             }
         }
+        let joined = &c.joined;
+        c.unacked.retain(|r| joined.contains(r));
+        if c.unacked.is_empty() && c.recovery.is_none() && c.active_since.is_none() {
+            c.recovery = Some(self.start_recovery(&c.identity));
+        }
+        self.flush_if_active(c)
+    }
+
+    /// A frame (or the end of the stream) from the server.
+    fn on_frame(
+        &mut self,
+        c: &mut Conn,
+        frame: Option<Result<Message, tungstenite::Error>>,
+    ) -> Result<(), ConnEnd> {
+        c.last_life = Instant::now();
+        c.dead_at = c.last_life + c.dead_after;
+        match frame {
+            None => Err(lost(
+                Disconnect::Io("connection closed without a close frame".into()),
+                c.up_for(),
+            )),
+            Some(Err(e)) => Err(lost(Disconnect::Io(self.describe_ws_error(&e)), c.up_for())),
+            Some(Ok(Message::Text(text))) => {
+                let room = self.on_text(text.as_str(), c.active_since.is_none());
+                if let Some(room) = room
+                    && c.unacked.remove(&room)
+                    && c.unacked.is_empty()
+                    && c.recovery.is_none()
+                    && c.active_since.is_none()
+                {
+                    c.recovery = Some(self.start_recovery(&c.identity));
+                }
+                Ok(())
+            }
+            Some(Ok(Message::Binary(bytes))) => {
+                tracing::debug!(bot = self.bot(), len = bytes.len(), "binary frame ignored");
+                Ok(())
+            }
+            Some(Ok(Message::Close(frame))) => {
+                if let Some(f) = &frame {
+                    tracing::info!(
+                        bot = self.bot(),
+                        code = u16::from(f.code),
+                        reason = %excerpt(f.reason.as_bytes()),
+                        "server closed the connection"
+                    );
+                }
+                Err(lost(
+                    Disconnect::Closed(frame.map(|f| u16::from(f.code))),
+                    c.up_for(),
+                ))
+            }
+            Some(Ok(_)) => Ok(()), // ping, pong: life, nothing else
+        }
+    }
+
+    /// The history fetch after (re)connecting finished: deliver what was missed, go
+    /// active, send what waits.
+    fn on_recovered(
+        &mut self,
+        c: &mut Conn,
+        result: Result<Vec<Recovered>, FetchError>,
+    ) -> Result<(), ConnEnd> {
+        match result {
+            Ok(recovered) => {
+                self.finish_recovery(recovered);
+                let now = Instant::now();
+                c.active_since = Some(now);
+                self.set_state(SessionState::Active);
+                self.shared.status().active_since = Some(now);
+                self.flush(c)
+                    .map_err(|cause| lost(cause, Some(Duration::ZERO)))
+            }
+            Err(FetchError::Unauthorized) => Err(lost(Disconnect::Unauthorized, None)),
+            Err(e @ FetchError::RateLimited(_)) => {
+                Err(lost(Disconnect::RateLimited(e.to_string()), None))
+            }
+            Err(e) => Err(lost(
+                Disconnect::Transient(format!("recovering missed messages: {e}")),
+                None,
+            )),
+        }
+    }
+
+    /// Housekeeping: stale outbox entries, the healthy-connection reset, and another
+    /// flush (entries held back while the connection was quiet).
+    fn on_tick(&mut self, c: &mut Conn) -> Result<(), ConnEnd> {
+        self.expire_outbox();
+        if let Some(since) = c.active_since
+            && since.elapsed() >= self.cfg.healthy_after
+            && (self.attempt != 0 || self.reregistered)
+        {
+            self.attempt = 0;
+            self.reregistered = false;
+        }
+        self.flush_if_active(c)
+    }
+
+    fn flush_if_active(&mut self, c: &Conn) -> Result<(), ConnEnd> {
+        if c.active_since.is_none() {
+            return Ok(());
+        }
+        self.flush(c).map_err(|cause| lost(cause, c.up_for()))
     }
 
     fn start_recovery(
@@ -796,17 +883,11 @@ impl Supervisor {
 
     /// Writes every sendable outbox entry (in id order) to the connection. Holds back while
     /// the connection has been silent for more than a ping interval.
-    fn flush(
-        &mut self,
-        conn: u64,
-        out_tx: &mpsc::Sender<Message>,
-        joined: &HashSet<String>,
-        last_life: Instant,
-    ) -> Result<(), Disconnect> {
-        if last_life.elapsed() > self.cfg.ping_interval {
+    fn flush(&mut self, c: &Conn) -> Result<(), Disconnect> {
+        if c.last_life.elapsed() > self.cfg.ping_interval {
             return Ok(());
         }
-        for id in self.outbox.sendable(conn, joined) {
+        for id in self.outbox.sendable(c.seq, &c.joined) {
             let Some(entry) = self.outbox.get(id) else {
                 continue;
             };
@@ -815,10 +896,10 @@ impl Supervisor {
                 text: entry.text.clone(),
             }
             .encode();
-            match out_tx.try_reserve() {
+            match c.out_tx.try_reserve() {
                 Ok(permit) => {
                     // Recorded as sent before it can reach the wire.
-                    self.outbox.mark_sent(id, conn, now_ms());
+                    self.outbox.mark_sent(id, c.seq, now_ms());
                     permit.send(Message::Text(frame.into()));
                     self.shared.messages_out.fetch_add(1, Ordering::Relaxed);
                 }
@@ -853,7 +934,13 @@ impl Supervisor {
                 if !agent.is_empty() && !self.own_names.contains(&agent) {
                     tracing::info!(bot = self.bot(), name = %agent, "the server knows us by another name");
                     self.own_names.push(agent.clone());
-                    self.shared.status().name = Some(agent);
+                    self.shared.status().name = Some(agent.clone());
+                    if let Some(id) = &self.identity {
+                        self.shared.events.push(SessionEvent::Identity {
+                            name: agent,
+                            key: id.key.clone(),
+                        });
+                    }
                 }
             }
             Ok(ServerFrame::Error { message, code }) => {
@@ -937,24 +1024,18 @@ impl Supervisor {
     }
 
     fn deliver(&mut self, msg: ChatMessage) {
-        if self.backlog.load(Ordering::Relaxed) >= self.cfg.max_buffered_inbound {
-            let dropped = self.shared.inbound_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.messages_in.fetch_add(1, Ordering::Relaxed);
+        if let Some(old) = self.shared.events.push(SessionEvent::Message(msg)) {
+            let dropped = self.shared.events.dropped.load(Ordering::Relaxed);
             if dropped.is_power_of_two() {
                 tracing::warn!(
                     bot = self.bot(),
-                    room = %msg.room,
+                    room = %old.room,
                     dropped,
-                    "bot is not keeping up with its messages; dropping new ones"
+                    "bot is not keeping up with its messages; dropped the oldest"
                 );
             }
-            return;
         }
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        if self.deliver_tx.send(msg).is_err() {
-            self.backlog.fetch_sub(1, Ordering::Relaxed);
-            return;
-        }
-        self.shared.messages_in.fetch_add(1, Ordering::Relaxed);
     }
 }
 
