@@ -524,6 +524,7 @@ impl Config {
             shutdown_flush: Duration::from_millis(s.shutdown_flush_ms),
             inbound_capacity: s.inbound_queue,
             inbound_bytes: s.inbound_queue_bytes,
+            pacing: Some(self.policy.limits.clone()),
             ..SessionConfig::default()
         }
     }

@@ -263,6 +263,45 @@ impl Collector for BotCollector {
         )?;
         family(
             &mut enc,
+            "roost_bot_replies_paced",
+            "Replies the rate limits held back and the session sent at their slot",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.paced),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_replies_stale",
+            "Paced replies dropped because they waited longer than policy.limits.max_wait_secs",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.paced_stale),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_reply_pace_wait_seconds",
+            "How long paced replies waited for their rate-limit slot",
+            MetricType::Histogram,
+            &bots,
+            |b, mut e| {
+                let s = &b.status;
+                let mut buckets: Vec<(f64, u64)> = crate::session::PACE_WAIT_BUCKETS
+                    .iter()
+                    .copied()
+                    .zip(s.pace_wait_buckets.iter().copied())
+                    .collect();
+                buckets.push((f64::MAX, s.pace_wait_buckets.last().copied().unwrap_or(0)));
+                let count = s.pace_wait_buckets.iter().sum();
+                e.encode_histogram::<NoLabelSet>(
+                    s.pace_wait_sum_ms as f64 / 1000.0,
+                    count,
+                    &buckets,
+                    None,
+                )
+            },
+        )?;
+        family(
+            &mut enc,
             "roost_bot_rate_limited",
             "Replies dropped by a rate limit",
             MetricType::Counter,

@@ -187,3 +187,61 @@ async fn a_server_throttle_close_pauses_outbound_replies() {
     host.stop().await;
     server.shutdown().await;
 }
+
+/// Pace, don't drop: with the default limits (one reply per 2 s per room, 6 a minute,
+/// bursts of 2), five mentions within one second are all answered, each at its slot.
+#[tokio::test(start_paused = true)]
+async fn five_mentions_in_one_second_are_all_answered_at_the_default_limits() {
+    let server = server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(dir.path(), &example("echo"), "echo");
+    let mut events = server.state().subscribe();
+    let host = BotHost::start(config_for(&server.base_url(), dir.path()))
+        .await
+        .expect("start");
+    wait_joined(&mut events, "echo", "lobby").await;
+    // When each reply reaches the server (recorded as it happens).
+    let (tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    let mut watch = server.state().subscribe();
+    tokio::spawn(async move {
+        while let Some(m) = wait_message(&mut watch, Duration::from_secs(600), |m| m.from == "echo").await {
+            if tx.send((tokio::time::Instant::now(), m.text)).is_err() {
+                return;
+            }
+        }
+    });
+    for i in 0..5 {
+        server
+            .state()
+            .post_message("ada", "lobby", &format!("@echo mention {i}"))
+            .expect("post");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut answered = Vec::new();
+    while answered.len() < 5 {
+        let reply = tokio::time::timeout(Duration::from_secs(120), replies.recv())
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("only {} of 5 answered: {answered:?}", answered.len()));
+        answered.push(reply);
+    }
+    let texts: Vec<&str> = answered.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["mention 0", "mention 1", "mention 2", "mention 3", "mention 4"]
+    );
+    // The ceilings still hold on the wire: 2 s apart, at most 6 in any minute.
+    for w in answered.windows(2) {
+        assert!(
+            w[1].0 - w[0].0 >= Duration::from_millis(1900),
+            "replies {:?} apart",
+            w[1].0 - w[0].0
+        );
+    }
+    let status = host.bots["echo"].status();
+    assert!(status.paced >= 3, "{status:?}");
+    assert_eq!(status.paced_stale, 0);
+    host.stop().await;
+    server.shutdown().await;
+}

@@ -10,7 +10,7 @@ use roost::policy::clock::ManualClock;
 use roost::policy::injection::detect;
 use roost::policy::secrets::{SecretScanner, SecretsConfig};
 use roost::policy::{
-    BotIdentity, DropReason, InboundMsg, LimitKind, OutboundVerdict, Policy, PolicyConfig,
+    BotIdentity, DropReason, InboundMsg, OutboundVerdict, Policy, PolicyConfig,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -786,14 +786,16 @@ fn flood_of_1000_messages_never_exceeds_limits() {
             text: "hi",
         };
         match p.outbound(room, &text, Some(&from)) {
-            OutboundVerdict::Send(_) => {
-                sent_all.push(time.now());
-                sent_room.entry(room).or_default().push(time.now());
+            // Paced: it goes at its reserved slot, `delay` from now.
+            OutboundVerdict::Send(out) => {
+                sent_all.push(time.now() + out.delay);
+                sent_room.entry(room).or_default().push(time.now() + out.delay);
             }
             OutboundVerdict::Drop(reason) => *reasons.entry(reason.as_str()).or_default() += 1,
         }
     }
     let minute = Duration::from_secs(60);
+    sent_all.sort();
     let bot_max = max_in_window(&sent_all, minute);
     println!(
         "flood: {} sent of 1000 over {:?}; drops {:?}; busiest minute {}",
@@ -825,24 +827,35 @@ fn flood_of_1000_messages_never_exceeds_limits() {
 }
 
 #[test]
-fn flood_during_server_throttle_is_dropped() {
+fn replies_during_a_server_throttle_are_paced_past_it_then_dropped_as_stale() {
     let time = ManualClock::new();
     let mut p = policy_on(&time, "echo-1a2b", "echo");
     let pause = p.on_server_throttle(Some(Duration::from_secs(30)));
     assert_eq!(pause, Duration::from_secs(30));
+    let max_queued = PolicyConfig::default().limits.max_queued_per_room as usize;
+    let mut paced = 0;
     for i in 0..100 {
         time.advance(Duration::from_millis(250));
-        let v = p.outbound("lobby", &format!("msg {i} {}", "x".repeat(i % 7)), None);
-        assert!(matches!(
-            v.drop_reason(),
-            Some(DropReason::RateLimited {
-                which: LimitKind::Server,
-                ..
-            })
-        ));
+        match p.outbound("lobby", &format!("msg {i} {}", "x".repeat(i % 7)), None) {
+            OutboundVerdict::Send(out) => {
+                // Never before the server's pause is over.
+                assert!(
+                    time.now() + out.delay >= Duration::from_secs(30),
+                    "reply {i} would go during the pause"
+                );
+                paced += 1;
+            }
+            OutboundVerdict::Drop(DropReason::RateLimited { retry_after, .. }) => {
+                assert!(paced >= 1, "the first reply is paced, not dropped");
+                assert!(retry_after > Duration::ZERO);
+            }
+            OutboundVerdict::Drop(other) => panic!("unexpected drop: {other}"),
+        }
     }
-    time.advance(Duration::from_secs(6));
-    assert!(p.outbound("lobby", "back again", None).text().is_some());
+    // A room holds at most `max_queued_per_room` replies waiting; the rest are stale.
+    assert!(paced >= 1 && paced <= max_queued, "{paced} paced");
+    assert_eq!(p.counters().paced, paced as u64);
+    assert_eq!(p.counters().rate_limited, 100 - paced as u64);
     // A second throttle soon after backs off longer than the base.
     assert!(p.on_server_throttle(None) >= Duration::from_secs(2));
 }

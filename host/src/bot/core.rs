@@ -137,6 +137,14 @@ impl BotCore {
                 }
                 match self.policy.outbound(&out.room, &out.text, Some(inbound)) {
                     OutboundVerdict::Send(o) => {
+                        if !o.delay.is_zero() {
+                            tracing::debug!(
+                                bot = %self.label,
+                                room = %out.room,
+                                wait_ms = o.delay.as_millis() as u64,
+                                "reply paced by the rate limits"
+                            );
+                        }
                         if o.edits.notable() {
                             tracing::info!(
                                 bot = %self.label,

@@ -64,6 +64,8 @@ pub struct ReplayReport {
     pub delivered: u64,
     pub replies: u64,
     pub blocked: u64,
+    /// Replies the rate limits held back to a later slot (still sent).
+    pub paced: u64,
     pub rate_limited: u64,
     pub loop_guarded: u64,
     pub flagged_inbound: u64,
@@ -208,6 +210,7 @@ pub async fn replay(
     report.delivered = pc.delivered;
     report.replies = report.reply_list.len() as u64;
     report.blocked = pc.blocked + pc.leak_blocked;
+    report.paced = pc.paced;
     report.rate_limited = pc.rate_limited;
     report.loop_guarded = pc.loop_guarded;
     report.flagged_inbound = pc.flagged_inbound;
@@ -228,6 +231,7 @@ impl ReplayReport {
             "delivered": self.delivered,
             "replies": self.replies,
             "blocked": self.blocked,
+            "paced": self.paced,
             "rate_limited": self.rate_limited,
             "loop_guarded": self.loop_guarded,
             "flagged_inbound": self.flagged_inbound,
@@ -275,12 +279,14 @@ impl ReplayReport {
             out.push_str(&format!("error: {e}\n"));
         }
         out.push_str(&format!(
-            "\n{} lines, {} messages in, {} delivered, {} replies; blocked {}, rate-limited {}, \
-             loop-guarded {}, flagged inbound {}, plugin errors {}, malformed lines {}\n",
+            "\n{} lines, {} messages in, {} delivered, {} replies ({} paced by the rate limits); \
+             blocked {}, rate-limited (stale) {}, loop-guarded {}, flagged inbound {}, \
+             plugin errors {}, malformed lines {}\n",
             self.lines,
             self.messages_in,
             self.delivered,
             self.replies,
+            self.paced,
             self.blocked,
             self.rate_limited,
             self.loop_guarded,

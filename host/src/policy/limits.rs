@@ -1,7 +1,9 @@
-//! Rate limits for one bot, on governor and the policy [`Clock`].
+//! Rate limits for one bot, on the policy [`Clock`].
 //!
-//! Four gates, checked in this order for every reply; the first that says no drops the
-//! reply (it is never queued) and names itself in [`RateLimited::which`]:
+//! Four gates for every message; [`RateLimits::check`] lets one through now or names the
+//! gate that holds it back longest in [`RateLimited::which`], and
+//! [`RateLimits::reserve`] books the earliest slot all four allow (pacing: a reply waits
+//! for its slot instead of being dropped, unless the wait passes a bound):
 //!
 //! 1. **server back-pressure** ([`LimitKind::Server`]): after
 //!    [`RateLimits::on_server_throttle`] (a 429, a close frame asking to slow down) nothing
@@ -12,12 +14,10 @@
 //! 3. **per room per minute** ([`LimitKind::Room`], default 6, bursts of 2);
 //! 4. **per bot per minute** ([`LimitKind::Bot`], default 20, bursts of 5), across rooms.
 //!
-//! The per-minute numbers are hard ceilings over **any** 60-second window: governor's
-//! GCRA with burst `b` and a replenish period of `60 s / (n − b + 1)` admits at most `n`
-//! cells in any half-open 60 s window (a plain `Quota::per_minute(n)` would admit up to
-//! `2n − 1`). Room gates come before the bot gate so a flooded room cannot use up the
-//! bot's budget for quiet rooms; the price is that a reply refused by the bot gate has
-//! used a room cell.
+//! The per-minute numbers are hard ceilings over **any** 60-second window: a GCRA with
+//! burst `b` and a period of `60 s / (n − b + 1)` admits at most `n` cells in any
+//! half-open 60 s window (a plain per-minute rate would admit up to `2n − 1`). All gates
+//! are consulted before any is charged, so a refused message uses no cell.
 //!
 //! ```
 //! use std::time::Duration;
@@ -34,13 +34,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::HashMapStateStore;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 
 use super::clock::Clock;
@@ -67,6 +62,12 @@ pub struct LimitsConfig {
     /// A throttle this long after the previous pause ended starts the backoff over, in s.
     /// Default 600.
     pub throttle_reset_secs: u64,
+    /// A reply the limits hold back waits for its slot (paced) unless the wait would be
+    /// longer than this, in s; then it is dropped as stale. Default 120.
+    pub max_wait_secs: u64,
+    /// Most replies waiting for their slot in one room; more are dropped as stale.
+    /// Default 20.
+    pub max_queued_per_room: u32,
 }
 
 impl Default for LimitsConfig {
@@ -80,6 +81,8 @@ impl Default for LimitsConfig {
             throttle_base_ms: 1000,
             throttle_max_ms: 300_000,
             throttle_reset_secs: 600,
+            max_wait_secs: 120,
+            max_queued_per_room: 20,
         }
     }
 }
@@ -132,43 +135,77 @@ pub struct RateLimited {
     pub retry_after: Duration,
 }
 
-type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<Duration>>;
-type Keyed = RateLimiter<String, HashMapStateStore<String>, Clock, NoOpMiddleware<Duration>>;
+/// One GCRA gate (the generic cell rate algorithm, as in governor): cells are spaced
+/// `interval` apart on average, `tolerance` lets `burst` of them go back to back.
+/// Written here rather than taken from governor because pacing needs *reservations*:
+/// the earliest time a future cell conforms, committed ahead of time.
+#[derive(Clone, Copy, Debug)]
+struct Gcra {
+    interval: Duration,
+    tolerance: Duration,
+}
+
+impl Gcra {
+    /// At most `per_minute` cells in any 60 s window, `burst` at once: a period of
+    /// `60 s / (n − b + 1)` with burst `b` admits at most `n` cells in any half-open
+    /// 60 s window (a plain per-minute rate would admit up to `2n − 1`).
+    fn window(per_minute: u32, burst: u32) -> Gcra {
+        let n = per_minute.max(1);
+        let b = burst.clamp(1, n);
+        let steady = u64::from(n - b + 1);
+        // Round the period up so rounding can never admit an extra cell.
+        let interval = Duration::from_nanos(60_000_000_000u64.div_ceil(steady));
+        Gcra {
+            interval,
+            tolerance: interval * (b - 1),
+        }
+    }
+
+    /// The earliest time at or after `now` a cell conforms, given the theoretical
+    /// arrival time `tat`.
+    fn earliest(&self, tat: Duration, now: Duration) -> Duration {
+        now.max(tat.saturating_sub(self.tolerance))
+    }
+
+    /// The new theoretical arrival time after a cell at `at`.
+    fn commit(&self, tat: Duration, at: Duration) -> Duration {
+        tat.max(at) + self.interval
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct RoomGate {
+    tat: Duration,
+    last_sent: Option<Duration>,
+    /// Slots reserved ahead of now, oldest first (pruned as time passes).
+    ahead: std::collections::VecDeque<Duration>,
+}
 
 /// The rate limits of one bot.
 pub struct RateLimits {
     clock: Clock,
-    bot: Direct,
-    rooms: Keyed,
+    bot_gate: Gcra,
+    bot_tat: Duration,
+    room_gate: Gcra,
+    rooms: HashMap<String, RoomGate>,
     room_min_interval: Duration,
-    last_sent: HashMap<String, Duration>,
     throttle_base: Duration,
     throttle_max: Duration,
     throttle_reset: Duration,
     paused_until: Option<Duration>,
     strikes: u32,
+    max_wait: Duration,
+    max_queued_per_room: usize,
 }
 
 impl fmt::Debug for RateLimits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimits")
-            .field("rooms", &self.last_sent.len())
+            .field("rooms", &self.rooms.len())
             .field("paused_until", &self.paused_until)
             .field("strikes", &self.strikes)
             .finish_non_exhaustive()
     }
-}
-
-/// A quota admitting at most `per_minute` cells in any 60 s window, `burst` at once.
-fn window_quota(per_minute: u32, burst: u32) -> Quota {
-    let n = per_minute.max(1);
-    let b = burst.clamp(1, n);
-    let steady = u64::from(n - b + 1);
-    // Round the period up so rounding can never admit an extra cell.
-    let period_ns = 60_000_000_000u64.div_ceil(steady);
-    Quota::with_period(Duration::from_nanos(period_ns))
-        .expect("non-zero period")
-        .allow_burst(NonZeroU32::new(b).expect("burst >= 1"))
 }
 
 impl RateLimits {
@@ -181,18 +218,12 @@ impl RateLimits {
             return Err(LimitsConfigError::Zero("room_per_minute"));
         }
         Ok(RateLimits {
-            bot: RateLimiter::direct_with_clock(
-                window_quota(config.bot_per_minute, config.bot_burst),
-                clock.clone(),
-            ),
-            rooms: RateLimiter::new(
-                window_quota(config.room_per_minute, config.room_burst),
-                HashMapStateStore::default(),
-                clock.clone(),
-            ),
             clock,
+            bot_gate: Gcra::window(config.bot_per_minute, config.bot_burst),
+            bot_tat: Duration::ZERO,
+            room_gate: Gcra::window(config.room_per_minute, config.room_burst),
+            rooms: HashMap::new(),
             room_min_interval: Duration::from_millis(config.room_min_interval_ms),
-            last_sent: HashMap::new(),
             throttle_base: Duration::from_millis(config.throttle_base_ms.max(1)),
             throttle_max: Duration::from_millis(
                 config.throttle_max_ms.max(config.throttle_base_ms).max(1),
@@ -200,46 +231,112 @@ impl RateLimits {
             throttle_reset: Duration::from_secs(config.throttle_reset_secs),
             paused_until: None,
             strikes: 0,
+            max_wait: Duration::from_secs(config.max_wait_secs),
+            max_queued_per_room: config.max_queued_per_room as usize,
         })
     }
 
-    /// Checks every gate for one message to `room`; on success the message is counted
-    /// as sent (call this only for a message that will be sent if allowed).
-    pub fn check(&mut self, room: &str) -> Result<(), RateLimited> {
-        let now = self.clock.now();
-        if let Some(until) = self.paused_until.filter(|u| *u > now) {
-            return Err(RateLimited {
-                which: LimitKind::Server,
-                retry_after: until - now,
-            });
-        }
-        if let Some(last) = self.last_sent.get(room) {
-            let since = now.saturating_sub(*last);
-            if since < self.room_min_interval {
-                return Err(RateLimited {
-                    which: LimitKind::RoomInterval,
-                    retry_after: self.room_min_interval - since,
-                });
+    /// The longest a paced reply may wait for its slot.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// The earliest time (on the policy clock) a message to `room` may go, and the
+    /// gate that holds it back longest (`None`: it may go now). Changes nothing.
+    pub fn earliest(&self, room: &str) -> (Duration, Option<LimitKind>) {
+        self.earliest_at(room, self.clock.now())
+    }
+
+    fn earliest_at(&self, room: &str, now: Duration) -> (Duration, Option<LimitKind>) {
+        let (tat, last_sent) = self
+            .rooms
+            .get(room)
+            .map_or((Duration::ZERO, None), |g| (g.tat, g.last_sent));
+        let mut at = now;
+        let mut which = None;
+        let mut later = |t: Duration, kind: LimitKind| {
+            if t > at {
+                at = t;
+                which = Some(kind);
             }
+        };
+        if let Some(until) = self.paused_until {
+            later(until, LimitKind::Server);
         }
-        let key = room.to_string();
-        if let Err(not_until) = self.rooms.check_key(&key) {
-            return Err(RateLimited {
-                which: LimitKind::Room,
-                retry_after: not_until.wait_time_from(now),
-            });
+        if let Some(last) = last_sent {
+            later(last + self.room_min_interval, LimitKind::RoomInterval);
         }
-        if let Err(not_until) = self.bot.check() {
-            return Err(RateLimited {
-                which: LimitKind::Bot,
-                retry_after: not_until.wait_time_from(now),
-            });
-        }
-        self.last_sent.insert(key, now);
-        if self.last_sent.len() > 1024 {
+        later(self.room_gate.earliest(tat, now), LimitKind::Room);
+        later(self.bot_gate.earliest(self.bot_tat, now), LimitKind::Bot);
+        (at, which)
+    }
+
+    /// Counts a message to `room` as sent at `at` (now, or a reserved time ahead).
+    fn commit(&mut self, room: &str, at: Duration) {
+        let now = self.clock.now();
+        if self.rooms.len() > 1024 && !self.rooms.contains_key(room) {
             self.forget_idle(now);
         }
-        Ok(())
+        let gate = self.rooms.entry(room.to_string()).or_default();
+        gate.tat = self.room_gate.commit(gate.tat, at);
+        gate.last_sent = Some(gate.last_sent.map_or(at, |l| l.max(at)));
+        while gate.ahead.front().is_some_and(|t| *t <= now) {
+            gate.ahead.pop_front();
+        }
+        if at > now {
+            gate.ahead.push_back(at);
+        }
+        self.bot_tat = self.bot_gate.commit(self.bot_tat, at);
+    }
+
+    /// Replies waiting for a reserved slot in `room`.
+    pub fn queued(&self, room: &str) -> usize {
+        let now = self.clock.now();
+        self.rooms
+            .get(room)
+            .map_or(0, |g| g.ahead.iter().filter(|t| **t > now).count())
+    }
+
+    /// Pacing: reserves the earliest slot for a reply to `room` if it is at most
+    /// `max_wait_secs` away and fewer than `max_queued_per_room` replies wait in the
+    /// room; returns the wait (zero: at once). Otherwise nothing is reserved and the
+    /// reply is to be dropped as stale.
+    pub fn pace(&mut self, room: &str) -> Result<Duration, RateLimited> {
+        if self.queued(room) >= self.max_queued_per_room {
+            let now = self.clock.now();
+            let (at, which) = self.earliest_at(room, now);
+            return Err(RateLimited {
+                which: which.unwrap_or(LimitKind::Room),
+                retry_after: at.saturating_sub(now),
+            });
+        }
+        self.reserve(room, self.max_wait)
+    }
+
+    /// Checks every gate for one message to `room` now; on success the message is
+    /// counted as sent (call this only for a message that will be sent if allowed).
+    pub fn check(&mut self, room: &str) -> Result<(), RateLimited> {
+        self.reserve(room, Duration::ZERO).map(drop)
+    }
+
+    /// Reserves the earliest slot for one message to `room` and returns how long from
+    /// now it is (zero: at once), unless that is more than `max_wait` away: then
+    /// nothing is reserved and the gate that holds it back longest is named. Slots are
+    /// handed out in call order, so replies reserved one after another go in order,
+    /// and every ceiling holds over the reserved times exactly.
+    pub fn reserve(&mut self, room: &str, max_wait: Duration) -> Result<Duration, RateLimited> {
+        // One reading of the clock for the whole decision.
+        let now = self.clock.now();
+        let (at, which) = self.earliest_at(room, now);
+        let wait = at.saturating_sub(now);
+        if wait > max_wait {
+            return Err(RateLimited {
+                which: which.unwrap_or(LimitKind::Bot),
+                retry_after: wait,
+            });
+        }
+        self.commit(room, at);
+        Ok(wait)
     }
 
     /// The server asked to slow down (HTTP 429, a close frame, …), optionally saying for
@@ -282,8 +379,11 @@ impl RateLimits {
 
     fn forget_idle(&mut self, now: Duration) {
         let keep = Duration::from_secs(120).max(self.room_min_interval);
-        self.last_sent.retain(|_, t| now.saturating_sub(*t) < keep);
-        self.rooms.retain_recent();
+        // A gate whose cells have all drained and whose last message is long past
+        // says nothing a fresh one wouldn't.
+        self.rooms.retain(|_, g| {
+            g.tat > now || g.last_sent.is_some_and(|t| now.saturating_sub(t) < keep)
+        });
     }
 }
 
@@ -409,11 +509,50 @@ mod tests {
 
     #[test]
     fn quota_math() {
-        let q = window_quota(20, 5);
-        assert_eq!(q.burst_size().get(), 5);
-        assert_eq!(q.replenish_interval(), Duration::from_millis(3750));
-        let q = window_quota(6, 10);
-        assert_eq!(q.burst_size().get(), 6);
-        assert_eq!(q.replenish_interval(), Duration::from_secs(60));
+        let q = Gcra::window(20, 5);
+        assert_eq!(q.interval, Duration::from_millis(3750));
+        assert_eq!(q.tolerance, Duration::from_millis(3750 * 4)); // burst of 5
+        let q = Gcra::window(6, 10);
+        assert_eq!(q.interval, Duration::from_secs(60));
+        assert_eq!(q.tolerance, Duration::from_secs(60 * 5)); // burst of 6
+    }
+
+    #[test]
+    fn reservations_pace_replies_in_order_within_every_ceiling() {
+        let (t, mut l) = limits(LimitsConfig::default());
+        let max_wait = Duration::from_secs(120);
+        // 20 replies asked for at once: each gets the next slot, none is refused until
+        // the wait would pass two minutes.
+        let mut at = Vec::new();
+        let mut refused = None;
+        for i in 0..20 {
+            match l.reserve("lobby", max_wait) {
+                Ok(wait) => at.push(t.now() + wait),
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            }
+        }
+        let (i, e) = refused.expect("a two-minute bound refuses some of 20");
+        assert!(i >= 12, "only {i} paced");
+        assert!(e.retry_after > max_wait);
+        assert!(at.windows(2).all(|w| w[1] - w[0] >= Duration::from_secs(2)));
+        assert!(max_in_window(&at, Duration::from_secs(60)) <= 6);
+        assert_eq!(at[0], t.now(), "the first goes at once");
+        // Nothing was reserved for the refused one: the next check sees the same wait.
+        let (next, _) = l.earliest("lobby");
+        assert!(next > *at.last().unwrap());
+        assert_eq!(next - t.now(), e.retry_after);
+    }
+
+    #[test]
+    fn earliest_names_the_gate_holding_longest() {
+        let (_t, mut l) = limits(LimitsConfig::default());
+        assert_eq!(l.earliest("a").1, None);
+        l.check("a").unwrap();
+        assert_eq!(l.earliest("a").1, Some(LimitKind::RoomInterval));
+        l.on_server_throttle(Some(Duration::from_secs(30)));
+        assert_eq!(l.earliest("a").1, Some(LimitKind::Server));
     }
 }

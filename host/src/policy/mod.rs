@@ -219,6 +219,9 @@ pub struct Outgoing {
     pub text: String,
     /// What normalisation changed (log it when [`Edits::notable`]).
     pub edits: Edits,
+    /// How long the rate limits hold it back (zero: it may go at once). The slot is
+    /// reserved; a live bot's session paces the send to it.
+    pub delay: Duration,
 }
 
 /// What outbound policy decided about one reply.
@@ -364,7 +367,11 @@ pub struct PolicyCounters {
     pub leak_blocked: u64,
     /// Replies empty after normalisation.
     pub empty: u64,
-    /// Replies dropped by a rate limit (server back-pressure included).
+    /// Replies allowed out but held back by the rate limits: paced to a later slot.
+    pub paced: u64,
+    /// Replies dropped because the rate limits would hold them back longer than
+    /// `max_wait_secs` (or too many already wait in the room): stale before they
+    /// could go (server back-pressure included).
     pub rate_limited: u64,
     /// Of those, dropped during server back-pressure.
     pub server_throttled: u64,
@@ -596,13 +603,22 @@ impl Policy {
                 LoopVerdict::Repetition { similarity } => DropReason::Repetition { similarity },
             });
         }
-        if let Err(RateLimited { which, retry_after }) = self.limits.check(room) {
-            return OutboundVerdict::Drop(DropReason::RateLimited { which, retry_after });
+        // Pace, don't drop: a reply the limits hold back waits for its slot (the
+        // session sends it then); only one that would wait too long is dropped.
+        let delay = match self.limits.pace(room) {
+            Ok(delay) => delay,
+            Err(RateLimited { which, retry_after }) => {
+                return OutboundVerdict::Drop(DropReason::RateLimited { which, retry_after });
+            }
+        };
+        if !delay.is_zero() {
+            self.counters.paced += 1;
         }
         self.loop_guard.record(room, partner, &out.text, now);
         OutboundVerdict::Send(Outgoing {
             text: out.text,
             edits: out.edits,
+            delay,
         })
     }
 
@@ -719,15 +735,13 @@ mod tests {
         let from = msg("rook", "hi");
         let v = p.outbound("lobby", "the shining ribbons-5ea3:  hi  rook", Some(&from));
         assert_eq!(v.text(), Some("hi rook"));
-        // Min interval.
+        // Min interval: paced to its slot 2 s later, not dropped.
         let v = p.outbound("lobby", "another thought entirely", Some(&from));
-        assert!(matches!(
-            v.drop_reason(),
-            Some(DropReason::RateLimited {
-                which: LimitKind::RoomInterval,
-                ..
-            })
-        ));
+        match v {
+            OutboundVerdict::Send(out) => assert_eq!(out.delay, Duration::from_secs(2)),
+            other => panic!("not paced: {other:?}"),
+        }
+        assert_eq!(p.counters().paced, 1);
         t.advance(Duration::from_secs(3));
         // Repetition.
         let v = p.outbound("lobby", "Hi rook!", Some(&from));
@@ -748,9 +762,15 @@ mod tests {
             p.outbound("lobby", " \u{200B} ", None).drop_reason(),
             Some(&DropReason::Empty)
         );
-        // Server throttle.
+        // Server throttle: paced past the pause...
         p.on_server_throttle(Some(Duration::from_secs(5)));
-        let v = p.outbound("lobby", "fresh words", None);
+        match p.outbound("lobby", "fresh words", None) {
+            OutboundVerdict::Send(out) => assert!(out.delay >= Duration::from_secs(5)),
+            other => panic!("not paced: {other:?}"),
+        }
+        // ... unless the pause is longer than a reply may wait: then it is stale.
+        p.on_server_throttle(Some(Duration::from_secs(600)));
+        let v = p.outbound("lobby", "later words", None);
         assert!(matches!(
             v.drop_reason(),
             Some(DropReason::RateLimited {
@@ -763,13 +783,14 @@ mod tests {
             (
                 c.replies_in,
                 c.sent,
+                c.paced,
                 c.blocked,
                 c.empty,
                 c.rate_limited,
                 c.loop_guarded,
                 c.repetitions
             ),
-            (6, 1, 1, 1, 2, 1, 1)
+            (7, 3, 2, 1, 1, 1, 1, 1)
         );
         assert_eq!(c.prefix_stripped, 1);
     }

@@ -141,6 +141,12 @@ pub struct SessionConfig {
     pub seen_capacity: usize,
     /// Seed for jitter and name suffixes (default: from the OS).
     pub rng_seed: Option<u64>,
+    /// Rate limits the session paces its sends to (default: none). A reply the limits
+    /// hold back waits in the outbox for its slot, in order per room, and is dropped as
+    /// stale only after waiting `max_wait_secs`. Every frame on the wire is counted, so
+    /// the ceilings hold exactly whatever the connection does (a reconnect releases a
+    /// backlog at the paced rate, not at once).
+    pub pacing: Option<crate::policy::LimitsConfig>,
 }
 
 impl Default for SessionConfig {
@@ -170,6 +176,7 @@ impl Default for SessionConfig {
             max_frame_bytes: crate::protocol::MAX_FRAME_BYTES,
             seen_capacity: 4096,
             rng_seed: None,
+            pacing: None,
         }
     }
 }
@@ -280,10 +287,42 @@ pub struct SessionStatus {
     pub outbox_stale: u64,
     /// Replies never sent because their outbox row could not be saved.
     pub outbox_unsaved: u64,
+    /// Replies held back by the rate limits and sent later (paced).
+    pub paced: u64,
+    /// Paced replies dropped because they waited longer than `max_wait_secs`.
+    pub paced_stale: u64,
+    /// How long paced replies waited, per [`PACE_WAIT_BUCKETS`] bucket (the last one is
+    /// +Inf; not cumulative), and the sum in milliseconds.
+    pub pace_wait_buckets: Vec<u64>,
+    pub pace_wait_sum_ms: u64,
     /// Times the server asked us to slow down (429, close 1013/4008/4029/4429).
     pub throttles: u64,
     /// Frames received, unknown and undecodable.
     pub protocol: ProtocolStatsSnapshot,
+}
+
+/// Upper bounds (seconds) of the buckets of the pacing wait histogram.
+pub const PACE_WAIT_BUCKETS: [f64; 9] = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+#[derive(Debug, Default)]
+struct PaceStats {
+    paced: AtomicU64,
+    stale: AtomicU64,
+    buckets: [AtomicU64; PACE_WAIT_BUCKETS.len() + 1],
+    sum_ms: AtomicU64,
+}
+
+impl PaceStats {
+    fn observe(&self, waited: Duration) {
+        let secs = waited.as_secs_f64();
+        let i = PACE_WAIT_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(PACE_WAIT_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms
+            .fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 /// What [`SessionHandle::watch`] publishes on every state change.
@@ -314,7 +353,10 @@ impl Membership {
     }
 
     pub fn contains(&self, room: &str) -> bool {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).contains(room)
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(room)
     }
 
     /// The rooms, sorted.
@@ -364,6 +406,8 @@ struct Shared {
     outbox_unsaved: AtomicU64,
     /// Replies queued whose row is not committed yet (part of the outbox depth).
     outbox_committing: AtomicUsize,
+    /// Replies the rate limits held back, and how long they waited.
+    pacing: PaceStats,
     throttles: AtomicU64,
     outbox_depth: AtomicUsize,
     protocol: ProtocolStats,
@@ -413,7 +457,9 @@ impl SessionHandle {
         let created_at = crate::store::now_ms();
         let (cmds, shared) = (self.cmds.clone(), self.shared.clone());
         let (room_owned, text_owned) = (room.to_string(), text.to_string());
-        self.shared.outbox_committing.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .outbox_committing
+            .fetch_add(1, Ordering::Relaxed);
         let id = self.store.outbox_enqueue(
             &self.shared.bot,
             room,
@@ -496,6 +542,15 @@ impl SessionHandle {
             inbound_dropped: s.events.dropped.load(Ordering::Relaxed),
             outbox_stale: s.outbox_stale.load(Ordering::Relaxed),
             outbox_unsaved: s.outbox_unsaved.load(Ordering::Relaxed),
+            paced: s.pacing.paced.load(Ordering::Relaxed),
+            paced_stale: s.pacing.stale.load(Ordering::Relaxed),
+            pace_wait_buckets: s
+                .pacing
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            pace_wait_sum_ms: s.pacing.sum_ms.load(Ordering::Relaxed),
             throttles: s.throttles.load(Ordering::Relaxed),
             protocol: s.protocol.snapshot(),
         }
@@ -577,6 +632,7 @@ pub fn spawn_with(
         outbox_stale: AtomicU64::new(0),
         outbox_unsaved: AtomicU64::new(0),
         outbox_committing: AtomicUsize::new(0),
+        pacing: PaceStats::default(),
         throttles: AtomicU64::new(0),
         outbox_depth: AtomicUsize::new(outbox.depth()),
         protocol: ProtocolStats::default(),

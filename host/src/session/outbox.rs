@@ -26,6 +26,8 @@ struct Open {
     entry: OutboxEntry,
     /// The connection it was last written to (None: never in this run).
     sent_conn: Option<u64>,
+    /// The rate limits held it back at least once (it is being paced).
+    paced: bool,
 }
 
 /// Open (pending or sent-unconfirmed) entries of one bot, in id order.
@@ -47,14 +49,12 @@ impl Outbox {
                     Open {
                         entry,
                         sent_conn: None,
+                        paced: false,
                     },
                 )
             })
             .collect();
-        Ok(Outbox {
-            store,
-            open,
-        })
+        Ok(Outbox { store, open })
     }
 
     /// Adds an entry the handle already persisted.
@@ -65,9 +65,35 @@ impl Outbox {
                 Open {
                     entry,
                     sent_conn: None,
+                    paced: false,
                 },
             );
         }
+    }
+
+    /// Notes that the rate limits held `id` back; true the first time.
+    pub fn mark_paced(&mut self, id: OutboxId) -> bool {
+        self.open
+            .get_mut(&id)
+            .is_some_and(|o| !std::mem::replace(&mut o.paced, true))
+    }
+
+    /// Whether the rate limits held `id` back at some point.
+    pub fn was_paced(&self, id: OutboxId) -> bool {
+        self.open.get(&id).is_some_and(|o| o.paced)
+    }
+
+    /// Drops paced entries never sent and created before `now_ms - max_wait_ms`: they
+    /// waited longer for their rate-limit slot than allowed. Returns them.
+    pub fn expire_paced(&mut self, now_ms: i64, max_wait_ms: i64) -> Vec<OutboxEntry> {
+        let cutoff = now_ms.saturating_sub(max_wait_ms);
+        let stale: Vec<OutboxId> = self
+            .open
+            .values()
+            .filter(|o| o.paced && o.entry.attempts == 0 && o.entry.created_at < cutoff)
+            .map(|o| o.entry.id)
+            .collect();
+        self.finish_all(&stale, OutboxState::Stale)
     }
 
     /// Open entries.

@@ -33,6 +33,7 @@ use super::machine::{Disconnect, RetryPolicy, SessionState, plan_retry};
 use super::outbox::Outbox;
 use super::recovery::{self, FetchError, FetchParams, Recovered, RoomFetch};
 use super::{Backoff, Command, SessionConfig, SessionEvent, Shared, StateSnapshot};
+use crate::policy::{LimitKind, RateLimited, RateLimits};
 use crate::protocol::{ChatMessage, ClientFrame, ServerFrame};
 use crate::store::{Store, now_ms};
 
@@ -181,6 +182,10 @@ pub(super) struct Supervisor {
     /// Shutdown requested; the flush deadline.
     stopping: Option<Instant>,
     conn_seq: u64,
+    /// The rate limits sends are paced to (`SessionConfig::pacing`).
+    limits: Option<RateLimits>,
+    /// When the rate limits next let a held-back entry go.
+    next_due: Option<Instant>,
 }
 
 impl Supervisor {
@@ -205,7 +210,14 @@ impl Supervisor {
             })
             .collect();
         let seen = SeenSet::new(parts.config.seen_capacity);
+        let limits = parts.config.pacing.as_ref().and_then(|cfg| {
+            RateLimits::new(cfg, crate::policy::Clock::real())
+                .map_err(|e| tracing::error!(error = %e, "pacing is off: invalid limits"))
+                .ok()
+        });
         Supervisor {
+            limits,
+            next_due: None,
             cfg: parts.config,
             endpoints: parts.endpoints,
             store: parts.store,
@@ -281,6 +293,9 @@ impl Supervisor {
                     );
                     if cause.next() == super::machine::Next::SlowDown {
                         self.shared.throttles.fetch_add(1, Ordering::Relaxed);
+                        if let Some(limits) = &mut self.limits {
+                            limits.on_server_throttle(Some(retry.delay));
+                        }
                         // The bot's outbound policy pauses replies for as long as we stay away.
                         self.shared.events.push(SessionEvent::Throttled {
                             retry_after: Some(retry.delay),
@@ -383,7 +398,9 @@ impl Supervisor {
             }
             Some(Command::Enqueued(entry)) => {
                 self.outbox.add(entry);
-                self.shared.outbox_committing.fetch_sub(1, Ordering::Relaxed);
+                self.shared
+                    .outbox_committing
+                    .fetch_sub(1, Ordering::Relaxed);
                 self.update_depth();
                 true
             }
@@ -422,6 +439,27 @@ impl Supervisor {
     fn expire_outbox(&mut self) {
         let ttl = i64::try_from(self.cfg.outbox_ttl.as_millis()).unwrap_or(i64::MAX);
         let now = now_ms();
+        if let Some(limits) = &self.limits {
+            let max_wait = i64::try_from(limits.max_wait().as_millis()).unwrap_or(i64::MAX);
+            let stale = self.outbox.expire_paced(now, max_wait);
+            for entry in &stale {
+                tracing::warn!(
+                    bot = self.bot(),
+                    room = %entry.room,
+                    id = %entry.id,
+                    waited_s = (now - entry.created_at) / 1000,
+                    reason = "stale: waited too long for its rate-limit slot",
+                    "outbox entry dropped"
+                );
+            }
+            if !stale.is_empty() {
+                self.shared
+                    .pacing
+                    .stale
+                    .fetch_add(stale.len() as u64, Ordering::Relaxed);
+                self.update_depth();
+            }
+        }
         let stale = self.outbox.expire(now, ttl);
         if stale.is_empty() {
             return;
@@ -635,6 +673,10 @@ impl Supervisor {
                     self.on_recovered(&mut c, result)
                 }
                 _ = tick.tick(), if housekeeping => self.on_tick(&mut c),
+                () = sleep_until_due(self.next_due), if self.next_due.is_some() => {
+                    self.next_due = None;
+                    self.flush_if_active(&c)
+                }
                 result = &mut writer.0 => {
                     let why = match result {
                         Ok(Ok(())) => "writer stopped".to_string(),
@@ -652,7 +694,11 @@ impl Supervisor {
 
     /// Joins every room again (joining is per connection) and sets up the state of a
     /// new connection.
-    fn open_conn(&mut self, identity: Identity, out_tx: mpsc::Sender<Message>) -> Result<Conn, ConnEnd> {
+    fn open_conn(
+        &mut self,
+        identity: Identity,
+        out_tx: mpsc::Sender<Message>,
+    ) -> Result<Conn, ConnEnd> {
         let mut joined: HashSet<String> = HashSet::new();
         for room in self.rooms.keys() {
             let frame = ClientFrame::Join { room: room.clone() }.encode();
@@ -723,7 +769,9 @@ impl Supervisor {
             }
             Some(Command::Enqueued(entry)) => {
                 self.outbox.add(entry);
-                self.shared.outbox_committing.fetch_sub(1, Ordering::Relaxed);
+                self.shared
+                    .outbox_committing
+                    .fetch_sub(1, Ordering::Relaxed);
                 self.update_depth();
             }
             Some(Command::Join(room)) => {
@@ -881,33 +929,60 @@ impl Supervisor {
         }
     }
 
-    /// Writes every sendable outbox entry (in id order) to the connection. Holds back while
-    /// the connection has been silent for more than a ping interval.
+    /// Writes every sendable outbox entry (in id order) to the connection, paced by
+    /// the rate limits: an entry they hold back waits (and so do the later ones of its
+    /// room, or of every room when the bot-wide or server gate holds), and a timer is
+    /// set for when it may go. Holds back while the connection has been silent for more
+    /// than a ping interval.
     fn flush(&mut self, c: &Conn) -> Result<(), Disconnect> {
         if c.last_life.elapsed() > self.cfg.ping_interval {
             return Ok(());
         }
+        self.next_due = None;
+        let mut held: HashSet<String> = HashSet::new();
         for id in self.outbox.sendable(c.seq, &c.joined) {
             let Some(entry) = self.outbox.get(id) else {
                 continue;
             };
+            if held.contains(&entry.room) {
+                continue;
+            }
+            let permit = match c.out_tx.try_reserve() {
+                Ok(permit) => permit,
+                Err(TrySendError::Full(())) => break,
+                Err(TrySendError::Closed(())) => {
+                    return Err(Disconnect::Io("connection writer is gone".into()));
+                }
+            };
+            if let Some(limits) = &mut self.limits
+                && let Err(RateLimited { which, retry_after }) = limits.check(&entry.room)
+            {
+                let room = entry.room.clone();
+                if self.outbox.mark_paced(id) {
+                    self.shared.pacing.paced.fetch_add(1, Ordering::Relaxed);
+                }
+                let due = Instant::now() + retry_after;
+                self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
+                if matches!(which, LimitKind::Bot | LimitKind::Server) {
+                    break;
+                }
+                held.insert(room);
+                continue;
+            }
             let frame = ClientFrame::Send {
                 room: entry.room.clone(),
                 text: entry.text.clone(),
             }
             .encode();
-            match c.out_tx.try_reserve() {
-                Ok(permit) => {
-                    // Recorded as sent before it can reach the wire.
-                    self.outbox.mark_sent(id, c.seq, now_ms());
-                    permit.send(Message::Text(frame.into()));
-                    self.shared.messages_out.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(TrySendError::Full(())) => break,
-                Err(TrySendError::Closed(())) => {
-                    return Err(Disconnect::Io("connection writer is gone".into()));
-                }
+            let now = now_ms();
+            if entry.attempts == 0 && self.outbox.was_paced(id) {
+                let waited = u64::try_from(now - entry.created_at).unwrap_or(0);
+                self.shared.pacing.observe(Duration::from_millis(waited));
             }
+            // Recorded as sent before it can reach the wire.
+            self.outbox.mark_sent(id, c.seq, now);
+            permit.send(Message::Text(frame.into()));
+            self.shared.messages_out.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1036,6 +1111,13 @@ impl Supervisor {
                 );
             }
         }
+    }
+}
+
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
