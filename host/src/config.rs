@@ -63,7 +63,11 @@ impl Default for PathsSection {
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeSection {
     pub pooling: bool,
-    pub pool_instances: u32,
+    /// Live persona instances at once; unset: what the machine can hold (its memory
+    /// divided by `[limits] memory_bytes`, between 16 and 2048).
+    pub pool_instances: Option<u32>,
+    /// An instance idle this long is dropped (0: as soon as its call ends).
+    pub instance_idle_secs: u64,
     pub max_memory_mib: u64,
     pub epoch_tick_ms: u64,
     pub max_wasm_stack_kib: usize,
@@ -74,7 +78,8 @@ impl Default for RuntimeSection {
         let d = crate::plugin::RuntimeConfig::default();
         RuntimeSection {
             pooling: d.pooling,
-            pool_instances: d.pool_instances,
+            pool_instances: None,
+            instance_idle_secs: d.instance_idle.as_secs(),
             max_memory_mib: d.max_memory_bytes >> 20,
             epoch_tick_ms: d.epoch_tick.as_millis() as u64,
             max_wasm_stack_kib: d.max_wasm_stack >> 10,
@@ -404,7 +409,10 @@ impl Config {
             ("session.inbound_queue", s.inbound_queue as u64),
             ("session.inbound_queue_bytes", s.inbound_queue_bytes as u64),
             ("runtime.epoch_tick_ms", self.runtime.epoch_tick_ms),
-            ("runtime.pool_instances", self.runtime.pool_instances as u64),
+            (
+                "runtime.pool_instances",
+                self.runtime.pool_instances.map_or(1, u64::from),
+            ),
             ("cache.max_mib", self.cache.max_mib),
             ("reload.debounce_ms", self.reload.debounce_ms),
         ] {
@@ -497,7 +505,10 @@ impl Config {
         let r = &self.runtime;
         crate::plugin::RuntimeConfig {
             pooling: r.pooling,
-            pool_instances: r.pool_instances,
+            pool_instances: r.pool_instances.unwrap_or_else(|| {
+                crate::plugin::engine::default_pool_instances(self.limits.memory_bytes)
+            }),
+            instance_idle: Duration::from_secs(r.instance_idle_secs),
             max_memory_bytes: r.max_memory_mib << 20,
             epoch_tick: Duration::from_millis(r.epoch_tick_ms),
             max_wasm_stack: r.max_wasm_stack_kib << 10,
@@ -761,6 +772,7 @@ mod tests {
             "[personas.echo]\nrooms = [\"two words\"]\n",
             "[personas.echo.limits]\nmemory_bytes = 99999999999999\n",
             "[runtime]\npooling = \"yes\"\n",
+            "[runtime]\npool_instances = 0\n",
             "[cache]\nmax_mib = 0\n",
             "[reload]\ndebounce_ms = 0\n",
             "[reload]\nwatch = true\n",

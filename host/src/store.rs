@@ -56,7 +56,7 @@ use crate::protocol::ApiKey;
 pub const DB_FILE: &str = "roost.db";
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -99,6 +99,23 @@ const MIGRATIONS: &[&str] = &[
         flags  INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX history_bot_room_ts ON history (bot, room, ts);
+    "#,
+    // 1 -> 2: the unused history table goes; re-registrations are counted (for their
+    // daily cap) and each room's recovery position survives a restart.
+    r#"
+    DROP TABLE history;
+    CREATE TABLE registrations (
+        server  TEXT NOT NULL,
+        persona TEXT NOT NULL,
+        at      INTEGER NOT NULL
+    );
+    CREATE INDEX registrations_server_persona_at ON registrations (server, persona, at);
+    CREATE TABLE room_positions (
+        bot     TEXT NOT NULL,
+        room    TEXT NOT NULL,
+        last_ts INTEGER NOT NULL,
+        PRIMARY KEY (bot, room)
+    );
     "#,
 ];
 
@@ -427,7 +444,9 @@ impl Store {
                 |row| row.get(0),
             )
             .map_err(|e| self.err(e))?;
-        self.commits.next_outbox_id.store(last_id + 1, Ordering::SeqCst);
+        self.commits
+            .next_outbox_id
+            .store(last_id + 1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -490,6 +509,91 @@ impl Store {
             )
             .map(drop)
             .map_err(|e| self.err(e))
+    }
+
+    /// Records a re-registration of `persona` on `server` at `at` (Unix ms).
+    pub fn record_registration(&self, server: &str, persona: &str, at: i64) -> Result<(), StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO registrations (server, persona, at) VALUES (?1, ?2, ?3)",
+            params![server, persona, at],
+        )
+        .map_err(|e| self.err(e))?;
+        // A week of history is plenty for a daily cap.
+        conn.execute(
+            "DELETE FROM registrations WHERE at < ?1",
+            params![at - 7 * 86_400_000],
+        )
+        .map(drop)
+        .map_err(|e| self.err(e))
+    }
+
+    /// Re-registrations of `persona` on `server` at or after `since` (Unix ms).
+    pub fn registrations_since(&self, server: &str, persona: &str, since: i64) -> Result<u64, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT COUNT(*) FROM registrations WHERE server = ?1 AND persona = ?2 AND at >= ?3",
+                params![server, persona, since],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| self.err(e))
+    }
+
+    // ---- recovery positions --------------------------------------------------------
+
+    /// The newest timestamp (Unix ms) delivered from each room of `bot`, as last saved.
+    pub fn room_positions(&self, bot: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT room, last_ts FROM room_positions WHERE bot = ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![bot], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (room, ts) = row.map_err(|e| self.err(e))?;
+            out.push((room, u64::try_from(ts).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    /// Saves the recovery position of `bot`'s rooms in the next group commit (never
+    /// moving one back); a failure is logged.
+    pub fn save_room_positions(&self, bot: &str, positions: Vec<(String, u64)>) {
+        let bot = bot.to_string();
+        self.submit(
+            move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "INSERT INTO room_positions (bot, room, last_ts) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (bot, room) DO UPDATE
+                     SET last_ts = MAX(last_ts, excluded.last_ts)",
+                )?;
+                for (room, ts) in &positions {
+                    stmt.execute(params![bot, room, i64::try_from(*ts).unwrap_or(i64::MAX)])?;
+                }
+                Ok(())
+            },
+            |r| {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "cannot save recovery positions");
+                }
+            },
+        );
+    }
+
+    /// Forgets the recovery position of `bot` in `room` (it left the room).
+    pub fn forget_room_position(&self, bot: &str, room: &str) {
+        let (bot, room) = (bot.to_string(), room.to_string());
+        self.submit(
+            move |conn| {
+                conn.prepare_cached("DELETE FROM room_positions WHERE bot = ?1 AND room = ?2")?
+                    .execute(params![bot, room])
+                    .map(drop)
+            },
+            |_| {},
+        );
     }
 
     // ---- outbox --------------------------------------------------------------------
@@ -705,10 +809,7 @@ impl Drop for CommitHold {
 /// on the async worker that queued it.
 impl Store {
     fn queue(&self) -> MutexGuard<'_, CommitQueue> {
-        self.commits
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.commits.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn gone(&self) -> StoreError {
@@ -780,15 +881,15 @@ impl Store {
                         let work = std::mem::replace(&mut job.work, Box::new(|_| Ok(())));
                         // A savepoint per write: a failing write leaves no trace and
                         // does not take the others down with it.
-                        let result = conn.execute_batch("SAVEPOINT w").and_then(|()| {
-                            match work(&conn) {
-                                Ok(()) => conn.execute_batch("RELEASE w"),
-                                Err(e) => {
-                                    let _ = conn.execute_batch("ROLLBACK TO w; RELEASE w");
-                                    Err(e)
-                                }
-                            }
-                        });
+                        let result =
+                            conn.execute_batch("SAVEPOINT w")
+                                .and_then(|()| match work(&conn) {
+                                    Ok(()) => conn.execute_batch("RELEASE w"),
+                                    Err(e) => {
+                                        let _ = conn.execute_batch("ROLLBACK TO w; RELEASE w");
+                                        Err(e)
+                                    }
+                                });
                         outcomes.push((job, result));
                     }
                     let commit = conn.execute_batch("COMMIT");

@@ -8,6 +8,7 @@ mod dev;
 mod guests;
 mod llm;
 mod policy;
+mod pool;
 mod python;
 mod reload;
 mod replay;

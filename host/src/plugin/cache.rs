@@ -46,7 +46,7 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use super::component::{LoadError, PersonaComponent, check_header, io_reason, label_for, one_line};
-use super::engine::Runtime;
+use super::engine::{Runtime, pooling_refused};
 
 /// Bumped whenever the entry layout or what the key covers changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -65,7 +65,8 @@ const STALE_TMP: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CacheOutcome {
-    /// Deserialized from a valid cache entry.
+    /// Not compiled: deserialized from a valid cache entry, or the same bytes were
+    /// already loaded in this process and their code is shared.
     Hit,
     /// No entry (or the cache is disabled): compiled, and stored if enabled.
     Miss,
@@ -403,7 +404,9 @@ impl Runtime {
         Ok((c, outcome))
     }
 
-    /// [`Runtime::load_bytes`] through the compile cache.
+    /// [`Runtime::load_bytes`] through the compile cache. Bytes already loaded in
+    /// this process (and still in use) share that code: no compile, no cache read
+    /// ([`CacheOutcome::Hit`]).
     pub fn load_bytes_cached(
         &self,
         label: &str,
@@ -412,33 +415,33 @@ impl Runtime {
         cache: &CompileCache,
     ) -> Result<(PersonaComponent, CacheOutcome), LoadError> {
         check_header(what, bytes)?;
-        if !cache.enabled() {
-            return Ok((self.load_bytes(label, what, bytes)?, CacheOutcome::Miss));
+        let hash = content_hash(bytes);
+        if let Some(c) = self.shared(label, &hash) {
+            return Ok((c, CacheOutcome::Hit));
         }
-        let key = cache.key(&content_hash(bytes));
+        if !cache.enabled() {
+            let component = self.compile(what, bytes)?;
+            let c = self.prepare_shared(label, what, component, bytes.len(), hash)?;
+            return Ok((c, CacheOutcome::Miss));
+        }
+        let key = cache.key(&hash);
         let mut outcome = CacheOutcome::Miss;
         match cache.lookup(&key) {
-            Lookup::Found(payload) => {
-                // SAFETY: `payload` is exactly what `store` wrote for this key: the
-                // header names this key (which covers this engine's compatibility
-                // hash and these component bytes) and the payload matches the
-                // checksum written with it. wasmtime checks its own header again.
-                match unsafe { Component::deserialize(self.engine(), &payload) } {
-                    Ok(component) => {
-                        let c = self.prepare(label, what, component, bytes.len())?;
-                        return Ok((c, CacheOutcome::Hit));
-                    }
-                    Err(e) => {
-                        cache.remove(&key);
-                        tracing::warn!(
-                            persona = label,
-                            "compile cache entry refused by the engine ({}); rebuilding it",
-                            one_line(&e)
-                        );
-                        outcome = CacheOutcome::Rebuilt;
-                    }
+            Lookup::Found(payload) => match self.deserialize_checked(&payload) {
+                Ok(component) => {
+                    let c = self.prepare_shared(label, what, component, bytes.len(), hash)?;
+                    return Ok((c, CacheOutcome::Hit));
                 }
-            }
+                Err(e) => {
+                    cache.remove(&key);
+                    tracing::warn!(
+                        persona = label,
+                        "compile cache entry refused by the engine ({}); rebuilding it",
+                        one_line(&e)
+                    );
+                    outcome = CacheOutcome::Rebuilt;
+                }
+            },
             Lookup::Absent => {}
             Lookup::Corrupt(reason) => {
                 tracing::warn!(
@@ -448,11 +451,8 @@ impl Runtime {
                 outcome = CacheOutcome::Rebuilt;
             }
         }
-        let component = Component::new(self.engine(), bytes).map_err(|e| LoadError::Invalid {
-            what: what.to_string(),
-            reason: one_line(&e),
-        })?;
-        let c = self.prepare(label, what, component, bytes.len())?;
+        let component = self.compile(what, bytes)?;
+        let c = self.prepare_shared(label, what, component, bytes.len(), hash)?;
         match c.component.serialize() {
             Ok(payload) => {
                 if let Err(e) = cache.store(&key, &payload) {
@@ -466,6 +466,24 @@ impl Runtime {
             ),
         }
         Ok((c, outcome))
+    }
+
+    /// Deserializes a checked cache payload with the primary engine, or with the
+    /// on-demand engine if the pooling allocator refuses the component.
+    fn deserialize_checked(&self, payload: &[u8]) -> wasmtime::Result<Component> {
+        // SAFETY: `payload` is exactly what `store` wrote for this key: the header
+        // names this key (which covers this engine's compatibility hash and these
+        // component bytes) and the payload matches the checksum written with it.
+        // wasmtime checks its own header again. The on-demand engine has the same
+        // compatibility hash (only the allocation strategy differs).
+        match unsafe { Component::deserialize(self.engine(), payload) } {
+            Err(e) if self.pooling() && pooling_refused(&e) => match self.on_demand() {
+                // SAFETY: as above.
+                Ok(backend) => unsafe { Component::deserialize(&backend.engine, payload) },
+                Err(_) => Err(e),
+            },
+            other => other,
+        }
     }
 }
 

@@ -1,13 +1,24 @@
 //! Loading a persona component: read, compile once, check it against the contract
 //! and pre-instantiate it. Every refusal is one line naming what is wrong.
+//!
+//! **Shared code.** Identical bytes are compiled once per process: the compiled
+//! [`Component`], its contract check and its [`PersonaPre`] live in one
+//! [`SharedCode`], found by the bytes' SHA-256 while any [`PersonaComponent`] still
+//! uses it (the registry holds it weakly, so unloading the last user frees it).
+//! Each `PersonaComponent` keeps its own label and path: 5,000 copies of `echo.wasm`
+//! under different names are 5,000 bots and one compiled component.
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
 
+use wasmtime::Engine;
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
 use super::bindings::{CAPABILITIES, PersonaPre, WIT_PACKAGE, WIT_VERSION};
-use super::engine::Runtime;
+use super::cache::{ContentHash, content_hash};
+use super::engine::{CodeMap, Runtime, pooling_refused};
 use super::state::HostState;
 
 /// The world's exports a persona must have.
@@ -75,14 +86,92 @@ pub struct ContractInfo {
     pub size_bytes: usize,
 }
 
-/// A compiled, checked and pre-instantiated persona: cheap to instantiate.
+/// Compiled, checked and pre-instantiated code, shared by every
+/// [`PersonaComponent`] loaded from the same bytes.
+pub struct SharedCode {
+    pub component: Component,
+    pub pre: PersonaPre<HostState>,
+    pub info: ContractInfo,
+    /// SHA-256 of the bytes (`None`: prepared from an already compiled component,
+    /// not shared).
+    hash: Option<ContentHash>,
+    registry: Weak<CodeMap>,
+    /// The same code for the on-demand engine, made the first time the pooling
+    /// allocator refuses an instance of it.
+    on_demand: OnceLock<Result<PersonaPre<HostState>, String>>,
+}
+
+impl SharedCode {
+    /// SHA-256 of the component bytes, if loaded from bytes.
+    pub fn hash(&self) -> Option<&ContentHash> {
+        self.hash.as_ref()
+    }
+
+    /// The pre-instantiated code for the on-demand engine (the same code, moved over
+    /// through its serialized form, once).
+    pub(crate) fn on_demand_pre(&self, rt: &Runtime) -> Result<PersonaPre<HostState>, String> {
+        let backend = rt.on_demand()?;
+        if Engine::same(self.component.engine(), &backend.engine) {
+            return Ok(self.pre.clone());
+        }
+        self.on_demand
+            .get_or_init(|| {
+                let code = self.component.serialize().map_err(|e| one_line(&e))?;
+                // SAFETY: `code` is what `Component::serialize` produced in this
+                // process, for an engine with the same compiler settings (they differ
+                // only in the allocation strategy); wasmtime checks its header again.
+                let component = unsafe { Component::deserialize(&backend.engine, &code) }
+                    .map_err(|e| one_line(&e))?;
+                let pre = backend
+                    .linker
+                    .instantiate_pre(&component)
+                    .map_err(|e| one_line(&e))?;
+                PersonaPre::new(pre).map_err(|e| one_line(&e))
+            })
+            .clone()
+    }
+}
+
+impl Drop for SharedCode {
+    fn drop(&mut self) {
+        let (Some(hash), Some(registry)) = (self.hash, self.registry.upgrade()) else {
+            return;
+        };
+        let mut map = registry.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&hash).is_some_and(|w| w.strong_count() == 0) {
+            map.remove(&hash);
+        }
+    }
+}
+
+/// A compiled, checked and pre-instantiated persona: cheap to instantiate. The
+/// code ([`SharedCode`]: `component`, `pre`, `info`, reached through `Deref`) is
+/// shared with every other load of the same bytes; the label and path are this
+/// file's.
 pub struct PersonaComponent {
     /// Name for logs: the file stem (`echo` for `echo.wasm`).
     pub label: String,
     pub path: Option<PathBuf>,
-    pub component: Component,
-    pub pre: PersonaPre<HostState>,
-    pub info: ContractInfo,
+    code: Arc<SharedCode>,
+}
+
+impl PersonaComponent {
+    /// The shared code.
+    pub fn code(&self) -> &Arc<SharedCode> {
+        &self.code
+    }
+
+    /// Whether `self` and `other` run the very same compiled code.
+    pub fn shares_code_with(&self, other: &PersonaComponent) -> bool {
+        Arc::ptr_eq(&self.code, &other.code)
+    }
+}
+
+impl Deref for PersonaComponent {
+    type Target = SharedCode;
+    fn deref(&self) -> &SharedCode {
+        &self.code
+    }
 }
 
 impl std::fmt::Debug for PersonaComponent {
@@ -160,7 +249,9 @@ impl Runtime {
         Ok(c)
     }
 
-    /// Compiles and checks component bytes. `what` names them in errors.
+    /// Compiles and checks component bytes. `what` names them in errors. Bytes
+    /// already loaded (and still in use) are not compiled again: the new
+    /// `PersonaComponent` shares their code.
     pub fn load_bytes(
         &self,
         label: &str,
@@ -168,15 +259,16 @@ impl Runtime {
         bytes: &[u8],
     ) -> Result<PersonaComponent, LoadError> {
         check_header(what, bytes)?;
-        let component = Component::new(self.engine(), bytes).map_err(|e| LoadError::Invalid {
-            what: what.to_string(),
-            reason: one_line(&e),
-        })?;
-        self.prepare(label, what, component, bytes.len())
+        let hash = content_hash(bytes);
+        if let Some(c) = self.shared(label, &hash) {
+            return Ok(c);
+        }
+        let component = self.compile(what, bytes)?;
+        self.prepare_shared(label, what, component, bytes.len(), hash)
     }
 
     /// Checks an already compiled component (e.g. from the compile cache) against
-    /// the contract and pre-instantiates it.
+    /// the contract and pre-instantiates it. (Not shared: the bytes are unknown.)
     pub fn prepare(
         &self,
         label: &str,
@@ -184,24 +276,112 @@ impl Runtime {
         component: Component,
         size_bytes: usize,
     ) -> Result<PersonaComponent, LoadError> {
-        let info = contract_info(self, what, &component, size_bytes)?;
-        let pre =
-            self.linker()
-                .instantiate_pre(&component)
-                .map_err(|e| LoadError::Incompatible {
+        let code = self.check_and_pre(what, component, size_bytes, None)?;
+        Ok(PersonaComponent {
+            label: label.to_string(),
+            path: None,
+            code: Arc::new(code),
+        })
+    }
+
+    /// A new `PersonaComponent` for bytes whose SHA-256 is `hash`, if their code is
+    /// loaded.
+    pub fn shared(&self, label: &str, hash: &ContentHash) -> Option<PersonaComponent> {
+        let map = self
+            .code_registry()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let code = map.get(hash)?.upgrade()?;
+        Some(PersonaComponent {
+            label: label.to_string(),
+            path: None,
+            code,
+        })
+    }
+
+    /// [`Runtime::prepare`] for bytes whose SHA-256 is `hash`, registering the code
+    /// for later loads of the same bytes (if another load registered it first, that
+    /// code is used).
+    pub(crate) fn prepare_shared(
+        &self,
+        label: &str,
+        what: &str,
+        component: Component,
+        size_bytes: usize,
+        hash: ContentHash,
+    ) -> Result<PersonaComponent, LoadError> {
+        let code = self.check_and_pre(what, component, size_bytes, Some(hash))?;
+        let mut map = self
+            .code_registry()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let code = match map.get(&hash).and_then(Weak::upgrade) {
+            Some(existing) => existing,
+            None => {
+                let code = Arc::new(code);
+                map.insert(hash, Arc::downgrade(&code));
+                code
+            }
+        };
+        drop(map);
+        Ok(PersonaComponent {
+            label: label.to_string(),
+            path: None,
+            code,
+        })
+    }
+
+    /// Compiles bytes with the primary engine, or, if the pooling allocator refuses
+    /// the component (beyond its per-component limits), with the on-demand engine.
+    pub(crate) fn compile(&self, what: &str, bytes: &[u8]) -> Result<Component, LoadError> {
+        let invalid = |e: &wasmtime::Error| LoadError::Invalid {
+            what: what.to_string(),
+            reason: one_line(e),
+        };
+        match Component::new(self.engine(), bytes) {
+            Ok(c) => Ok(c),
+            Err(e) if self.pooling() && pooling_refused(&e) => {
+                let backend = self.on_demand().map_err(|reason| LoadError::Invalid {
                     what: what.to_string(),
-                    reason: one_line(&e),
+                    reason,
                 })?;
+                tracing::info!(
+                    component = what,
+                    "the pooling allocator refuses this component ({}); it runs with on-demand allocation",
+                    one_line(&e)
+                );
+                Component::new(&backend.engine, bytes).map_err(|e| invalid(&e))
+            }
+            Err(e) => Err(invalid(&e)),
+        }
+    }
+
+    fn check_and_pre(
+        &self,
+        what: &str,
+        component: Component,
+        size_bytes: usize,
+        hash: Option<ContentHash>,
+    ) -> Result<SharedCode, LoadError> {
+        let info = contract_info(what, &component, size_bytes)?;
+        let pre = self
+            .linker_for(component.engine())
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Incompatible {
+                what: what.to_string(),
+                reason: one_line(&e),
+            })?;
         let pre = PersonaPre::new(pre).map_err(|e| LoadError::Incompatible {
             what: what.to_string(),
             reason: one_line(&e),
         })?;
-        Ok(PersonaComponent {
-            label: label.to_string(),
-            path: None,
+        Ok(SharedCode {
             component,
             pre,
             info,
+            hash,
+            registry: hash.map_or_else(Weak::new, |_| Arc::downgrade(self.code_registry())),
+            on_demand: OnceLock::new(),
         })
     }
 }
@@ -216,16 +396,16 @@ pub(crate) fn io_reason(e: &std::io::Error) -> String {
 
 /// Reads the component's imports and exports and checks them against the contract.
 fn contract_info(
-    rt: &Runtime,
     what: &str,
     component: &Component,
     size_bytes: usize,
 ) -> Result<ContractInfo, LoadError> {
+    let engine = component.engine();
     let ty = component.component_type();
     let mut imports = Vec::new();
     let mut capabilities = Vec::new();
     let mut wit_version = None;
-    for (name, _item) in ty.imports(rt.engine()) {
+    for (name, _item) in ty.imports(engine) {
         imports.push(name.to_string());
         let (path, version) = match name.split_once('@') {
             Some((p, v)) => (p, Some(v)),
@@ -257,7 +437,7 @@ fn contract_info(
         }
     }
     let exports: Vec<String> = ty
-        .exports(rt.engine())
+        .exports(engine)
         .filter(|(_, item)| !matches!(item.ty, ComponentItem::Type(_)))
         .map(|(n, _)| n.to_string())
         .collect();

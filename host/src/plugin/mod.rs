@@ -2,9 +2,11 @@
 //!
 //! One shared [`Runtime`] (a wasmtime engine with async support, epoch
 //! interruption and, where the machine allows it, the pooling allocator) compiles
-//! each persona once into a pre-instantiated [`PersonaComponent`]; each bot gets a
-//! [`Sandbox`]: its own `Store`, limits on every call, a fresh instance after any
-//! failure, and quarantine for a persona that keeps failing.
+//! each persona once into a pre-instantiated [`PersonaComponent`] (identical bytes
+//! share one compiled component); each bot gets a [`Sandbox`]: an instance (in its
+//! own `Store`) only while it needs one, from the runtime's bounded
+//! [`InstancePool`], limits on every call, a fresh instance after any failure, and
+//! quarantine for a persona that keeps failing.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -37,12 +39,14 @@ mod host;
 pub mod limits;
 pub mod logsink;
 pub mod manifest;
+pub mod pool;
 pub mod sandbox;
 pub mod state;
 
 pub use cache::{CacheOutcome, CompileCache};
-pub use component::{ContractInfo, LoadError, PersonaComponent};
+pub use component::{ContractInfo, LoadError, PersonaComponent, SharedCode};
 pub use context::{Grants, PersonaContext};
 pub use engine::{Runtime, RuntimeConfig};
 pub use limits::{LimitHit, Limits};
-pub use sandbox::{CallFailure, FailureKind, Sandbox};
+pub use pool::{InstancePool, PoolStats};
+pub use sandbox::{CallFailure, FailureKind, Instance, Sandbox};

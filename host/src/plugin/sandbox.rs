@@ -1,6 +1,16 @@
-//! One bot's sandbox: a `Store` and an instance of its persona, limits on every
+//! One bot's sandbox: an instance of its persona when it needs one, limits on every
 //! call, a fresh instance after any failure, and quarantine for a persona that keeps
 //! failing.
+//!
+//! **Instances follow activity.** A sandbox owns no instance between calls. A call
+//! takes the sandbox's warm instance back from the runtime's [`InstancePool`], or a
+//! slot there and a fresh instance (each instance has its own `Store`). After a
+//! successful call the instance goes back to the pool, warm but reclaimable: the pool
+//! drops it when another bot needs its slot and it is the least recently used, or
+//! when it has been idle for `[runtime] instance_idle_secs`. A full pool makes a call
+//! wait for a slot, at most the call's wall-clock limit ([`FailureKind::PoolFull`]
+//! after that, which does not count towards quarantine). So a persona's memory may
+//! be reset between any two messages: what must last belongs in `kv`.
 //!
 //! A call that traps, hits a limit or times out fails alone: the error names the
 //! persona, the message and the limit, the instance is discarded, and the next
@@ -14,11 +24,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
-use super::bindings::{Action, Manifest, Message, Persona};
+use super::bindings::{Action, Manifest, Message, Persona, PersonaPre};
 use super::component::{PersonaComponent, one_line};
 use super::context::PersonaContext;
-use super::engine::Runtime;
+use super::engine::{Runtime, pooling_refused};
 use super::limits::{LimitHit, Limits};
+use super::pool::{InstancePool, Lease, SeatId};
 use super::state::HostState;
 
 /// Consecutive failures that quarantine a persona.
@@ -39,6 +50,10 @@ pub enum FailureKind {
     Instantiate(String),
     /// The persona is quarantined; the call was not made.
     Quarantined { remaining: Duration },
+    /// No instance slot became free within the call's wall-clock limit: every
+    /// instance of the pool was in the middle of a call. Not the persona's fault: it
+    /// does not count towards quarantine.
+    PoolFull { capacity: usize, waited: Duration },
 }
 
 impl std::fmt::Display for FailureKind {
@@ -54,6 +69,11 @@ impl std::fmt::Display for FailureKind {
                     remaining.as_secs().max(1)
                 )
             }
+            FailureKind::PoolFull { capacity, waited } => write!(
+                f,
+                "no instance slot became free within {} s: all {capacity} instances of the pool were in the middle of calls (raise [runtime] pool_instances)",
+                waited.as_secs_f64()
+            ),
         }
     }
 }
@@ -109,20 +129,29 @@ struct Health {
     probation: bool,
 }
 
-struct Live {
+/// One live instance of a persona: its own `Store` and the instance in it. Held by
+/// the runtime's [`InstancePool`] between calls.
+pub struct Instance {
     store: Store<HostState>,
     persona: Persona,
 }
 
-/// One bot's persona instance and its failure bookkeeping.
+/// One bot's persona (instantiated while it needs it) and its failure bookkeeping.
 pub struct Sandbox {
     runtime: Runtime,
     component: Arc<PersonaComponent>,
     ctx: Arc<PersonaContext>,
     limits: Limits,
-    live: Option<Live>,
+    /// This sandbox's place in the instance pool.
+    seat: SeatId,
     health: Health,
     stats: SandboxStats,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.runtime.pool().discard(self.seat);
+    }
 }
 
 impl Sandbox {
@@ -132,12 +161,13 @@ impl Sandbox {
         ctx: Arc<PersonaContext>,
         limits: Limits,
     ) -> Self {
+        let seat = runtime.pool().seat();
         Sandbox {
             runtime,
             component,
             ctx,
             limits,
-            live: None,
+            seat,
             health: Health::default(),
             stats: SandboxStats::default(),
         }
@@ -166,11 +196,16 @@ impl Sandbox {
         (until > now).then(|| until - now)
     }
 
+    /// Whether the pool holds a warm instance of this persona for this sandbox now.
+    pub fn is_warm(&self) -> bool {
+        self.pool().is_idle(self.seat)
+    }
+
     /// Replaces the component (hot reload): the next call instantiates the new one.
     /// Quarantine state is cleared: the new version gets a clean start.
     pub fn replace_component(&mut self, component: Arc<PersonaComponent>) {
         self.component = component;
-        self.live = None;
+        self.pool().discard(self.seat);
         self.health = Health::default();
     }
 
@@ -180,19 +215,21 @@ impl Sandbox {
         self.gate(&during)?;
         let wall = self.limits.wall_per_call;
         let started = std::time::Instant::now();
-        let result = async {
-            let live = self.ensure_live().await?;
-            let fut = live.persona.call_describe(&mut live.store);
-            Ok::<_, FailureKind>(tokio::time::timeout(wall, fut).await)
-        }
-        .await;
-        let out = self.settle(result, started).and_then(|m: Manifest| {
+        let mut lease = match self.checkout().await {
+            Ok(lease) => lease,
+            Err(kind) => {
+                let out = self.fail_early(kind, started);
+                return self.record(out, during);
+            }
+        };
+        let Instance { store, persona } = &mut *lease;
+        let result = tokio::time::timeout(wall, persona.call_describe(store)).await;
+        let out = self.settle(lease, result, started, |limits, m: &Manifest| {
             let size = m.name.len()
                 + m.description.len()
                 + m.version.len()
                 + m.rooms.iter().map(String::len).sum::<usize>();
-            self.check_reply_size(size, m.rooms.len())?;
-            Ok(m)
+            check_reply_size(limits, size, m.rooms.len())
         });
         self.record(out, during)
     }
@@ -206,19 +243,19 @@ impl Sandbox {
         self.gate(&during)?;
         let wall = self.limits.wall_per_call;
         let started = std::time::Instant::now();
-        let result = async {
-            let live = self.ensure_live().await?;
-            let fut = live.persona.call_on_message(&mut live.store, msg);
-            Ok::<_, FailureKind>(tokio::time::timeout(wall, fut).await)
-        }
-        .await;
-        let out = self
-            .settle(result, started)
-            .and_then(|actions: Vec<Action>| {
-                let size: usize = actions.iter().map(action_bytes).sum();
-                self.check_reply_size(size, actions.len())?;
-                Ok(actions)
-            });
+        let mut lease = match self.checkout().await {
+            Ok(lease) => lease,
+            Err(kind) => {
+                let out = self.fail_early(kind, started);
+                return self.record(out, during);
+            }
+        };
+        let Instance { store, persona } = &mut *lease;
+        let result = tokio::time::timeout(wall, persona.call_on_message(store, msg)).await;
+        let out = self.settle(lease, result, started, |limits, actions: &Vec<Action>| {
+            let size: usize = actions.iter().map(action_bytes).sum();
+            check_reply_size(limits, size, actions.len())
+        });
         self.record(out, during)
     }
 
@@ -244,69 +281,115 @@ impl Sandbox {
         Ok(())
     }
 
-    async fn ensure_live(&mut self) -> Result<&mut Live, FailureKind> {
-        if self.live.is_none() {
-            let mut store = Store::new(
-                self.runtime.engine(),
-                HostState::new(self.ctx.clone(), self.limits.clone()),
-            );
-            store.limiter(|s| &mut s.limiter);
-            store.epoch_deadline_callback(|mut ctx| {
-                let state = ctx.data_mut();
-                if state.clock.guest_time() > state.limits.cpu_per_call {
-                    if state.limiter.hit.is_none() {
-                        state.limiter.hit = Some(LimitHit::Cpu {
-                            limit: state.limits.cpu_per_call,
-                        });
-                    }
-                    return Err(Trap::Interrupt.into());
-                }
-                Ok(UpdateDeadline::Yield(1))
-            });
-            begin_call(&mut store);
-            let wall = self.limits.wall_per_call;
-            let inst =
-                tokio::time::timeout(wall, self.component.pre.instantiate_async(&mut store)).await;
-            self.stats.instances_created += 1;
-            let persona = match inst {
-                Err(_) => return Err(FailureKind::Limit(LimitHit::Wall { limit: wall })),
-                Ok(Err(e)) => {
-                    return Err(match store.data_mut().limiter.hit.take() {
-                        Some(hit) => FailureKind::Limit(hit),
-                        None => FailureKind::Instantiate(one_line(&e)),
-                    });
-                }
-                Ok(Ok(p)) => p,
-            };
-            self.live = Some(Live { store, persona });
-        }
-        let live = self
-            .live
-            .as_mut()
-            .ok_or_else(|| FailureKind::Instantiate("no instance".into()))?;
-        begin_call(&mut live.store);
-        Ok(live)
+    fn pool(&self) -> &InstancePool<Instance> {
+        self.runtime.pool()
     }
 
-    /// Turns the raw outcome of a call into a result, discarding the instance on any
-    /// failure.
+    /// This sandbox's warm instance, or a slot in the pool and a fresh instance.
+    /// Either way it is this call's alone until it goes back to the pool.
+    async fn checkout(&mut self) -> Result<Lease<Instance>, FailureKind> {
+        if let Some(mut lease) = self.pool().take_idle(self.seat) {
+            begin_call(&mut lease.store);
+            return Ok(lease);
+        }
+        let slot = self
+            .pool()
+            .acquire(self.limits.wall_per_call)
+            .await
+            .map_err(|e| FailureKind::PoolFull {
+                capacity: e.capacity,
+                waited: e.waited,
+            })?;
+        let pre = self.component.pre.clone();
+        let instance = match self.instantiate(&pre).await {
+            Err(Refused::Pooling(e)) => {
+                // The pooling allocator is out of slots: allocate this one on demand.
+                let pre = self
+                    .component
+                    .on_demand_pre(&self.runtime)
+                    .map_err(|reason| FailureKind::Instantiate(format!("{e}; {reason}")))?;
+                self.pool().note_on_demand();
+                tracing::debug!(
+                    persona = self.label(),
+                    "pooling allocator refused an instance ({e}); allocated on demand"
+                );
+                self.instantiate(&pre).await.map_err(Refused::into_kind)?
+            }
+            other => other.map_err(Refused::into_kind)?,
+        };
+        let mut lease = Lease::new(slot, instance);
+        begin_call(&mut lease.store);
+        Ok(lease)
+    }
+
+    /// A new `Store` (of `pre`'s engine) and an instance of `pre` in it.
+    async fn instantiate(&mut self, pre: &PersonaPre<HostState>) -> Result<Instance, Refused> {
+        let mut store = Store::new(
+            pre.engine(),
+            HostState::new(self.ctx.clone(), self.limits.clone()),
+        );
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if state.clock.guest_time() > state.limits.cpu_per_call {
+                if state.limiter.hit.is_none() {
+                    state.limiter.hit = Some(LimitHit::Cpu {
+                        limit: state.limits.cpu_per_call,
+                    });
+                }
+                return Err(Trap::Interrupt.into());
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        begin_call(&mut store);
+        let wall = self.limits.wall_per_call;
+        let inst = tokio::time::timeout(wall, pre.instantiate_async(&mut store)).await;
+        self.stats.instances_created += 1;
+        match inst {
+            Err(_) => Err(Refused::Failed(FailureKind::Limit(LimitHit::Wall {
+                limit: wall,
+            }))),
+            Ok(Err(e)) => Err(match store.data_mut().limiter.hit.take() {
+                Some(hit) => Refused::Failed(FailureKind::Limit(hit)),
+                None if self.runtime.pooling() && pooling_refused(&e) => {
+                    Refused::Pooling(one_line(&e))
+                }
+                None => Refused::Failed(FailureKind::Instantiate(one_line(&e))),
+            }),
+            Ok(Ok(persona)) => Ok(Instance { store, persona }),
+        }
+    }
+
+    /// A call that never reached the persona (no slot or no instance), booked as a
+    /// call.
+    fn fail_early<R>(
+        &mut self,
+        kind: FailureKind,
+        started: std::time::Instant,
+    ) -> Result<R, FailureKind> {
+        self.stats.calls += 1;
+        self.stats.observe(started.elapsed());
+        Err(kind)
+    }
+
+    /// Turns the raw outcome of a call into a result. On success (with a reply
+    /// within limits) the instance goes back to the pool, warm; on any failure it is
+    /// dropped and its slot freed, so the next call gets a fresh one.
     fn settle<R>(
         &mut self,
-        result: Result<Result<wasmtime::Result<R>, tokio::time::error::Elapsed>, FailureKind>,
+        mut lease: Lease<Instance>,
+        result: Result<wasmtime::Result<R>, tokio::time::error::Elapsed>,
         started: std::time::Instant,
+        check: impl FnOnce(&Limits, &R) -> Result<(), FailureKind>,
     ) -> Result<R, FailureKind> {
         self.stats.calls += 1;
         self.stats.observe(started.elapsed());
         let wall = self.limits.wall_per_call;
         let stack = self.runtime.config().max_wasm_stack;
-        let hit = self
-            .live
-            .as_mut()
-            .and_then(|l| l.store.data_mut().limiter.hit.take());
+        let hit = lease.store.data_mut().limiter.hit.take();
         let out = match result {
-            Err(kind) => Err(kind),
-            Ok(Err(_elapsed)) => Err(FailureKind::Limit(LimitHit::Wall { limit: wall })),
-            Ok(Ok(Err(e))) => Err(match hit {
+            Err(_elapsed) => Err(FailureKind::Limit(LimitHit::Wall { limit: wall })),
+            Ok(Err(e)) => Err(match hit {
                 Some(hit) => FailureKind::Limit(hit),
                 None => match e.downcast_ref::<Trap>() {
                     Some(Trap::StackOverflow) => {
@@ -318,35 +401,14 @@ impl Sandbox {
                     _ => FailureKind::Trap(one_line(&e)),
                 },
             }),
-            Ok(Ok(Ok(r))) => Ok(r),
+            Ok(Ok(r)) => check(&self.limits, &r).map(|()| r),
         };
-        if out.is_err() {
-            self.live = None;
+        if out.is_ok() {
+            self.pool().put_idle(self.seat, lease);
+        } else {
+            drop(lease);
         }
         out
-    }
-
-    fn check_reply_size(&mut self, bytes: usize, actions: usize) -> Result<(), FailureKind> {
-        let hit = if actions > self.limits.actions {
-            Some(LimitHit::Actions {
-                limit: self.limits.actions,
-                got: actions,
-            })
-        } else if bytes > self.limits.reply_bytes {
-            Some(LimitHit::ReplyBytes {
-                limit: self.limits.reply_bytes,
-                got: bytes,
-            })
-        } else {
-            None
-        };
-        match hit {
-            Some(hit) => {
-                self.live = None;
-                Err(FailureKind::Limit(hit))
-            }
-            None => Ok(()),
-        }
     }
 
     fn failure(&self, during: String, kind: FailureKind) -> CallFailure {
@@ -363,6 +425,12 @@ impl Sandbox {
             Ok(r) => {
                 self.health = Health::default();
                 Ok(r)
+            }
+            Err(kind @ FailureKind::PoolFull { .. }) => {
+                let failure = self.failure(during, kind);
+                self.stats.failures += 1;
+                tracing::warn!(persona = self.label(), "{failure}");
+                Err(failure)
             }
             Err(kind) => {
                 let failure = self.failure(during, kind);
@@ -387,6 +455,38 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// Why an instantiation failed: a failure of the call, or the pooling allocator's
+/// refusal (then on-demand allocation is tried).
+enum Refused {
+    Failed(FailureKind),
+    Pooling(String),
+}
+
+impl Refused {
+    fn into_kind(self) -> FailureKind {
+        match self {
+            Refused::Failed(kind) => kind,
+            Refused::Pooling(e) => FailureKind::Instantiate(e),
+        }
+    }
+}
+
+fn check_reply_size(limits: &Limits, bytes: usize, actions: usize) -> Result<(), FailureKind> {
+    if actions > limits.actions {
+        return Err(FailureKind::Limit(LimitHit::Actions {
+            limit: limits.actions,
+            got: actions,
+        }));
+    }
+    if bytes > limits.reply_bytes {
+        return Err(FailureKind::Limit(LimitHit::ReplyBytes {
+            limit: limits.reply_bytes,
+            got: bytes,
+        }));
+    }
+    Ok(())
 }
 
 fn begin_call(store: &mut Store<HostState>) {

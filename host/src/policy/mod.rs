@@ -93,6 +93,8 @@ use outbound::{base_name, name_pattern};
 /// throttle_base_ms = 1000   # server 429/close: first pause, doubling on repeats
 /// throttle_max_ms = 300000
 /// throttle_reset_secs = 600
+/// max_wait_secs = 120       # a held-back reply waits for its slot up to this; then stale
+/// max_queued_per_room = 20  # replies waiting for a slot in one room, at most
 ///
 /// [policy.loop_guard]
 /// max_exchanges = 8         # consecutive replies to one partner in one room

@@ -1,18 +1,22 @@
-//! A bounded "seen" set of chat messages, keyed on (room, sender, timestamp, text).
+//! A bounded "seen" set of chat messages, keyed on (room, sender, text) and timestamp.
 //!
-//! The network gives messages no id, so this tuple is the identity of a message. The set
-//! forgets the oldest keys first once it holds `capacity` of them; the capacity only has
-//! to cover the overlap between live traffic and a recovery fetch (seconds of traffic).
+//! The network gives messages no id, so this tuple is the identity of a message. The
+//! timestamp is compared with the precision the two copies share: the WebSocket carries
+//! milliseconds, but REST history may carry whole seconds (or ISO strings without a
+//! fraction), so a copy whose timestamp is a whole second matches any copy less than a
+//! second from it; otherwise the milliseconds must be equal. The set forgets the oldest
+//! keys first once it holds `capacity` of them; the capacity only has to cover the
+//! overlap between live traffic and a recovery fetch (seconds of traffic).
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use crate::protocol::ChatMessage;
 
-/// The identity of a message: a 128-bit digest of (room, sender, timestamp, text) built from
-/// two independently keyed 64-bit hashes, so the set costs 16 bytes per message whatever
-/// the text length.
+/// The content of a message: a 128-bit digest of (room, sender, text) built from two
+/// independently keyed 64-bit hashes, so the set costs a few dozen bytes per message
+/// whatever the text length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MessageKey(u64, u64);
 
@@ -23,7 +27,6 @@ impl MessageKey {
             salt.hash(&mut h);
             msg.room.hash(&mut h);
             msg.from.hash(&mut h);
-            msg.timestamp_ms.hash(&mut h);
             msg.text.hash(&mut h);
             h.finish()
         };
@@ -31,12 +34,18 @@ impl MessageKey {
     }
 }
 
-/// Bounded FIFO set of [`MessageKey`]s.
+/// Whether two timestamps of the same message content are the same message: equal, or
+/// less than a second apart when one of them has only whole-second precision.
+pub fn same_instant(a: u64, b: u64) -> bool {
+    a == b || ((a % 1000 == 0 || b % 1000 == 0) && a.abs_diff(b) < 1000)
+}
+
+/// Bounded FIFO set of messages.
 #[derive(Debug)]
 pub struct SeenSet {
     capacity: usize,
-    order: VecDeque<MessageKey>,
-    keys: HashSet<MessageKey>,
+    order: VecDeque<(MessageKey, u64)>,
+    keys: HashMap<MessageKey, Vec<u64>>,
 }
 
 impl SeenSet {
@@ -47,24 +56,34 @@ impl SeenSet {
             // Grown on use: most of thousands of bots see few messages (4,096 keys
             // allocated up front cost ~100 KB per bot).
             order: VecDeque::new(),
-            keys: HashSet::new(),
+            keys: HashMap::new(),
         }
     }
 
     pub fn contains(&self, msg: &ChatMessage) -> bool {
-        self.keys.contains(&MessageKey::of(msg))
+        self.keys
+            .get(&MessageKey::of(msg))
+            .is_some_and(|ts| ts.iter().any(|t| same_instant(*t, msg.timestamp_ms)))
     }
 
     /// Records `msg`; returns false if it was already there.
     pub fn insert(&mut self, msg: &ChatMessage) -> bool {
-        let key = MessageKey::of(msg);
-        if !self.keys.insert(key) {
+        if self.contains(msg) {
             return false;
         }
-        self.order.push_back(key);
+        let key = MessageKey::of(msg);
+        self.keys.entry(key).or_default().push(msg.timestamp_ms);
+        self.order.push_back((key, msg.timestamp_ms));
         while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.keys.remove(&old);
+            if let Some((old, ts)) = self.order.pop_front()
+                && let Some(list) = self.keys.get_mut(&old)
+            {
+                if let Some(i) = list.iter().position(|t| *t == ts) {
+                    list.swap_remove(i);
+                }
+                if list.is_empty() {
+                    self.keys.remove(&old);
+                }
             }
         }
         true
@@ -104,6 +123,23 @@ mod tests {
         // No ambiguity from concatenation.
         assert!(s.insert(&msg("ra", "", 1, "hi")));
         assert_eq!(s.len(), 6);
+    }
+
+    #[test]
+    fn whole_seconds_from_rest_match_milliseconds_from_the_socket() {
+        let mut s = SeenSet::new(10);
+        assert!(s.insert(&msg("r", "a", 1_769_790_508_966, "hi")));
+        // REST in whole seconds (truncated or rounded), ISO without a fraction.
+        assert!(!s.insert(&msg("r", "a", 1_769_790_508_000, "hi")));
+        assert!(!s.insert(&msg("r", "a", 1_769_790_509_000, "hi")));
+        // Two real messages with the same text a second or more apart are two.
+        assert!(s.insert(&msg("r", "a", 1_769_790_510_000, "hi")));
+        // Millisecond timestamps must be equal.
+        assert!(s.insert(&msg("r", "a", 1_769_790_508_967, "hi")));
+        // And the other way round: seconds first, milliseconds later.
+        let mut s = SeenSet::new(10);
+        assert!(s.insert(&msg("r", "a", 1_769_790_508_000, "yo")));
+        assert!(!s.insert(&msg("r", "a", 1_769_790_508_412, "yo")));
     }
 
     #[test]

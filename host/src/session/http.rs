@@ -69,6 +69,11 @@ impl Endpoints {
         self.with_segments(["api", "register"])
     }
 
+    /// `GET /api/rooms`.
+    pub fn rooms(&self) -> Url {
+        self.with_segments(["api", "rooms"])
+    }
+
     /// `GET /api/rooms/:room/messages?after=TS&limit=N`.
     pub fn messages(&self, room: &str, after_ms: u64, limit: u32) -> Url {
         let mut url = self.with_segments(["api", "rooms", room, "messages"]);

@@ -117,6 +117,39 @@ pub fn load(
         }))
 }
 
+/// What one authenticated request says about a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// The server answered 2xx: the key works.
+    Accepted,
+    /// The server answered 401: the key is rejected.
+    Rejected,
+    /// Anything else (5xx, 403, a timeout): nothing is known.
+    Unknown(String),
+}
+
+/// Asks the server whether `key` is still valid: `GET /api/rooms` with the key. Only a
+/// 401 counts as a rejection.
+pub async fn check_key(
+    http: &reqwest::Client,
+    endpoints: &Endpoints,
+    key: &ApiKey,
+    timeout: Duration,
+) -> KeyCheck {
+    let resp = http
+        .get(endpoints.rooms())
+        .header("x-api-key", key.expose())
+        .timeout(timeout)
+        .send()
+        .await;
+    match resp {
+        Ok(r) if r.status().is_success() => KeyCheck::Accepted,
+        Ok(r) if r.status().as_u16() == 401 => KeyCheck::Rejected,
+        Ok(r) => KeyCheck::Unknown(format!("HTTP {}", r.status().as_u16())),
+        Err(e) => KeyCheck::Unknown(error_chain(&e)),
+    }
+}
+
 /// Parameters of one registration.
 #[derive(Clone, Debug)]
 pub struct Registration {
@@ -144,7 +177,20 @@ pub async fn register<R: Rng + Send>(
     for attempt in 1..=tries {
         match register_once(http, endpoints, &candidate, &reg.description, reg.timeout).await? {
             Some(identity) => {
-                store.save_credentials(endpoints.base(), persona, &identity.name, &identity.key)?;
+                // The new key replaces the old one in one statement (the old one is never
+                // deleted first). A key that cannot be stored is still used from memory:
+                // registering again would only make another identity.
+                if let Err(e) =
+                    store.save_credentials(endpoints.base(), persona, &identity.name, &identity.key)
+                {
+                    tracing::error!(
+                        persona,
+                        name = %identity.name,
+                        error = %e,
+                        "registered, but the new key cannot be stored: using it from memory \
+                         (a restart will register again)"
+                    );
+                }
                 tracing::info!(
                     persona,
                     name = %identity.name,

@@ -57,22 +57,27 @@ impl fmt::Display for SessionState {
 pub enum Next {
     /// Reconnect after the ordinary backoff.
     Reconnect,
-    /// The server rejected our credentials: forget the key and register again.
+    /// The server rejected our credentials, as an authenticated REST call answering 401
+    /// confirms: register again (the old key is kept until the new one is stored).
     Reregister,
+    /// The key may have been rejected (a 401 on the upgrade, an invalid-key close): one
+    /// authenticated request decides, and only its 401 leads to [`Next::Reregister`].
+    VerifyKey,
     /// Rate limited or told to come back later: reconnect after a longer backoff.
     SlowDown,
 }
 
 /// Maps the close code a server sent (None: no close frame, the connection just died).
 ///
-/// - 1008 (policy violation) and 4001/4003/4004/4401/4403 (auth-ish application codes):
-///   the key is not accepted, [`Next::Reregister`].
+/// - 4001 and 4401 (unauthorized-ish application codes): the key may be invalid,
+///   [`Next::VerifyKey`].
 /// - 1013 (try again later) and 4008/4029/4429 (rate-limit-ish): [`Next::SlowDown`].
-/// - Everything else, including 1000 normal, 1001 going away, 1006, 1011, 1012 restart,
-///   protocol and size errors: [`Next::Reconnect`].
+/// - Everything else, including 1008 policy violation, 4003/4403 forbidden, 1000 normal,
+///   1001 going away, 1006, 1011, 1012 restart, protocol and size errors:
+///   [`Next::Reconnect`] (errors with backoff; an identity is never given up for them).
 pub fn on_close(code: Option<u16>) -> Next {
     match code {
-        Some(1008 | 4001 | 4003 | 4004 | 4401 | 4403) => Next::Reregister,
+        Some(4001 | 4401) => Next::VerifyKey,
         Some(1013 | 4008 | 4029 | 4429) => Next::SlowDown,
         _ => Next::Reconnect,
     }
@@ -105,7 +110,8 @@ impl Disconnect {
     pub fn next(&self) -> Next {
         match self {
             Disconnect::Closed(code) => on_close(*code),
-            Disconnect::HandshakeStatus(401 | 403) | Disconnect::Unauthorized => Next::Reregister,
+            Disconnect::Unauthorized => Next::Reregister,
+            Disconnect::HandshakeStatus(401) => Next::VerifyKey,
             Disconnect::HandshakeStatus(429) | Disconnect::RateLimited(_) => Next::SlowDown,
             Disconnect::Io(_)
             | Disconnect::DeadPeer
@@ -136,7 +142,8 @@ impl fmt::Display for Disconnect {
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     pub backoff: Backoff,
-    /// A connection that stayed up this long resets the attempt count.
+    /// A connection that stayed up this long is healthy: a key rejected after it is
+    /// re-registered at once again (the escalation itself resets on any active one).
     pub healthy_after: Duration,
     /// The least delay after [`Next::SlowDown`].
     pub rate_limit_backoff: Duration,
@@ -149,14 +156,17 @@ pub struct Retry {
     pub attempt: u32,
     /// How long to wait before the next attempt.
     pub delay: Duration,
-    /// Whether to throw the key away and register again.
+    /// Whether to register again (the key was confirmed rejected).
     pub reregister: bool,
+    /// Whether to check the key with one authenticated request before reconnecting.
+    pub verify_key: bool,
 }
 
 /// Decides the next attempt.
 ///
-/// - `attempt`: failed attempts since the last healthy connection (0 after a healthy one).
-/// - `up_for`: how long the connection that just ended was up (None: it never opened).
+/// - `attempt`: consecutive attempts that never became active.
+/// - `up_for`: how long the connection that just ended was active (None: it never became
+///   active); any `Some` resets the escalation.
 /// - `reregistered`: whether we already re-registered since the last healthy connection.
 ///   The first re-registration is immediate; a key rejected again right after a fresh
 ///   registration backs off before registering again, so a broken server cannot make
@@ -169,17 +179,16 @@ pub fn plan_retry<R: Rng + ?Sized>(
     reregistered: bool,
     rng: &mut R,
 ) -> Retry {
-    let attempt = if up_for.is_some_and(|d| d >= policy.healthy_after) {
-        0
-    } else {
-        attempt
-    };
+    // A connection that became active ends the escalation: after any single fault the
+    // first retry comes within the base jitter, however many faults came before.
+    // Escalation is for consecutive attempts that never became active.
+    let attempt = if up_for.is_some() { 0 } else { attempt };
     let delay = match next {
         Next::Reregister if !reregistered => Duration::ZERO,
         Next::SlowDown => policy
             .backoff
             .delay_at_least(attempt, policy.rate_limit_backoff, rng),
-        Next::Reconnect | Next::Reregister => policy
+        Next::Reconnect | Next::Reregister | Next::VerifyKey => policy
             .backoff
             .delay(attempt, rng)
             .unwrap_or(policy.backoff.cap),
@@ -188,6 +197,7 @@ pub fn plan_retry<R: Rng + ?Sized>(
         attempt: attempt.saturating_add(1),
         delay,
         reregister: next == Next::Reregister,
+        verify_key: next == Next::VerifyKey,
     }
 }
 
@@ -213,8 +223,13 @@ mod tests {
         ] {
             assert_eq!(on_close(Some(code)), Next::Reconnect, "{code}");
         }
-        for code in [1008, 4001, 4003, 4004, 4401, 4403] {
-            assert_eq!(on_close(Some(code)), Next::Reregister, "{code}");
+        // Only an invalid-key close questions the key, and only a check confirms it.
+        for code in [4001, 4401] {
+            assert_eq!(on_close(Some(code)), Next::VerifyKey, "{code}");
+        }
+        // Policy violations and forbidden are errors with backoff, never a new identity.
+        for code in [1008, 4003, 4004, 4403] {
+            assert_eq!(on_close(Some(code)), Next::Reconnect, "{code}");
         }
         for code in [1013, 4008, 4029, 4429] {
             assert_eq!(on_close(Some(code)), Next::SlowDown, "{code}");
@@ -225,7 +240,8 @@ mod tests {
     fn disconnect_kinds() {
         assert_eq!(Disconnect::DeadPeer.next(), Next::Reconnect);
         assert_eq!(Disconnect::ConnectTimeout.next(), Next::Reconnect);
-        assert_eq!(Disconnect::HandshakeStatus(401).next(), Next::Reregister);
+        assert_eq!(Disconnect::HandshakeStatus(401).next(), Next::VerifyKey);
+        assert_eq!(Disconnect::HandshakeStatus(403).next(), Next::Reconnect);
         assert_eq!(Disconnect::HandshakeStatus(429).next(), Next::SlowDown);
         assert_eq!(Disconnect::HandshakeStatus(503).next(), Next::Reconnect);
         assert_eq!(Disconnect::HandshakeStatus(502).next(), Next::Reconnect);
@@ -245,27 +261,16 @@ mod tests {
             assert!(r.delay <= p.backoff.ceiling(attempt));
             attempt = r.attempt;
         }
-        // Up briefly: no reset.
-        let r = plan_retry(
-            &p,
-            attempt,
-            Some(Duration::from_secs(3)),
-            Next::Reconnect,
-            false,
-            &mut rng,
-        );
+        // A connection that became active, however briefly, ends the escalation: the
+        // next retry is the first again (full jitter within the base, 0-250 ms).
+        for up in [Duration::ZERO, Duration::from_secs(3), Duration::from_secs(30)] {
+            let r = plan_retry(&p, attempt, Some(up), Next::Reconnect, false, &mut rng);
+            assert_eq!(r.attempt, 1, "after {up:?} up");
+            assert!(r.delay <= Duration::from_millis(250), "{r:?}");
+        }
+        // Failures that never became active keep escalating.
+        let r = plan_retry(&p, attempt, None, Next::Reconnect, false, &mut rng);
         assert_eq!(r.attempt, 6);
-        // Up for the healthy period: back to the first attempt.
-        let r = plan_retry(
-            &p,
-            6,
-            Some(Duration::from_secs(30)),
-            Next::Reconnect,
-            false,
-            &mut rng,
-        );
-        assert_eq!(r.attempt, 1);
-        assert!(r.delay <= Duration::from_millis(250));
     }
 
     #[test]

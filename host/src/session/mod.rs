@@ -103,17 +103,25 @@ pub struct SessionConfig {
     pub connect_timeout: Duration,
     /// Timeout of one REST request (default 10 s).
     pub request_timeout: Duration,
+    /// A write to the socket that makes no progress this long gets the connection
+    /// replaced (default 10 s).
+    pub write_timeout: Duration,
     /// WebSocket ping period (default 15 s).
     pub ping_interval: Duration,
     /// A connection without any received frame for this many ping intervals is dead
     /// (default 2).
     pub dead_after_intervals: u32,
-    /// A connection up this long resets the attempt count (default 30 s).
+    /// A connection up this long is healthy: a key rejected later is re-registered at
+    /// once again (default 30 s). The reconnect escalation resets on any connection
+    /// that became active, however briefly.
     pub healthy_after: Duration,
     /// The least delay after a rate limit (429 / close 4029 / 1013) (default 5 s).
     pub rate_limit_backoff: Duration,
     /// Names tried on 409 before giving up on a registration round (default 8).
     pub max_name_attempts: u32,
+    /// New registrations after a confirmed-rejected key, at most, per persona in any
+    /// 24 hours (default 3); beyond it the old identity is kept and retried with backoff.
+    pub max_reregistrations_per_day: u32,
     /// How far back recovery may replay: the network's retention (default 1 h).
     pub retention: Duration,
     /// Overlap allowed between our clock and the server's: recovery fetches this much
@@ -127,6 +135,9 @@ pub struct SessionConfig {
     pub history_page_limit: u32,
     /// Outbox entries older than this are dropped as stale (default 5 min).
     pub outbox_ttl: Duration,
+    /// Times an unconfirmed entry is sent again after a reconnect, at most (default 2;
+    /// once per reconnect).
+    pub max_resends: u32,
     /// How long [`SessionHandle::shutdown`] waits for the outbox to drain (default 5 s).
     pub shutdown_flush: Duration,
     /// Messages waiting for the bot, at most (default 1024); see [`events`] for the
@@ -160,16 +171,19 @@ impl Default for SessionConfig {
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
             dead_after_intervals: 2,
             healthy_after: Duration::from_secs(30),
             rate_limit_backoff: Duration::from_secs(5),
             max_name_attempts: 8,
+            max_reregistrations_per_day: 3,
             retention: Duration::from_secs(3600),
             clock_skew: Duration::from_secs(5),
             join_ack_timeout: Duration::from_secs(3),
             history_page_limit: 50,
             outbox_ttl: Duration::from_secs(300),
+            max_resends: 2,
             shutdown_flush: Duration::from_secs(5),
             inbound_capacity: 1024,
             inbound_bytes: 1 << 20,
@@ -201,6 +215,7 @@ impl SessionConfig {
         let positive = [
             ("connect_timeout", self.connect_timeout),
             ("request_timeout", self.request_timeout),
+            ("write_timeout", self.write_timeout),
             ("ping_interval", self.ping_interval),
             ("outbox_ttl", self.outbox_ttl),
             ("retention", self.retention),
@@ -295,7 +310,20 @@ pub struct SessionStatus {
     /// +Inf; not cumulative), and the sum in milliseconds.
     pub pace_wait_buckets: Vec<u64>,
     pub pace_wait_sum_ms: u64,
-    /// Times the server asked us to slow down (429, close 1013/4008/4029/4429).
+    /// Times the server said we were not in a room and we joined again.
+    pub rejoins: u64,
+    /// Rooms whose missed messages could not be recovered after a reconnect (the
+    /// session went active without them).
+    pub history_gaps: u64,
+    /// Sent replies never confirmed and given up on (not sent again): the recovered
+    /// history did not reach back to them, or they were re-sent `max_resends` times.
+    pub outbox_unconfirmed: u64,
+    /// New registrations after a confirmed-rejected key.
+    pub reregistrations: u64,
+    /// Re-registrations the daily cap refused.
+    pub reregistrations_refused: u64,
+    /// Times the server asked us to slow down (429, close 1013/4008/4029/4429, error
+    /// frames).
     pub throttles: u64,
     /// Frames received, unknown and undecodable.
     pub protocol: ProtocolStatsSnapshot,
@@ -402,6 +430,15 @@ struct Shared {
     messages_out: AtomicU64,
     connections: AtomicU64,
     outbox_stale: AtomicU64,
+    /// Rooms joined again because the server said we were not in them.
+    rejoins: AtomicU64,
+    /// Rooms whose missed messages could not be recovered after a reconnect.
+    history_gaps: AtomicU64,
+    /// Sent entries given up on without confirmation (not sent again).
+    outbox_unconfirmed: AtomicU64,
+    /// New registrations after a confirmed-rejected key, and those the cap refused.
+    reregistrations: AtomicU64,
+    reregistrations_refused: AtomicU64,
     /// Replies whose row could not be committed (never sent).
     outbox_unsaved: AtomicU64,
     /// Replies queued whose row is not committed yet (part of the outbox depth).
@@ -551,6 +588,11 @@ impl SessionHandle {
                 .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
             pace_wait_sum_ms: s.pacing.sum_ms.load(Ordering::Relaxed),
+            rejoins: s.rejoins.load(Ordering::Relaxed),
+            history_gaps: s.history_gaps.load(Ordering::Relaxed),
+            outbox_unconfirmed: s.outbox_unconfirmed.load(Ordering::Relaxed),
+            reregistrations: s.reregistrations.load(Ordering::Relaxed),
+            reregistrations_refused: s.reregistrations_refused.load(Ordering::Relaxed),
             throttles: s.throttles.load(Ordering::Relaxed),
             protocol: s.protocol.snapshot(),
         }
@@ -630,6 +672,11 @@ pub fn spawn_with(
         messages_out: AtomicU64::new(0),
         connections: AtomicU64::new(0),
         outbox_stale: AtomicU64::new(0),
+        rejoins: AtomicU64::new(0),
+        history_gaps: AtomicU64::new(0),
+        outbox_unconfirmed: AtomicU64::new(0),
+        reregistrations: AtomicU64::new(0),
+        reregistrations_refused: AtomicU64::new(0),
         outbox_unsaved: AtomicU64::new(0),
         outbox_committing: AtomicUsize::new(0),
         pacing: PaceStats::default(),

@@ -83,6 +83,25 @@ impl Outbox {
         self.open.get(&id).is_some_and(|o| o.paced)
     }
 
+    /// The server refused what connection `conn` sent (not joined, rate limited): its
+    /// unconfirmed entries count as not written to it, so they go out again on it.
+    pub fn unsend(&mut self, conn: u64) -> usize {
+        let mut n = 0;
+        for o in self.open.values_mut() {
+            if o.sent_conn == Some(conn) && o.entry.state == OutboxState::Sent {
+                o.sent_conn = None;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Gives up on an entry that was sent but cannot be confirmed (it is finished as
+    /// stale, never sent again). Returns it.
+    pub fn give_up(&mut self, id: OutboxId) -> Option<OutboxEntry> {
+        self.finish_all(&[id], OutboxState::Stale).pop()
+    }
+
     /// Drops paced entries never sent and created before `now_ms - max_wait_ms`: they
     /// waited longer for their rate-limit slot than allowed. Returns them.
     pub fn expire_paced(&mut self, now_ms: i64, max_wait_ms: i64) -> Vec<OutboxEntry> {
@@ -210,9 +229,10 @@ impl Outbox {
     }
 }
 
-/// Echo matching: exact, or equal after trimming (a server may trim what it stores).
+/// Echo matching: exact, or equal once runs of whitespace are collapsed and the ends
+/// trimmed (a server may trim what it stores, or collapse its whitespace).
 fn same_text(sent: &str, echoed: &str) -> bool {
-    sent == echoed || sent.trim() == echoed.trim()
+    sent == echoed || sent.split_whitespace().eq(echoed.split_whitespace())
 }
 
 #[cfg(test)]

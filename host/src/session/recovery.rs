@@ -54,9 +54,20 @@ pub struct Recovered {
     pub room: String,
     pub messages: Vec<ChatMessage>,
     pub skipped: usize,
+    /// From when on (Unix ms) the room's history is known complete: the fetch's lower
+    /// bound, or the oldest message returned when a full page left a gap before it.
+    /// None when the room could not be fetched.
+    pub complete_since: Option<u64>,
+    /// Why the room could not be fetched (after its retries), if it could not.
+    pub failed: Option<String>,
+    /// The server throttled the fetch (429).
+    pub throttled: bool,
 }
 
-/// Fetches every room (concurrently); the first hard failure wins.
+/// Fetches every room (concurrently). Only a rejected key (401) fails the whole
+/// recovery; a room that cannot be fetched (5xx, 403, 429, an oversized or unreadable
+/// answer, after its retries) comes back with `failed` set, so the session can go
+/// active anyway and report the gap.
 pub async fn recover_all(
     http: reqwest::Client,
     endpoints: Endpoints,
@@ -71,7 +82,16 @@ pub async fn recover_all(
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(
                 seed.wrapping_add(i as u64),
             );
-            fetch_room(http, endpoints, key, &room, params, &mut rng).await
+            match fetch_room(http, endpoints, key, &room, params, &mut rng).await {
+                Ok(r) => Ok(r),
+                Err(FetchError::Unauthorized) => Err(FetchError::Unauthorized),
+                Err(e) => Ok(Recovered {
+                    room: room.room.clone(),
+                    throttled: matches!(e, FetchError::RateLimited(_)),
+                    failed: Some(e.to_string()),
+                    ..Recovered::default()
+                }),
+            }
         }
     });
     futures_util::future::join_all(futures)
@@ -116,6 +136,7 @@ async fn fetch_pages(
 ) -> Result<Recovered, FetchError> {
     let mut out = Recovered {
         room: room.room.clone(),
+        complete_since: Some(room.after_ms),
         ..Recovered::default()
     };
     let mut after = room.after_ms;
@@ -135,7 +156,8 @@ async fn fetch_pages(
         match (full, newest) {
             (true, Some(newest)) if !newest_first && newest > after => after = newest,
             (true, _) => {
-                if oldest.is_some_and(|o| o > room.have_until_ms.saturating_add(1)) {
+                if let Some(o) = oldest.filter(|o| *o > room.have_until_ms.saturating_add(1)) {
+                    out.complete_since = Some(o);
                     tracing::warn!(
                         room = %room.room,
                         after = room.after_ms,
@@ -177,7 +199,8 @@ async fn fetch_page(
         .map_err(|e| FetchError::Transient(error_chain(&e)))?;
     match status {
         200..=299 => {}
-        401 | 403 => return Err(FetchError::Unauthorized),
+        // Only 401 says the key is rejected; 403 is an error like any other.
+        401 => return Err(FetchError::Unauthorized),
         404 => return Ok((Vec::new(), 0)), // the room does not exist (yet): nothing missed
         429 => return Err(FetchError::RateLimited(status)),
         _ => {

@@ -6,7 +6,7 @@
 //! its bounded event stream ([`super::events`]), which never makes this task wait: a slow
 //! bot only loses its oldest unread messages (counted), never keepalive.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -51,6 +51,8 @@ const MAX_HELD: usize = 10_000;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Initial read buffer and write batch of one WebSocket.
 const WS_BUFFER_BYTES: usize = 4 * 1024;
+/// Recovery positions are saved at most this often while messages flow (and at stop).
+const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 /// Retries of a history request within one connection.
 const HISTORY_RETRIES: u32 = 2;
 
@@ -72,6 +74,12 @@ struct RoomState {
     since_ms: u64,
     /// The newest timestamp delivered from this room.
     last_ts: Option<u64>,
+    /// From when on this connection's recovered history of the room is complete (None:
+    /// not recovered yet on this connection, or it could not be fetched). An unconfirmed
+    /// entry is re-sent only if this reaches back to its creation.
+    checked_from: Option<u64>,
+    /// `last_ts` changed since it was last saved.
+    dirty: bool,
 }
 
 /// The state of one connection (see [`Supervisor::serve`]).
@@ -100,6 +108,41 @@ struct Conn {
 impl Conn {
     fn up_for(&self) -> Option<Duration> {
         self.active_since.map(|t| t.elapsed())
+    }
+}
+
+/// What a text frame told the connection.
+enum Heard {
+    /// A chat message in this room (proof that the join landed).
+    Room(String),
+    /// The server says we are not in a room we think we are in.
+    NotJoined,
+    /// The server asks us to slow down (perhaps saying for how long).
+    Throttled(Option<Duration>),
+    Nothing,
+}
+
+/// Reads a server error frame: "not joined" and rate-limit errors call for action,
+/// the rest are only logged. Matches the code and, for servers without codes, the
+/// message.
+fn classify_error(code: Option<&str>, message: &str) -> Heard {
+    let code = code.unwrap_or("").to_ascii_lowercase();
+    let message = message.to_ascii_lowercase();
+    let says = |words: &[&str]| words.iter().any(|w| code.contains(w) || message.contains(w));
+    if says(&["not_joined", "not joined", "join the room", "join it first", "join first"]) {
+        Heard::NotJoined
+    } else if says(&["rate_limit", "rate limit", "rate-limit", "too_many", "too many", "slow down", "slow_down", "throttl"]) {
+        // "retry after N" in seconds, when the message says so.
+        let retry = message
+            .split(|c: char| !c.is_ascii_alphanumeric() && c != '.')
+            .skip_while(|w| *w != "after" && *w != "in")
+            .nth(1)
+            .and_then(|n| n.parse::<f64>().ok())
+            .filter(|n| n.is_finite() && *n >= 0.0 && *n < 3600.0)
+            .map(Duration::from_secs_f64);
+        Heard::Throttled(retry)
+    } else {
+        Heard::Nothing
     }
 }
 
@@ -179,6 +222,8 @@ pub(super) struct Supervisor {
     reregistered: bool,
     /// The stored key was rejected: register again before the next connect.
     force_register: bool,
+    /// The key is in doubt: check it before the next connect.
+    verify_key: bool,
     /// Shutdown requested; the flush deadline.
     stopping: Option<Instant>,
     conn_seq: u64,
@@ -186,6 +231,8 @@ pub(super) struct Supervisor {
     limits: Option<RateLimits>,
     /// When the rate limits next let a held-back entry go.
     next_due: Option<Instant>,
+    /// When the recovery positions were last saved.
+    positions_saved: Instant,
 }
 
 impl Supervisor {
@@ -195,16 +242,34 @@ impl Supervisor {
             None => StdRng::from_os_rng(),
         };
         let now = now_u64();
+        // Where each room was left at the last stop: messages posted while roost was
+        // stopped (within the retention) are recovered once after this start.
+        let retention = u64::try_from(parts.config.retention.as_millis()).unwrap_or(u64::MAX);
+        let saved: HashMap<String, u64> = parts
+            .store
+            .room_positions(parts.config.persona_id())
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read recovery positions; starting from now");
+                Vec::new()
+            })
+            .into_iter()
+            .filter(|(_, ts)| *ts >= now.saturating_sub(retention) && *ts <= now)
+            .collect();
         let rooms = parts
             .config
             .rooms
             .iter()
             .map(|r| {
+                let last = saved.get(r).copied();
                 (
                     r.clone(),
                     RoomState {
-                        since_ms: now,
-                        last_ts: None,
+                        // Up to and including the saved position was delivered before
+                        // the stop (this run's dedupe set does not know it).
+                        since_ms: last.map_or(now, |t| t.saturating_add(1).min(now)),
+                        last_ts: last,
+                        checked_from: None,
+                        dirty: false,
                     },
                 )
             })
@@ -218,6 +283,7 @@ impl Supervisor {
         Supervisor {
             limits,
             next_due: None,
+            positions_saved: Instant::now(),
             cfg: parts.config,
             endpoints: parts.endpoints,
             store: parts.store,
@@ -235,6 +301,7 @@ impl Supervisor {
             attempt: 0,
             reregistered: false,
             force_register: false,
+            verify_key: false,
             stopping: None,
             conn_seq: 0,
         }
@@ -305,6 +372,9 @@ impl Supervisor {
                         self.force_register = true;
                         self.reregistered = true;
                     }
+                    if retry.verify_key {
+                        self.verify_key = true;
+                    }
                     self.attempt = retry.attempt;
                     let error = self.redact(&cause.to_string());
                     self.set_error(error.clone());
@@ -325,6 +395,7 @@ impl Supervisor {
                 }
             }
         }
+        self.save_positions();
         self.set_state(SessionState::Stopped);
         tracing::info!(
             bot = self.bot(),
@@ -419,11 +490,14 @@ impl Supervisor {
         self.rooms.entry(room).or_insert_with(|| RoomState {
             since_ms: now_u64(),
             last_ts: None,
+            checked_from: None,
+            dirty: false,
         });
     }
 
     fn remove_room(&mut self, room: &str) {
         self.rooms.remove(room);
+        self.store.forget_room_position(&self.shared.bot, room);
         for entry in self.outbox.cancel_room(room) {
             tracing::warn!(
                 bot = self.bot(),
@@ -434,6 +508,23 @@ impl Supervisor {
             );
         }
         self.update_depth();
+    }
+
+    /// Saves the recovery position of every room that moved (in the next group commit).
+    fn save_positions(&mut self) {
+        let moved: Vec<(String, u64)> = self
+            .rooms
+            .iter_mut()
+            .filter(|(_, st)| st.dirty)
+            .filter_map(|(room, st)| {
+                st.dirty = false;
+                st.last_ts.map(|ts| (room.clone(), ts))
+            })
+            .collect();
+        if !moved.is_empty() {
+            self.store.save_room_positions(&self.shared.bot, moved);
+        }
+        self.positions_saved = Instant::now();
     }
 
     fn expire_outbox(&mut self) {
@@ -513,19 +604,60 @@ impl Supervisor {
         self.serve(ws, identity).await
     }
 
-    /// The identity to connect with: in memory, else stored, else registered.
+    /// The identity to connect with: in memory, else stored, else registered. A key in
+    /// doubt is checked first; a confirmed-rejected key is replaced by a new
+    /// registration, within the daily cap, and stays stored until the new one is.
     async fn identity(&mut self) -> Result<Identity, ConnEnd> {
         let persona = self.cfg.persona_id().to_string();
-        if self.force_register {
-            if let Some(old) = self.identity.take() {
-                tracing::warn!(bot = self.bot(), name = %old.name, "API key rejected; registering again");
-                self.previous_name = Some(old.name);
+        if self.verify_key {
+            self.verify_key = false;
+            if let Some(current) = self.identity.clone() {
+                let (http, endpoints, timeout) = (
+                    self.http.clone(),
+                    self.endpoints.clone(),
+                    self.cfg.request_timeout,
+                );
+                let key = current.key.clone();
+                let check = async move {
+                    identity::check_key(&http, &endpoints, &key, timeout).await
+                };
+                match self.race(check).await {
+                    None => return Err(ConnEnd::Shutdown),
+                    Some(identity::KeyCheck::Rejected) => {
+                        tracing::warn!(bot = self.bot(), name = %current.name, "the server confirmed the API key is rejected (401)");
+                        self.force_register = true;
+                    }
+                    Some(other) => {
+                        tracing::info!(bot = self.bot(), name = %current.name, check = ?other, "the API key was questioned but not confirmed rejected; keeping it");
+                    }
+                }
             }
-            if let Err(e) = self
+        }
+        if self.force_register {
+            let day_ago = now_ms() - 86_400_000;
+            let recent = self
                 .store
-                .delete_credentials(self.endpoints.base(), &persona)
-            {
-                tracing::error!(bot = self.bot(), error = %e, "cannot forget rejected credentials");
+                .registrations_since(self.endpoints.base(), &persona, day_ago)
+                .unwrap_or(0);
+            if recent >= u64::from(self.cfg.max_reregistrations_per_day) {
+                self.shared
+                    .reregistrations_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    bot = self.bot(),
+                    recent,
+                    cap = self.cfg.max_reregistrations_per_day,
+                    "the API key is rejected, but this persona re-registered {recent} times in the last 24 h \
+                     (cap session.max_reregistrations_per_day): keeping the old identity and retrying later"
+                );
+                return Err(lost(
+                    Disconnect::Transient("re-registration cap reached".into()),
+                    None,
+                ));
+            }
+            if let Some(old) = &self.identity {
+                tracing::warn!(bot = self.bot(), name = %old.name, "API key rejected; registering again");
+                self.previous_name = Some(old.name.clone());
             }
         } else if let Some(identity) = &self.identity {
             return Ok(identity.clone());
@@ -567,6 +699,16 @@ impl Supervisor {
         match self.race(register).await {
             None => Err(ConnEnd::Shutdown),
             Some(Ok(identity)) => {
+                if self.force_register {
+                    self.shared.reregistrations.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.store.record_registration(
+                        self.endpoints.base(),
+                        self.cfg.persona_id(),
+                        now_ms(),
+                    ) {
+                        tracing::error!(bot = self.bot(), error = %e, "cannot record the re-registration");
+                    }
+                }
                 self.force_register = false;
                 self.adopt(identity.clone());
                 Ok(identity)
@@ -625,7 +767,11 @@ impl Supervisor {
         self.conn_seq += 1;
         let (sink, mut stream) = ws.split();
         let (out_tx, out_rx) = mpsc::channel::<Message>(OUT_QUEUE);
-        let mut writer = AbortOnDrop(tokio::spawn(write_loop(sink, out_rx)));
+        let mut writer = AbortOnDrop(tokio::spawn(write_loop(
+            sink,
+            out_rx,
+            self.cfg.write_timeout,
+        )));
         let mut c = match self.open_conn(identity, out_tx) {
             Ok(c) => c,
             Err(end) => return end,
@@ -709,6 +855,9 @@ impl Supervisor {
                 ));
             }
             joined.insert(room.clone());
+        }
+        for st in self.rooms.values_mut() {
+            st.checked_from = None;
         }
         self.shared.connections.fetch_add(1, Ordering::Relaxed);
         self.set_state(SessionState::Joined);
@@ -812,14 +961,43 @@ impl Supervisor {
             )),
             Some(Err(e)) => Err(lost(Disconnect::Io(self.describe_ws_error(&e)), c.up_for())),
             Some(Ok(Message::Text(text))) => {
-                let room = self.on_text(text.as_str(), c.active_since.is_none());
-                if let Some(room) = room
-                    && c.unacked.remove(&room)
-                    && c.unacked.is_empty()
-                    && c.recovery.is_none()
-                    && c.active_since.is_none()
-                {
-                    c.recovery = Some(self.start_recovery(&c.identity));
+                match self.on_text(text.as_str(), c.active_since.is_none()) {
+                    Heard::Room(room) => {
+                        if c.unacked.remove(&room)
+                            && c.unacked.is_empty()
+                            && c.recovery.is_none()
+                            && c.active_since.is_none()
+                        {
+                            c.recovery = Some(self.start_recovery(&c.identity));
+                        }
+                    }
+                    Heard::NotJoined => {
+                        // The server forgot a join (or never saw it): join every room
+                        // again (joins are idempotent), and what it refused goes out
+                        // again behind the joins.
+                        for room in &c.joined {
+                            let frame = ClientFrame::Join { room: room.clone() }.encode();
+                            let _ = c.out_tx.try_send(Message::Text(frame.into()));
+                        }
+                        self.shared.rejoins.fetch_add(1, Ordering::Relaxed);
+                        self.outbox.unsend(c.seq);
+                        return self.flush_if_active(c);
+                    }
+                    Heard::Throttled(retry_after) => {
+                        self.shared.throttles.fetch_add(1, Ordering::Relaxed);
+                        let pause = match self.limits.as_mut() {
+                            Some(l) => Some(l.on_server_throttle(retry_after)),
+                            None => retry_after,
+                        };
+                        self.shared
+                            .events
+                            .push(SessionEvent::Throttled { retry_after: pause });
+                        // The refused send goes out again once the pause is over.
+                        self.outbox.unsend(c.seq);
+                        let due = Instant::now() + pause.unwrap_or(Duration::from_secs(1));
+                        self.next_due = Some(self.next_due.map_or(due, |d| d.max(due)));
+                    }
+                    Heard::Nothing => {}
                 }
                 Ok(())
             }
@@ -947,6 +1125,37 @@ impl Supervisor {
             if held.contains(&entry.room) {
                 continue;
             }
+            if entry.attempts > 0 {
+                // Written to an earlier connection and never confirmed: re-send only if
+                // this connection's history of the room reaches back to its creation
+                // (so the missing echo means it was lost), and only so often.
+                let created = u64::try_from(entry.created_at).unwrap_or(0);
+                let checked = self.rooms.get(&entry.room).and_then(|st| st.checked_from);
+                match checked {
+                    None => continue, // not recovered: wait (or expire)
+                    Some(from) if from > created || entry.attempts > self.cfg.max_resends => {
+                        let (room, attempts) = (entry.room.clone(), entry.attempts);
+                        if let Some(gone) = self.outbox.give_up(id) {
+                            self.shared.outbox_unconfirmed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                bot = self.bot(),
+                                room = %room,
+                                id = %gone.id,
+                                attempts,
+                                reason = if from > created {
+                                    "the recovered history does not reach back to it"
+                                } else {
+                                    "re-sent as often as allowed"
+                                },
+                                "outbox entry unconfirmed: not sent again"
+                            );
+                            self.update_depth();
+                        }
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
             let permit = match c.out_tx.try_reserve() {
                 Ok(permit) => permit,
                 Err(TrySendError::Full(())) => break,
@@ -990,7 +1199,7 @@ impl Supervisor {
     // ---- inbound -------------------------------------------------------------------------
 
     /// Handles one text frame; returns the room of a chat message.
-    fn on_text(&mut self, text: &str, recovering: bool) -> Option<String> {
+    fn on_text(&mut self, text: &str, recovering: bool) -> Heard {
         match self.shared.protocol.decode_server_frame(text) {
             Ok(ServerFrame::Message(msg)) => {
                 let room = msg.room.clone();
@@ -1003,7 +1212,7 @@ impl Supervisor {
                 } else {
                     self.accept(msg, true);
                 }
-                return Some(room);
+                return Heard::Room(room);
             }
             Ok(ServerFrame::Connected { agent, .. }) => {
                 if !agent.is_empty() && !self.own_names.contains(&agent) {
@@ -1019,12 +1228,19 @@ impl Supervisor {
                 }
             }
             Ok(ServerFrame::Error { message, code }) => {
+                let heard = classify_error(code.as_deref(), &message);
                 tracing::warn!(
                     bot = self.bot(),
                     code = code.as_deref().unwrap_or(""),
                     message = %self.redact(&excerpt(message.as_bytes())),
+                    action = match heard {
+                        Heard::NotJoined => "join again",
+                        Heard::Throttled(_) => "slow down",
+                        _ => "none",
+                    },
                     "server reported an error"
                 );
+                return heard;
             }
             Ok(other) => {
                 tracing::debug!(bot = self.bot(), frame = ?other, "unknown frame ignored");
@@ -1033,18 +1249,41 @@ impl Supervisor {
                 tracing::debug!(bot = self.bot(), error = %e, len = text.len(), "undecodable frame ignored");
             }
         }
-        None
+        Heard::Nothing
     }
 
     /// Merges recovered history with the live messages held meanwhile and hands them over
-    /// in timestamp order (live copies first on ties).
+    /// in timestamp order (live copies first on ties). A room whose history could not be
+    /// fetched is a gap: logged, counted, and its unconfirmed entries are not re-sent on
+    /// this connection.
     fn finish_recovery(&mut self, recovered: Vec<Recovered>) {
         let mut batch: Vec<(ChatMessage, bool)> = Vec::new();
+        let mut throttled = false;
         for r in recovered {
             if r.skipped > 0 {
                 tracing::warn!(bot = self.bot(), room = %r.room, skipped = r.skipped, "unreadable history items skipped");
             }
+            throttled |= r.throttled;
+            if let Some(why) = &r.failed {
+                self.shared.history_gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    bot = self.bot(),
+                    room = %r.room,
+                    error = %why,
+                    "missed messages of this room could not be recovered: going on without them"
+                );
+            }
+            if let Some(st) = self.rooms.get_mut(&r.room) {
+                st.checked_from = r.complete_since;
+            }
             batch.extend(r.messages.into_iter().map(|m| (m, false)));
+        }
+        if throttled {
+            self.shared.throttles.fetch_add(1, Ordering::Relaxed);
+            let pause = self.limits.as_mut().map(|l| l.on_server_throttle(None));
+            self.shared
+                .events
+                .push(SessionEvent::Throttled { retry_after: pause });
         }
         batch.extend(self.held.drain(..).map(|m| (m, true)));
         batch.sort_by_key(|(m, live)| (m.timestamp_ms, !*live));
@@ -1090,12 +1329,18 @@ impl Supervisor {
             }
         }
         if let Some(room) = self.rooms.get_mut(&msg.room) {
-            room.last_ts = Some(
-                room.last_ts
-                    .map_or(msg.timestamp_ms, |t| t.max(msg.timestamp_ms)),
-            );
+            let ts = room
+                .last_ts
+                .map_or(msg.timestamp_ms, |t| t.max(msg.timestamp_ms));
+            if room.last_ts != Some(ts) {
+                room.last_ts = Some(ts);
+                room.dirty = true;
+            }
         }
         self.deliver(msg);
+        if self.positions_saved.elapsed() >= POSITIONS_EVERY {
+            self.save_positions();
+        }
     }
 
     fn deliver(&mut self, msg: ChatMessage) {
@@ -1133,15 +1378,26 @@ async fn wait_recovery(
     }
 }
 
+/// Writes frames as they come, flushing when the queue is empty. A write that makes no
+/// progress for `timeout` (the peer stopped reading, the kernel buffer is full) ends the
+/// writer, and with it the connection, which is then replaced.
 async fn write_loop(
     mut sink: SplitSink<Ws, Message>,
     mut rx: mpsc::Receiver<Message>,
+    timeout: Duration,
 ) -> Result<(), String> {
+    let stuck = || format!("could not write to the connection for {} s", timeout.as_secs_f64());
     while let Some(msg) = rx.recv().await {
         let closing = matches!(msg, Message::Close(_));
-        sink.feed(msg).await.map_err(|e| error_chain(&e))?;
+        tokio::time::timeout(timeout, sink.feed(msg))
+            .await
+            .map_err(|_| stuck())?
+            .map_err(|e| error_chain(&e))?;
         if closing || rx.is_empty() {
-            sink.flush().await.map_err(|e| error_chain(&e))?;
+            tokio::time::timeout(timeout, sink.flush())
+                .await
+                .map_err(|_| stuck())?
+                .map_err(|e| error_chain(&e))?;
         }
         if closing {
             return Ok(());
