@@ -19,5 +19,6 @@ pub mod policy;
 pub mod protocol;
 pub mod scaffold;
 pub mod session;
+pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -5,12 +5,13 @@
 //! and reported once logging resumes).
 
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::AsyncWrite;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::bindings::log::Level;
@@ -66,6 +67,7 @@ impl LogSink {
             );
         }
         let text = sanitize(text);
+        tap(persona, level, &text);
         match level {
             Level::Trace => tracing::trace!(target: "persona", persona, "{text}"),
             Level::Debug => tracing::debug!(target: "persona", persona, "{text}"),
@@ -100,6 +102,37 @@ impl LogSink {
             sink: self.clone(),
             level,
         }
+    }
+}
+
+/// A persona's log line, for a watcher in the same process ([`subscribe`]).
+#[derive(Debug, Clone)]
+pub struct PersonaLine {
+    /// The persona's label (its file stem).
+    pub persona: String,
+    pub level: Level,
+    /// Escaped and cut as in the host log.
+    pub text: String,
+}
+
+static TAP: OnceLock<broadcast::Sender<PersonaLine>> = OnceLock::new();
+
+/// Every persona log line written from now on in this process, after the rate
+/// limit: `roost dev` shows them in its chat view. A receiver more than 256 lines
+/// behind loses the oldest.
+pub fn subscribe() -> broadcast::Receiver<PersonaLine> {
+    TAP.get_or_init(|| broadcast::channel(256).0).subscribe()
+}
+
+fn tap(persona: &str, level: Level, text: &str) {
+    if let Some(tx) = TAP.get()
+        && tx.receiver_count() > 0
+    {
+        let _ = tx.send(PersonaLine {
+            persona: persona.to_string(),
+            level,
+            text: text.to_string(),
+        });
     }
 }
 
@@ -210,6 +243,23 @@ mod tests {
         assert_eq!(sanitize("a\nb\x1b[31m"), "a\\nb\\u{1b}[31m");
         let long = "x".repeat(MAX_LINE_CHARS + 10);
         assert_eq!(sanitize(&long).chars().count(), MAX_LINE_CHARS + 1);
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_what_the_log_gets() {
+        let mut lines = subscribe();
+        let sink = LogSink::new("tapped-persona");
+        sink.line(Level::Warn, "careful\nnow");
+        // Other tests' personas log into the same tap.
+        let line = loop {
+            match lines.recv().await {
+                Ok(line) if line.persona == "tapped-persona" => break line,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(line.level, Level::Warn);
+        assert_eq!(line.text, "careful\\nnow");
     }
 
     #[tokio::test(start_paused = true)]
