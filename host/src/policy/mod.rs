@@ -54,6 +54,7 @@ pub mod limits;
 pub mod loopguard;
 pub mod normalize;
 pub mod outbound;
+mod prefilter;
 pub mod secrets;
 
 use std::fmt;
@@ -394,7 +395,7 @@ pub struct PolicyCounters {
 pub struct Policy {
     config: PolicyConfig,
     identity: BotIdentity,
-    mention: Option<Regex>,
+    mention: Option<Mention>,
     outbound: OutboundNormalizer,
     scanner: SecretScanner,
     limits: RateLimits,
@@ -495,10 +496,10 @@ impl Policy {
             && self
                 .mention
                 .as_ref()
-                .is_some_and(|re| re.is_match(&normalized));
+                .is_some_and(|m| m.is_match(&normalized));
         let mut injection_rule = None;
         if !flags.system {
-            let v = injection::detect(msg.text);
+            let v = injection::detect_normalized(msg.text, &normalized);
             if v.suspicious() {
                 flags.suspicious = true;
                 injection_rule = v.rule;
@@ -643,9 +644,23 @@ impl Policy {
     }
 }
 
+/// `@NAME` anywhere, or `NAME` at the start: two regexes, because one alternation of both
+/// can use neither the `@` literal nor the anchor and scans the whole text.
+#[derive(Debug)]
+struct Mention {
+    at: Regex,
+    start: Regex,
+}
+
+impl Mention {
+    fn is_match(&self, text: &str) -> bool {
+        self.start.is_match(text) || self.at.is_match(text)
+    }
+}
+
 /// `@NAME` anywhere, or `NAME` at the start; not when followed by another name character
 /// (so `@echo-9f3c` is not a mention of `echo-1a2b`).
-fn mention_regex(identity: &BotIdentity) -> Option<Regex> {
+fn mention_regex(identity: &BotIdentity) -> Option<Mention> {
     let mut alts: Vec<String> = Vec::new();
     for name in [
         identity.network_name.as_str(),
@@ -663,10 +678,10 @@ fn mention_regex(identity: &BotIdentity) -> Option<Regex> {
     alts.sort_by_key(|a| std::cmp::Reverse(a.len()));
     let names = alts.join("|");
     let end = r"(?:$|[^\p{L}\p{N}_-]|-(?:$|[^\p{L}\p{N}_]))";
-    Regex::new(&format!(
-        r"(?i)@(?:{names}){end}|^[\s\p{{P}}]{{0,3}}(?:{names}){end}"
-    ))
-    .ok()
+    Some(Mention {
+        at: Regex::new(&format!(r"(?i)@(?:{names}){end}")).ok()?,
+        start: Regex::new(&format!(r"(?i)^[\s\p{{P}}]{{0,3}}(?:{names}){end}")).ok()?,
+    })
 }
 
 #[cfg(test)]

@@ -69,8 +69,10 @@ fn is_dropped_control(c: char) -> bool {
 }
 
 fn ascii_clean(text: &str) -> bool {
-    text.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) || matches!(b, b'\t' | b'\n' | b'\r'))
+    // A fold, not `all`: without the early exit the compiler vectorises it.
+    text.bytes().fold(true, |clean, b| {
+        clean & ((0x20..0x7f).contains(&b) | matches!(b, b'\t' | b'\n' | b'\r'))
+    })
 }
 
 /// The host's view of `text`: NFKC with invisible, bidi and control characters removed.
@@ -238,6 +240,16 @@ fn confusable(c: char) -> Option<char> {
 /// `. , | * · • _ / -`). Within a run, a gap of two or more spaces is kept as one space
 /// (the word break of the spelled-out text).
 pub fn collapse_spaced(text: &str) -> Option<String> {
+    // Most text has neither kind of run: find that out without allocating.
+    let may_change = if text.is_ascii() {
+        may_collapse_ascii(text)
+    } else {
+        has_spaced_run(text) || has_punct_run(text)
+    };
+    if !may_change {
+        debug_assert!(collapse_space_runs(text).is_none() && collapse_punct_runs(text).is_none());
+        return None;
+    }
     let spaced = collapse_space_runs(text);
     let src = spaced.as_deref().unwrap_or(text);
     let punct = collapse_punct_runs(src);
@@ -250,6 +262,90 @@ pub fn collapse_spaced(text: &str) -> Option<String> {
 
 /// Minimum number of single characters in a spelled-out run for [`collapse_spaced`].
 pub const MIN_SPACED_RUN: usize = 5;
+
+/// Whether `text` has [`MIN_SPACED_RUN`] one-character tokens in a row with no line
+/// break between them (what [`collapse_space_runs`] needs to change anything).
+fn has_spaced_run(text: &str) -> bool {
+    let mut run = 0; // one-character tokens in a row so far
+    let mut token_chars = 0; // characters of the current token, 0 between tokens
+    let mut newline = false; // the gap before the current token holds a line break
+    for c in text.chars() {
+        if c.is_whitespace() {
+            if token_chars > 0 {
+                run = if token_chars == 1 { run + 1 } else { 0 };
+                if run >= MIN_SPACED_RUN {
+                    return true;
+                }
+                token_chars = 0;
+                newline = false;
+            }
+            newline |= c == '\n';
+        } else {
+            if token_chars == 0 && newline {
+                run = 0;
+            }
+            token_chars += 1;
+        }
+    }
+    token_chars == 1 && run + 1 >= MIN_SPACED_RUN
+}
+
+/// A quick necessary condition for [`collapse_spaced`] on ASCII text, in a few
+/// branch-free passes the compiler vectorises (a byte loop with branches mispredicts at
+/// every word of prose): two one-character tokens with a one-character gap (`ws X ws Y
+/// ws`; a spelled-out run has at least two such gaps), or a space-separated word whose
+/// second byte is a separator.
+fn may_collapse_ascii(text: &str) -> bool {
+    let (bytes, n) = (text.as_bytes(), text.len());
+    // 1 for whitespace (`char::is_whitespace` on ASCII: space, `\t` to `\r`), with two
+    // entries of padding on each side: the ends of the text count as whitespace.
+    let mut ws = vec![1u8; n + 4];
+    for (w, &b) in ws[2..n + 2].iter_mut().zip(bytes) {
+        *w = u8::from(b == b' ' || b.wrapping_sub(b'\t') <= b'\r' - b'\t');
+    }
+    let pair = ws
+        .iter()
+        .zip(&ws[1..])
+        .zip(&ws[2..])
+        .zip(&ws[3..])
+        .zip(&ws[4..])
+        .fold(0u8, |acc, ((((a, b), c), d), e)| {
+            acc | (a & (b ^ 1) & c & (d ^ 1) & e)
+        });
+    if pair != 0 {
+        return true;
+    }
+    // 1 for a space, the same padding in front.
+    let mut space = vec![1u8; n + 2];
+    for (s, &b) in space[2..].iter_mut().zip(bytes) {
+        *s = u8::from(b == b' ');
+    }
+    let sep = space
+        .iter()
+        .zip(&space[1..])
+        .zip(bytes)
+        .fold(0u8, |acc, ((before, first), &b)| {
+            let is_sep = u8::from(matches!(
+                b,
+                b'.' | b',' | b'|' | b'*' | b'_' | b'/' | b'-' | b'~' | b'+'
+            ));
+            acc | (before & (first ^ 1) & is_sep)
+        });
+    sep != 0 && has_punct_run(text)
+}
+
+/// Whether a space-separated word could be a separator-spelled run (what
+/// [`collapse_punct_runs`] needs to change anything): long enough, a separator second.
+fn has_punct_run(text: &str) -> bool {
+    text.split(' ').any(|word| {
+        word.len() >= 2 * MIN_SPACED_RUN - 1
+            && word.chars().nth(1).is_some_and(|c| PUNCT_SEPS.contains(&c))
+            && word.chars().count() >= 2 * MIN_SPACED_RUN - 1
+    })
+}
+
+/// Separators of [`collapse_punct_runs`].
+const PUNCT_SEPS: &[char] = &['.', ',', '|', '*', '·', '•', '_', '/', '-', '~', '+'];
 
 fn collapse_space_runs(text: &str) -> Option<String> {
     // Split into (gap, token) pairs and find runs of one-character tokens.
@@ -306,7 +402,7 @@ fn collapse_space_runs(text: &str) -> Option<String> {
 }
 
 fn collapse_punct_runs(text: &str) -> Option<String> {
-    const SEPS: &[char] = &['.', ',', '|', '*', '·', '•', '_', '/', '-', '~', '+'];
+    const SEPS: &[char] = PUNCT_SEPS;
     let mut out = String::with_capacity(text.len());
     let mut changed = false;
     for (k, word) in text.split(' ').enumerate() {
@@ -410,5 +506,35 @@ mod tests {
         assert_eq!(collapse_spaced("a b c and more"), None);
         assert_eq!(collapse_spaced("version 1.2.3 is out, ip 10.0.0.1"), None);
         assert_eq!(collapse_spaced("normal sentence here"), None);
+    }
+
+    #[test]
+    fn quick_checks_agree_with_the_full_ones() {
+        for t in [
+            "",
+            "a",
+            "a b c d e",
+            "a b c d",
+            "a b c d\ne f",
+            "a  b  c  d  e",
+            "x a b c d e",
+            "i g n o r e  a l l",
+            "i.g.n.o.r.e this",
+            "s-k-a-n-t-x",
+            "e.g. a test",
+            "well-known well-timed agent-to-agent",
+            "1.2.3.4.5 and 10.0.0.1",
+            "a\tb\tc\td\te",
+            "word\x0bb c d e f",
+            " leading and trailing ",
+            "ends with a b c d e",
+        ] {
+            let full = collapse_space_runs(t).is_some() || collapse_punct_runs(t).is_some();
+            if full {
+                assert!(may_collapse_ascii(t), "{t:?}");
+                assert!(has_spaced_run(t) || has_punct_run(t), "{t:?}");
+            }
+            assert_eq!(collapse_spaced(t).is_some(), full, "{t:?}");
+        }
     }
 }

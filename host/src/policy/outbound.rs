@@ -175,6 +175,12 @@ fn fold_for_compare(s: &str) -> String {
 }
 
 fn strip_controls(text: &str, edits: &mut Edits) -> String {
+    // Printable ASCII and line feeds: nothing to strip (the common case).
+    if text.bytes().fold(true, |plain, b| {
+        plain & ((0x20..0x7f).contains(&b) | (b == b'\n'))
+    }) {
+        return text.to_string();
+    }
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
@@ -196,6 +202,9 @@ fn strip_controls(text: &str, edits: &mut Edits) -> String {
 }
 
 fn collapse_whitespace(text: &str, keep_newlines: bool) -> String {
+    if text.is_ascii() {
+        return collapse_ascii_whitespace(text.as_bytes(), keep_newlines);
+    }
     let mut out = String::with_capacity(text.len());
     let mut pending_space = false;
     let mut pending_newline = false;
@@ -220,6 +229,50 @@ fn collapse_whitespace(text: &str, keep_newlines: bool) -> String {
         out.push(c);
     }
     out
+}
+
+/// [`collapse_whitespace`] on the bytes of ASCII text (`char::is_whitespace` on ASCII is
+/// space and `\t` to `\r`).
+fn collapse_ascii_whitespace(text: &[u8], keep_newlines: bool) -> String {
+    let is_ws = |b: u8| b == b' ' || b.wrapping_sub(b'\t') <= b'\r' - b'\t';
+    // Already collapsed (the common case), checked without branches: no whitespace at
+    // the ends, none next to other whitespace, and only spaces (and kept line feeds).
+    let kept = |b: u8| b == b' ' || (keep_newlines && b == b'\n');
+    let collapsed = text.first().is_none_or(|&b| !is_ws(b))
+        && text.last().is_none_or(|&b| !is_ws(b))
+        && text
+            .iter()
+            .zip(&text[1.min(text.len())..])
+            .fold(true, |ok, (&a, &b)| {
+                ok & !(is_ws(a) & is_ws(b)) & (!is_ws(a) | kept(a))
+            });
+    if collapsed {
+        return String::from_utf8(text.to_vec()).unwrap_or_default();
+    }
+    let mut out = Vec::with_capacity(text.len());
+    let mut pending_space = false;
+    let mut pending_newline = false;
+    for &b in text {
+        if matches!(b, b' ' | b'\t'..=b'\r') {
+            if b == b'\n' {
+                pending_newline = true;
+            } else {
+                pending_space = true;
+            }
+            continue;
+        }
+        if !out.is_empty() {
+            if pending_newline {
+                out.push(if keep_newlines { b'\n' } else { b' ' });
+            } else if pending_space {
+                out.push(b' ');
+            }
+        }
+        pending_space = false;
+        pending_newline = false;
+        out.push(b);
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// `^` optional markup/`@`, the name (spaces, hyphens, underscores interchangeable),
