@@ -206,27 +206,9 @@ impl LlmHub {
         }
     }
 
-    /// Sets the provider for personas that name none.
-    pub fn set_default_provider(&mut self, name: Option<&str>) {
-        self.default_provider = name.map(str::to_string);
-    }
-
-    /// Also treats `key` as a secret (redacted from completions, listed by
-    /// [`known_secrets`](Self::known_secrets)), for providers added by hand.
-    pub fn add_secret(&mut self, key: SecretString) {
-        let mut keys = self.secrets.to_vec();
-        keys.push(key);
-        self.secrets = SecretSet::new(keys);
-    }
-
     /// Every API key the hub holds, for the outbound secret scanner.
     pub fn known_secrets(&self) -> Vec<SecretString> {
         self.secrets.to_vec()
-    }
-
-    /// The configured provider names.
-    pub fn provider_names(&self) -> impl Iterator<Item = &str> {
-        self.providers.keys().map(String::as_str)
     }
 
     /// Tokens charged to `persona` in the current windows; `None` before its first

@@ -17,7 +17,7 @@ wasmtime::component::bindgen!({
 pub use self::roost::persona::types::{Denied, MessageFlags, Outgoing, Subscriptions};
 pub use self::roost::persona::{config, history, kv, llm, log};
 
-/// The WIT package version this host serves.
+/// The WIT package this host serves (namespace and name, without the version).
 pub const WIT_PACKAGE: &str = "roost:persona";
 /// The WIT package version this host serves (semver; 0.1.x guests are accepted).
 pub const WIT_VERSION: &str = "0.1.0";
