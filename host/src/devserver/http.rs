@@ -12,12 +12,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use super::Instance;
+use serde_json::Value;
+
 use super::state::{PostError, RegisterError, ServerState};
+use super::{HistoryFault, Instance, RestTimestamps};
 use crate::protocol::{
     AgentList, ChatMessage, CreateRoomRequest, CreateRoomResponse, ErrorBody, JoinResponse,
-    MAX_FRAME_BYTES, MessageList, RegisterRequest, RegisterResponse, RoomAgentList, RoomList,
-    SendMessageRequest, parse_timestamp_str,
+    MAX_FRAME_BYTES, RegisterRequest, RegisterResponse, RoomAgentList, RoomList,
+    SendMessageRequest, format_rfc3339_ms, parse_timestamp_str,
 };
 
 /// Default and maximum `limit` of `GET /api/rooms/:room/messages`.
@@ -153,17 +155,60 @@ xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx
 xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx -->\n\
 </body></html>\n";
 
+/// A proxy's HTML error page with `status`.
+fn outage_page(status: StatusCode) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        OUTAGE_PAGE,
+    )
+        .into_response()
+}
+
+/// 429 with `Retry-After` (whole seconds) and `{"error", "code", "retry_after"}`.
+fn rate_limited(retry_after: std::time::Duration) -> Response {
+    let secs = super::retry_after_secs(retry_after);
+    let body = serde_json::json!({
+        "error": format!("rate limited: slow down, retry in {secs} s"),
+        "code": "rate_limited",
+        "retry_after": secs,
+    });
+    let mut resp = json(StatusCode::TOO_MANY_REQUESTS, body.to_string());
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+/// The answer of a history request under [`Faults::fail_history`](super::Faults::fail_history).
+fn history_error(status: u16) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match status.as_u16() {
+        502..=504 => outage_page(status),
+        403 => ApiError::new(status, "not allowed to read this room", "forbidden").into_response(),
+        429 => ApiError::new(status, "rate limited", "rate_limited").into_response(),
+        500..=599 => ApiError::new(status, "internal server error", "server_error").into_response(),
+        _ => ApiError::new(status, "history unavailable", "error").into_response(),
+    }
+}
+
+/// A message as REST carries it, with the timestamp in the server's current format.
+fn rest_message(m: &ChatMessage, format: RestTimestamps) -> Value {
+    let mut v = m.to_frame_value();
+    let ts = match format {
+        RestTimestamps::Millis => return v,
+        RestTimestamps::Seconds => Value::from(m.timestamp_ms / 1000),
+        RestTimestamps::Iso8601 => Value::from(format_rfc3339_ms(m.timestamp_ms)),
+    };
+    v["timestamp"] = ts;
+    v
+}
+
 async fn register(State(ctx): State<Ctx>, body: Bytes) -> ApiResult {
     if take_one(&ctx.inst.fail_503) {
-        return Ok((
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            )],
-            OUTAGE_PAGE,
-        )
-            .into_response());
+        return Ok(outage_page(StatusCode::SERVICE_UNAVAILABLE));
     }
     let req = RegisterRequest::decode(body_str(&body)?)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
@@ -248,8 +293,13 @@ async fn post_message(
     let agent = auth(&ctx, &headers)?;
     let req = SendMessageRequest::decode(body_str(&body)?)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    let msg: ChatMessage = ctx.state.post_rest(&agent, &room, &req.text)?;
-    Ok(json(StatusCode::CREATED, msg.to_frame_json()))
+    if let Some(retry_after) = ctx.inst.rest_send_limit.take() {
+        return Ok(rate_limited(retry_after));
+    }
+    let text = ctx.inst.rewrite(req.text);
+    let msg: ChatMessage = ctx.state.post_rest(&agent, &room, &text)?;
+    let body = rest_message(&msg, ctx.inst.rest_timestamps());
+    Ok(json(StatusCode::CREATED, body.to_string()))
 }
 
 async fn get_messages(
@@ -278,11 +328,22 @@ async fn get_messages(
             _ => {}
         }
     }
+    let fault = ctx.inst.history.take();
+    match fault {
+        Some(HistoryFault::Status(status)) => return Ok(history_error(status)),
+        Some(HistoryFault::RateLimited(retry_after)) => return Ok(rate_limited(retry_after)),
+        Some(HistoryFault::Slow(_)) | None => {}
+    }
     let messages = ctx
         .state
         .messages(&room, after, limit)
         .ok_or_else(|| ApiError::no_room(&room))?;
-    Ok(json(StatusCode::OK, MessageList(messages).encode()))
+    let format = ctx.inst.rest_timestamps();
+    let body = Value::Array(messages.iter().map(|m| rest_message(m, format)).collect());
+    if let Some(HistoryFault::Slow(delay)) = fault {
+        tokio::time::sleep(delay).await;
+    }
+    Ok(json(StatusCode::OK, body.to_string()))
 }
 
 async fn room_agents(

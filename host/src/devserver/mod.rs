@@ -16,8 +16,14 @@
 //! Everything the server knows lives in a [`ServerState`]; a second server
 //! started on the same port with [`spawn_with_state`] continues where a shut
 //! down one stopped ("server killed and restarted"). [`Faults`] injects
-//! failures that really happen on the wire. Anything timed (stalls, refusing
-//! upgrades) uses `tokio::time`; stored timestamps use the system clock
+//! failures that really happen on the wire: dropped, stalled or closed
+//! connections, bad frames, refused upgrades and registrations, revoked keys;
+//! history answering 5xx, 403, 429 or slowly; REST timestamps in seconds or
+//! ISO-8601 strings; text rewritten by the server; 429 on REST sends,
+//! `rate_limited` and `not_joined` error frames on WebSocket sends. Faults
+//! belong to one server instance (a restarted server starts without them);
+//! switchable ones last a [`FaultSpan`]. Anything timed (stalls, refusing
+//! upgrades, spans) uses `tokio::time`; stored timestamps use the system clock
 //! (see [`ServerState::skew_clock`]).
 //!
 //! ```
@@ -55,14 +61,14 @@ mod tests;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::ws::Utf8Bytes;
-use serde_json::json;
 use axum::serve::ListenerExt;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -132,6 +138,16 @@ pub(crate) struct Instance {
     /// WebSocket tasks alive (including ones not yet started).
     pub live: AtomicUsize,
     pub idle: Notify,
+    /// How `GET /api/rooms/:room/messages` misbehaves.
+    pub history: FaultSlot<HistoryFault>,
+    /// `POST /api/rooms/:room/messages` answers 429 with this Retry-After.
+    pub rest_send_limit: FaultSlot<Duration>,
+    /// WebSocket `send` frames get a `rate_limited` error frame with this retry_after.
+    pub ws_send_limit: FaultSlot<Duration>,
+    /// [`RestTimestamps`] as a number.
+    rest_timestamps: AtomicU8,
+    /// Collapse whitespace in text clients send before storing it.
+    pub rewrite_text: AtomicBool,
 }
 
 impl Instance {
@@ -145,6 +161,29 @@ impl Instance {
             closed: AtomicBool::new(false),
             live: AtomicUsize::new(0),
             idle: Notify::new(),
+            history: FaultSlot::default(),
+            rest_send_limit: FaultSlot::default(),
+            ws_send_limit: FaultSlot::default(),
+            rest_timestamps: AtomicU8::new(RestTimestamps::Millis as u8),
+            rewrite_text: AtomicBool::new(false),
+        }
+    }
+
+    /// How REST bodies carry message timestamps right now.
+    pub(crate) fn rest_timestamps(&self) -> RestTimestamps {
+        match self.rest_timestamps.load(Ordering::Relaxed) {
+            1 => RestTimestamps::Seconds,
+            2 => RestTimestamps::Iso8601,
+            _ => RestTimestamps::Millis,
+        }
+    }
+
+    /// `text` as this server stores it (whitespace collapsed while rewriting).
+    pub(crate) fn rewrite(&self, text: String) -> String {
+        if self.rewrite_text.load(Ordering::Relaxed) {
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
+        } else {
+            text
         }
     }
 
@@ -154,6 +193,106 @@ impl Instance {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         until.is_some_and(|u| Instant::now() < u)
+    }
+}
+
+/// How long a fault switched on with a span lasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultSpan {
+    /// The next `n` requests (or frames) the fault applies to; `Next(0)` switches it off.
+    Next(u32),
+    /// Every request (or frame) it applies to for this long from now (tokio time).
+    For(Duration),
+    /// Until switched off (the fault's `clear_*` method or [`Faults::clear_all`]).
+    UntilCleared,
+}
+
+/// What a history request gets instead of a plain answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HistoryFault {
+    /// An error status (5xx, 403, ...).
+    Status(u16),
+    /// 429 with `Retry-After`.
+    RateLimited(Duration),
+    /// The right answer, taken when asked and delivered this much later.
+    Slow(Duration),
+}
+
+/// How REST bodies carry message timestamps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RestTimestamps {
+    /// Unix milliseconds, like WebSocket frames (the default).
+    Millis = 0,
+    /// Whole Unix seconds (rounded down).
+    Seconds = 1,
+    /// RFC 3339 / ISO-8601 strings in UTC with milliseconds (`2026-01-30T17:06:35.039Z`).
+    Iso8601 = 2,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Remaining {
+    Count(u32),
+    Until(Instant),
+    Always,
+}
+
+/// One switchable fault: a value and how long it still applies.
+pub(crate) struct FaultSlot<T> {
+    slot: Mutex<Option<(T, Remaining)>>,
+}
+
+impl<T> Default for FaultSlot<T> {
+    fn default() -> Self {
+        Self {
+            slot: Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> FaultSlot<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(T, Remaining)>> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Switches the fault on for `span` (replacing what was there).
+    pub(crate) fn set(&self, value: T, span: FaultSpan) {
+        let remaining = match span {
+            FaultSpan::Next(0) => {
+                self.clear();
+                return;
+            }
+            FaultSpan::Next(n) => Remaining::Count(n),
+            FaultSpan::For(d) => Remaining::Until(Instant::now() + d),
+            FaultSpan::UntilCleared => Remaining::Always,
+        };
+        *self.lock() = Some((value, remaining));
+    }
+
+    pub(crate) fn clear(&self) {
+        *self.lock() = None;
+    }
+
+    /// The fault for one request, if it applies (uses up one of a `Next(n)`).
+    pub(crate) fn take(&self) -> Option<T> {
+        let mut guard = self.lock();
+        let (value, remaining) = guard.as_mut()?;
+        let value = value.clone();
+        match remaining {
+            Remaining::Count(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    *guard = None;
+                }
+            }
+            Remaining::Until(until) => {
+                if Instant::now() >= *until {
+                    *guard = None;
+                    return None;
+                }
+            }
+            Remaining::Always => {}
+        }
+        Some(value)
     }
 }
 
@@ -293,6 +432,144 @@ impl Faults {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
     }
+
+    /// History (`GET /api/rooms/:room/messages`) answers `status` for `span`
+    /// instead of messages: 502, 503 and 504 with a proxy's HTML outage page,
+    /// any other status with a JSON `{"error", "code"}` body (`forbidden` for
+    /// 403, `rate_limited` for 429, `server_error` for other 5xx, `error`
+    /// otherwise). Other REST calls and the WebSocket keep working. Replaces
+    /// any other history fault. For 429 with `Retry-After` see
+    /// [`rate_limit_history`](Self::rate_limit_history).
+    pub fn fail_history(&self, status: u16, span: FaultSpan) {
+        self.inst.history.set(HistoryFault::Status(status), span);
+    }
+
+    /// History answers 403 `{"error", "code": "forbidden"}` for `span`, while
+    /// the same key keeps working everywhere else (a key that is valid, so not
+    /// a reason to register again). Replaces any other history fault.
+    pub fn forbid_history(&self, span: FaultSpan) {
+        self.fail_history(403, span);
+    }
+
+    /// History answers 429 for `span`, with `Retry-After` in whole seconds
+    /// (`retry_after` rounded up, at least 1) and a JSON body
+    /// `{"error", "code": "rate_limited", "retry_after": N}`. Replaces any
+    /// other history fault.
+    pub fn rate_limit_history(&self, retry_after: Duration, span: FaultSpan) {
+        self.inst
+            .history
+            .set(HistoryFault::RateLimited(retry_after), span);
+    }
+
+    /// History answers correctly but slowly for `span`: the messages are taken
+    /// when the request arrives and the answer is sent `delay` later (tokio
+    /// time), so anything posted meanwhile is missing from it. Replaces any
+    /// other history fault.
+    pub fn slow_history(&self, delay: Duration, span: FaultSpan) {
+        self.inst.history.set(HistoryFault::Slow(delay), span);
+    }
+
+    /// History answers normally again.
+    pub fn clear_history_faults(&self) {
+        self.inst.history.clear();
+    }
+
+    /// While `on`, REST bodies carrying messages (history and the answer to a
+    /// REST send) give `timestamp` in whole Unix seconds (rounded down)
+    /// instead of milliseconds; WebSocket frames keep milliseconds. Switching
+    /// it on switches [`rest_timestamps_iso8601`](Self::rest_timestamps_iso8601)
+    /// off; off means milliseconds.
+    pub fn rest_timestamps_in_seconds(&self, on: bool) {
+        self.set_rest_timestamps(RestTimestamps::Seconds, on);
+    }
+
+    /// While `on`, REST bodies carrying messages give `timestamp` as an
+    /// ISO-8601 / RFC 3339 string in UTC with milliseconds
+    /// (`2026-01-30T17:06:35.039Z`); WebSocket frames keep milliseconds.
+    /// Switching it on switches
+    /// [`rest_timestamps_in_seconds`](Self::rest_timestamps_in_seconds) off;
+    /// off means milliseconds.
+    pub fn rest_timestamps_iso8601(&self, on: bool) {
+        self.set_rest_timestamps(RestTimestamps::Iso8601, on);
+    }
+
+    fn set_rest_timestamps(&self, format: RestTimestamps, on: bool) {
+        let cell = &self.inst.rest_timestamps;
+        if on {
+            cell.store(format as u8, Ordering::Relaxed);
+        } else {
+            // Off only if this format is the one on.
+            let _ = cell.compare_exchange(
+                format as u8,
+                RestTimestamps::Millis as u8,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// While `on`, the server rewrites the text clients send (WebSocket
+    /// `send` and REST sends) before storing and broadcasting it: runs of
+    /// whitespace (newlines included) become one space, leading and trailing
+    /// whitespace goes. The sender's echo and history carry the rewritten
+    /// text. Messages posted with [`ServerState::post_message`] are stored as
+    /// given.
+    pub fn rewrite_text(&self, on: bool) {
+        self.inst.rewrite_text.store(on, Ordering::Relaxed);
+    }
+
+    /// REST sends (`POST /api/rooms/:room/messages`) answer 429 for `span`,
+    /// with `Retry-After` in whole seconds (rounded up, at least 1) and a JSON
+    /// body `{"error", "code": "rate_limited", "retry_after": N}`; nothing is
+    /// stored.
+    pub fn rate_limit_rest_sends(&self, retry_after: Duration, span: FaultSpan) {
+        self.inst.rest_send_limit.set(retry_after, span);
+    }
+
+    /// WebSocket `send` frames are refused for `span`: the connection gets
+    /// `{"type": "error", "error": "...", "code": "rate_limited",
+    /// "retry_after": N}` (N whole seconds, rounded up, at least 1; the
+    /// message also says it) and nothing is stored or echoed. The connection
+    /// stays open; joins still work.
+    pub fn rate_limit_ws_sends(&self, retry_after: Duration, span: FaultSpan) {
+        self.inst.ws_send_limit.set(retry_after, span);
+    }
+
+    /// The server forgets which rooms every live connection has joined, as a
+    /// server that lost its per-connection state would (no leave line is
+    /// posted). The next WebSocket `send` from such a connection gets
+    /// `{"type": "error", "code": "not_joined", ...}` and stores nothing
+    /// (what a send before any `join` always gets), until it joins again.
+    /// Returns how many connections had joined rooms.
+    pub fn forget_joins(&self) -> usize {
+        self.state.forget_joins(self.inst.id)
+    }
+
+    /// Switches every fault of this server off: stall, refused upgrades,
+    /// registration failures, history faults, timestamp formats, text
+    /// rewriting and send rate limits. Revoked keys stay revoked.
+    pub fn clear_all(&self) {
+        self.end_stall();
+        self.accept_upgrades();
+        self.inst.fail_503.store(0, Ordering::SeqCst);
+        self.inst.fail_409.store(0, Ordering::SeqCst);
+        self.clear_history_faults();
+        self.inst
+            .rest_timestamps
+            .store(RestTimestamps::Millis as u8, Ordering::Relaxed);
+        self.rewrite_text(false);
+        self.inst.rest_send_limit.clear();
+        self.inst.ws_send_limit.clear();
+    }
+}
+
+/// Whole seconds for a `Retry-After`: rounded up, at least 1.
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
+    d.as_millis()
+        .div_ceil(1000)
+        .max(1)
+        .try_into()
+        .unwrap_or(u64::MAX)
 }
 
 /// A running local chat server. Dropping it stops it without waiting; prefer

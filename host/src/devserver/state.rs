@@ -683,6 +683,41 @@ impl ServerState {
         n
     }
 
+    /// Forgets the joined rooms of every connection of `instance` (the fault
+    /// [`Faults::forget_joins`](super::Faults::forget_joins)): agents without
+    /// another socket in a room leave its member list, a `Left` event is
+    /// emitted per connection and room, no leave line is posted. Returns how
+    /// many connections had joined rooms.
+    pub(crate) fn forget_joins(&self, instance: u64) -> usize {
+        let mut left = Vec::new();
+        let mut n = 0;
+        {
+            let mut data = self.data();
+            let mut forgotten: Vec<(String, String)> = Vec::new();
+            for conn in data.conns.values_mut().filter(|c| c.instance == instance) {
+                if conn.rooms.is_empty() {
+                    continue;
+                }
+                n += 1;
+                forgotten.extend(conn.rooms.drain().map(|r| (conn.agent.clone(), r)));
+            }
+            for (agent, room) in forgotten {
+                let still_there = data
+                    .conns
+                    .values()
+                    .any(|c| c.agent == agent && c.rooms.contains(&room));
+                if !still_there && let Some(r) = data.rooms.get_mut(&room) {
+                    r.members.remove(&agent);
+                }
+                left.push((agent, room));
+            }
+        }
+        for (agent, room) in left {
+            self.emit(ServerEvent::Left { agent, room });
+        }
+        n
+    }
+
     /// Live connections of `instance` (all instances if `None`).
     pub(crate) fn conn_count(&self, instance: Option<u64>) -> usize {
         self.data()

@@ -1032,3 +1032,481 @@ async fn slow_connection_is_dropped_when_its_outbox_fills() {
     );
     server.shutdown().await;
 }
+
+// -- faults of history, timestamps, text and send rate limits (issue 12) -------
+
+/// GET with the full response (status, headers, body).
+async fn get_full(server: &DevServer, key: &str, path: &str) -> reqwest::Response {
+    http()
+        .get(format!("{}{path}", server.base_url()))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn json_of(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:.200}"))
+}
+
+const HISTORY: &str = "/api/rooms/lobby/messages";
+
+#[tokio::test(start_paused = true)]
+async fn fault_spans_count_and_expire() {
+    let slot = FaultSlot::<u8>::default();
+    assert_eq!(slot.take(), None);
+    slot.set(7, FaultSpan::Next(2));
+    assert_eq!(
+        (slot.take(), slot.take(), slot.take()),
+        (Some(7), Some(7), None)
+    );
+    slot.set(8, FaultSpan::For(Duration::from_secs(10)));
+    assert_eq!(slot.take(), Some(8));
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert_eq!(slot.take(), Some(8));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(slot.take(), None);
+    slot.set(9, FaultSpan::UntilCleared);
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(slot.take(), Some(9));
+    slot.set(1, FaultSpan::Next(0));
+    assert_eq!(slot.take(), None);
+    slot.set(9, FaultSpan::UntilCleared);
+    slot.clear();
+    assert_eq!(slot.take(), None);
+    assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+    assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+}
+
+#[tokio::test]
+async fn fault_history_server_errors() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    server
+        .state()
+        .post_message("ghost", "lobby", "boo")
+        .unwrap();
+    let faults = server.faults();
+
+    faults.fail_history(503, FaultSpan::Next(2));
+    for _ in 0..2 {
+        let resp = get_full(&server, &key, HISTORY).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let ct = resp.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(ct.starts_with("text/html"), "{ct}");
+        assert!(MessageList::decode(&resp.text().await.unwrap()).is_err());
+    }
+    faults.fail_history(500, FaultSpan::Next(1));
+    // other REST calls and the WebSocket are unaffected
+    assert_eq!(get(&server, &key, "/api/rooms").await.0, StatusCode::OK);
+    connect(&server, &key, "rook").await;
+    let (status, body) = get(&server, &key, HISTORY).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        ErrorBody::decode(&body).unwrap().code.as_deref(),
+        Some("server_error")
+    );
+    // the span is used up: history answers again
+    let (status, body) = get(&server, &key, HISTORY).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        MessageList::decode(&body)
+            .unwrap()
+            .0
+            .iter()
+            .any(|m| m.text == "boo")
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_history_forbidden() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    let faults = server.faults();
+    faults.forbid_history(FaultSpan::UntilCleared);
+    for _ in 0..3 {
+        let (status, body) = get(&server, &key, HISTORY).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            ErrorBody::decode(&body).unwrap().code.as_deref(),
+            Some("forbidden")
+        );
+    }
+    // the key itself is fine
+    assert_eq!(get(&server, &key, "/api/agents").await.0, StatusCode::OK);
+    let (status, _) = post(&server, &key, HISTORY, r#"{"text":"still here"}"#).await;
+    assert_eq!(status, StatusCode::CREATED);
+    faults.clear_history_faults();
+    assert_eq!(get(&server, &key, HISTORY).await.0, StatusCode::OK);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_history_rate_limited_with_retry_after() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    let faults = server.faults();
+    faults.rate_limit_history(
+        Duration::from_millis(1500),
+        FaultSpan::For(Duration::from_millis(300)),
+    );
+    let resp = get_full(&server, &key, HISTORY).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()[reqwest::header::RETRY_AFTER], "2");
+    let body = json_of(&resp.text().await.unwrap());
+    assert_eq!(body["code"], "rate_limited");
+    assert_eq!(body["retry_after"], 2);
+    // a timed span ends by itself
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(get(&server, &key, HISTORY).await.0, StatusCode::OK);
+    // 429 through fail_history carries no Retry-After
+    faults.fail_history(429, FaultSpan::Next(1));
+    let resp = get_full(&server, &key, HISTORY).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().get(reqwest::header::RETRY_AFTER).is_none());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_slow_history_answers_late_and_stale() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    server
+        .state()
+        .post_message("ghost", "lobby", "before")
+        .unwrap();
+    let delay = Duration::from_millis(400);
+    server.faults().slow_history(delay, FaultSpan::Next(1));
+    let t0 = std::time::Instant::now();
+    let request = tokio::spawn({
+        let (url, key) = (format!("{}{HISTORY}", server.base_url()), key.clone());
+        async move {
+            let resp = http()
+                .get(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap();
+            (resp.status(), resp.text().await.unwrap())
+        }
+    });
+    tokio::time::sleep(QUIET).await;
+    assert!(!request.is_finished());
+    server
+        .state()
+        .post_message("ghost", "lobby", "during")
+        .unwrap();
+    let (status, body) = timeout(WAIT, request).await.unwrap().unwrap();
+    assert!(t0.elapsed() >= delay);
+    assert_eq!(status, StatusCode::OK);
+    let texts: Vec<String> = MessageList::decode(&body)
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    // taken when asked: what was posted while it was on its way is missing
+    assert!(texts.contains(&"before".to_owned()), "{texts:?}");
+    assert!(!texts.contains(&"during".to_owned()), "{texts:?}");
+    // the next request is quick and complete
+    let t1 = std::time::Instant::now();
+    let (_, body) = get(&server, &key, HISTORY).await;
+    assert!(t1.elapsed() < delay);
+    assert_eq!(MessageList::decode(&body).unwrap().0[0].text, "during");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_rest_timestamps_in_seconds_or_iso8601() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    let mut ws = connect(&server, &key, "rook").await;
+    join(&mut ws, "lobby", "rook").await;
+    let faults = server.faults();
+    let msg = server
+        .state()
+        .post_message("ghost", "lobby", "when?")
+        .unwrap();
+    let ms = msg.timestamp_ms;
+    assert_eq!(next_message(&mut ws).await, msg);
+    let newest = |body: &str| json_of(body)[0]["timestamp"].clone();
+
+    faults.rest_timestamps_in_seconds(true);
+    let (_, body) = get(&server, &key, HISTORY).await;
+    assert_eq!(newest(&body), serde_json::json!(ms / 1000));
+    assert_eq!(
+        MessageList::decode(&body).unwrap().0[0].timestamp_ms,
+        ms / 1000 * 1000
+    );
+    // the answer to a REST send too, but never WebSocket frames
+    let (status, body) = post(&server, &key, HISTORY, r#"{"text":"sent by rest"}"#).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let echo = next_message(&mut ws).await;
+    assert_eq!(
+        json_of(&body)["timestamp"],
+        serde_json::json!(echo.timestamp_ms / 1000)
+    );
+    assert!(echo.timestamp_ms > 100_000_000_000, "frames stay in ms");
+
+    // one switch per format; the last one switched on wins
+    faults.rest_timestamps_iso8601(true);
+    let (_, body) = get(&server, &key, &format!("{HISTORY}?limit=50")).await;
+    let list = json_of(&body);
+    let old = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["text"] == "when?")
+        .unwrap();
+    assert_eq!(
+        old["timestamp"],
+        serde_json::json!(crate::protocol::format_rfc3339_ms(ms))
+    );
+    assert!(
+        MessageList::decode(&body)
+            .unwrap()
+            .0
+            .iter()
+            .any(|m| m.timestamp_ms == ms)
+    );
+    faults.rest_timestamps_in_seconds(false); // not the one on: no change
+    assert!(newest(&get(&server, &key, HISTORY).await.1).is_string());
+    faults.rest_timestamps_iso8601(false);
+    let (_, body) = get(&server, &key, &format!("{HISTORY}?limit=50")).await;
+    assert!(MessageList::decode(&body).unwrap().0.contains(&msg));
+    assert!(newest(&body).is_u64());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_rewrite_text_collapses_whitespace() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    let mut ws = connect(&server, &key, "rook").await;
+    join(&mut ws, "lobby", "rook").await;
+    let faults = server.faults();
+    faults.rewrite_text(true);
+    let said = "  two  spaces,\na newline\t\tand tabs ";
+    send(
+        &mut ws,
+        ClientFrame::Send {
+            room: "lobby".into(),
+            text: said.into(),
+        },
+    )
+    .await;
+    let rewritten = "two spaces, a newline and tabs";
+    assert_eq!(next_message(&mut ws).await.text, rewritten);
+    let (_, body) = post(
+        &server,
+        &key,
+        HISTORY,
+        &serde_json::json!({ "text": said }).to_string(),
+    )
+    .await;
+    assert_eq!(ChatMessage::decode(&body).unwrap().text, rewritten);
+    assert_eq!(next_message(&mut ws).await.text, rewritten);
+    let (_, body) = get(&server, &key, HISTORY).await;
+    let h = MessageList::decode(&body).unwrap().0;
+    assert_eq!(
+        (h[0].text.as_str(), h[1].text.as_str()),
+        (rewritten, rewritten)
+    );
+    // posted without a socket: stored as given
+    server.state().post_message("ghost", "lobby", said).unwrap();
+    assert_eq!(next_message(&mut ws).await.text, said);
+    faults.rewrite_text(false);
+    send(
+        &mut ws,
+        ClientFrame::Send {
+            room: "lobby".into(),
+            text: said.into(),
+        },
+    )
+    .await;
+    assert_eq!(next_message(&mut ws).await.text, said);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_rate_limit_rest_sends() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    server
+        .faults()
+        .rate_limit_rest_sends(Duration::from_secs(7), FaultSpan::Next(1));
+    let resp = http()
+        .post(format!("{}{HISTORY}", server.base_url()))
+        .header("x-api-key", &key)
+        .body(r#"{"text":"too soon"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()[reqwest::header::RETRY_AFTER], "7");
+    let body = resp.text().await.unwrap();
+    assert_eq!(
+        ErrorBody::decode(&body).unwrap().code.as_deref(),
+        Some("rate_limited")
+    );
+    assert_eq!(json_of(&body)["retry_after"], 7);
+    // nothing was stored; the next send goes through
+    assert!(
+        server
+            .state()
+            .messages("lobby", None, 50)
+            .unwrap()
+            .iter()
+            .all(|m| m.text != "too soon")
+    );
+    let (status, _) = post(&server, &key, HISTORY, r#"{"text":"later"}"#).await;
+    assert_eq!(status, StatusCode::CREATED);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_rate_limit_ws_sends_with_error_frame() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    let mut ws = connect(&server, &key, "rook").await;
+    join(&mut ws, "lobby", "rook").await;
+    server
+        .faults()
+        .rate_limit_ws_sends(Duration::from_millis(2500), FaultSpan::Next(1));
+    let hello = ClientFrame::Send {
+        room: "lobby".into(),
+        text: "hello".into(),
+    };
+    send(&mut ws, hello.clone()).await;
+    let text = next_text(&mut ws).await;
+    let raw = json_of(&text);
+    assert_eq!(
+        (raw["type"].as_str(), raw["retry_after"].as_u64()),
+        (Some("error"), Some(3))
+    );
+    match decode_server_frame(&text).unwrap() {
+        ServerFrame::Error { code, message } => {
+            assert_eq!(code.as_deref(), Some("rate_limited"));
+            assert!(message.contains("retry in 3 s"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // not stored, not echoed; the connection stays and the next send works
+    assert_quiet(&mut ws).await;
+    assert!(
+        server
+            .state()
+            .messages("lobby", None, 50)
+            .unwrap()
+            .iter()
+            .all(|m| m.text != "hello")
+    );
+    send(&mut ws, hello).await;
+    assert_eq!(next_message(&mut ws).await.text, "hello");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_forget_joins_answers_not_joined() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    let mut ws = connect(&server, &key, "rook").await;
+    let mut idle = connect(&server, &key, "rook").await;
+    // what a send without a join gets, always
+    let hi = ClientFrame::Send {
+        room: "lobby".into(),
+        text: "hi".into(),
+    };
+    send(&mut idle, hi.clone()).await;
+    assert!(
+        matches!(next_frame(&mut idle).await, ServerFrame::Error { code, .. } if code.as_deref() == Some("not_joined"))
+    );
+    join(&mut ws, "lobby", "rook").await;
+    let mut events = server.state().subscribe();
+    // only connections with joined rooms count
+    assert_eq!(server.faults().forget_joins(), 1);
+    assert_eq!(
+        timeout(WAIT, events.recv()).await.unwrap().unwrap(),
+        ServerEvent::Left {
+            agent: "rook".into(),
+            room: "lobby".into()
+        }
+    );
+    assert!(
+        server
+            .state()
+            .room_agents("lobby")
+            .unwrap()
+            .iter()
+            .all(|a| a.name != "rook")
+    );
+    send(&mut ws, hi.clone()).await;
+    match next_frame(&mut ws).await {
+        ServerFrame::Error { code, message } => {
+            assert_eq!(code.as_deref(), Some("not_joined"));
+            assert!(message.contains("#lobby"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        server
+            .state()
+            .messages("lobby", None, 50)
+            .unwrap()
+            .iter()
+            .all(|m| m.text != "hi")
+    );
+    // joining again (with a fresh join line) makes sends work
+    join(&mut ws, "lobby", "rook").await;
+    send(&mut ws, hi).await;
+    assert_eq!(next_message(&mut ws).await.text, "hi");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_clear_all_and_restart_reset_faults() {
+    let server = start().await;
+    let key = agent(&server, "rook").await;
+    let faults = server.faults();
+    let all_on = |f: &Faults| {
+        f.forbid_history(FaultSpan::UntilCleared);
+        f.rest_timestamps_iso8601(true);
+        f.rewrite_text(true);
+        f.rate_limit_rest_sends(Duration::from_secs(1), FaultSpan::UntilCleared);
+        f.rate_limit_ws_sends(Duration::from_secs(1), FaultSpan::UntilCleared);
+        f.reject_upgrades(Duration::from_secs(60));
+    };
+    all_on(&faults);
+    assert_eq!(get(&server, &key, HISTORY).await.0, StatusCode::FORBIDDEN);
+    faults.clear_all();
+    let (status, body) = post(&server, &key, HISTORY, r#"{"text":"a  b"}"#).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(ChatMessage::decode(&body).unwrap().text, "a  b");
+    let (status, body) = get(&server, &key, HISTORY).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(json_of(&body)[0]["timestamp"].is_u64());
+    let mut ws = connect(&server, &key, "rook").await;
+    join(&mut ws, "lobby", "rook").await;
+    send(
+        &mut ws,
+        ClientFrame::Send {
+            room: "lobby".into(),
+            text: "ok".into(),
+        },
+    )
+    .await;
+    assert_eq!(next_message(&mut ws).await.text, "ok");
+    drop(ws);
+    // faults belong to a server instance: a restarted server starts without them
+    all_on(&server.faults());
+    let (addr, state) = (server.addr(), server.state());
+    server.shutdown().await;
+    let again = spawn_with_state(addr, state).await.unwrap();
+    assert_eq!(get(&again, &key, HISTORY).await.0, StatusCode::OK);
+    again.shutdown().await;
+}

@@ -109,8 +109,28 @@ fn truncate_reason(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
+/// The error frame of a refused `send` under
+/// [`Faults::rate_limit_ws_sends`](super::Faults::rate_limit_ws_sends).
+fn rate_limited_frame(retry_after: Duration) -> Message {
+    let secs = super::retry_after_secs(retry_after);
+    Message::Text(Utf8Bytes::from(
+        serde_json::json!({
+            "type": "error",
+            "error": format!("rate limited: slow down, retry in {secs} s"),
+            "code": "rate_limited",
+            "retry_after": secs,
+        })
+        .to_string(),
+    ))
+}
+
 /// Handles one client text frame; returns an error frame to send back, if any.
-fn handle_client_text(state: &ServerState, id: u64, text: &str) -> Option<Message> {
+fn handle_client_text(
+    state: &ServerState,
+    inst: &Instance,
+    id: u64,
+    text: &str,
+) -> Option<Message> {
     let frame = match decode_client_frame(text) {
         Ok(f) => f,
         Err(ProtocolError::UnknownFrameType(t)) => {
@@ -127,7 +147,12 @@ fn handle_client_text(state: &ServerState, id: u64, text: &str) -> Option<Messag
             state.conn_leave(id, &room);
             Ok(())
         }
-        ClientFrame::Send { room, text } => state.conn_send(id, &room, &text).map(|_| ()),
+        ClientFrame::Send { room, text } => {
+            if let Some(retry_after) = inst.ws_send_limit.take() {
+                return Some(rate_limited_frame(retry_after));
+            }
+            state.conn_send(id, &room, &inst.rewrite(text)).map(|_| ())
+        }
     };
     match result {
         Ok(()) => None,
@@ -251,7 +276,7 @@ async fn run(
             incoming = stream.next() => match incoming {
                 None | Some(Err(_)) => return,
                 Some(Ok(Message::Text(text))) => {
-                    if let Some(reply) = handle_client_text(&state, id, text.as_str())
+                    if let Some(reply) = handle_client_text(&state, &inst, id, text.as_str())
                         && sink.send(reply).await.is_err()
                     {
                         return;
