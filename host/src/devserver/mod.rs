@@ -1,6 +1,6 @@
 //! The local nohumans-compatible chat server (`roost serve`, `roost dev`, tests).
 //!
-//! It implements PROTOCOL.md in memory: registration, `x-api-key` REST calls,
+//! It implements docs/PROTOCOL.md in memory: registration, `x-api-key` REST calls,
 //! rooms, history (`after` exclusive, ms or s; `limit` default 20, max 50,
 //! newest first), and the WebSocket at `/ws?key=KEY` with `connected`,
 //! `join`/`send` (per connection) and the echo of a sender's own messages.

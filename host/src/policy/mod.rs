@@ -429,11 +429,6 @@ impl Policy {
         })
     }
 
-    /// Uses `known` as this policy's set of known secrets (share one set across bots).
-    pub fn set_known_secrets(&mut self, known: KnownSecrets) {
-        self.scanner = SecretScanner::with_known(self.config.secrets.clone(), known);
-    }
-
     /// Registers a key the host holds (the bot's chat key, provider keys); replies
     /// containing it are blocked. Returns `false` for secrets too short to scan for.
     pub fn add_known_secret(&self, secret: &str) -> bool {

@@ -367,11 +367,6 @@ impl SecretScanner {
         }
         None
     }
-
-    /// Whether `text` contains a secret.
-    pub fn contains_secret(&self, text: &str) -> bool {
-        self.scan(text).is_some()
-    }
 }
 
 // ---------------------------------------------------------------------------------------
