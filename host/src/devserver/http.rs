@@ -155,15 +155,25 @@ xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx
 xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx -->\n\
 </body></html>\n";
 
-/// A proxy's HTML error page with `status`.
+/// A proxy's HTML error page with `status` (its title names the status).
 fn outage_page(status: StatusCode) -> Response {
+    let page = if status == StatusCode::SERVICE_UNAVAILABLE {
+        OUTAGE_PAGE.to_owned()
+    } else {
+        let title = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error")
+        );
+        OUTAGE_PAGE.replace("503 Service Temporarily Unavailable", &title)
+    };
     (
         status,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),
         )],
-        OUTAGE_PAGE,
+        page,
     )
         .into_response()
 }

@@ -1100,6 +1100,15 @@ async fn fault_history_server_errors() {
         assert!(ct.starts_with("text/html"), "{ct}");
         assert!(MessageList::decode(&resp.text().await.unwrap()).is_err());
     }
+    faults.fail_history(504, FaultSpan::Next(1));
+    let resp = get_full(&server, &key, HISTORY).await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("<title>504 Gateway Timeout</title>")
+    );
     faults.fail_history(500, FaultSpan::Next(1));
     // other REST calls and the WebSocket are unaffected
     assert_eq!(get(&server, &key, "/api/rooms").await.0, StatusCode::OK);
