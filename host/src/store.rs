@@ -500,6 +500,87 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// The personas whose stored identity on `server` is `name`, or `name` with a
+    /// registration suffix (`name-1a2b`).
+    pub fn personas_named(&self, server: &str, name: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT persona, name FROM credentials WHERE server = ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![server], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (persona, stored) = row.map_err(|e| self.err(e))?;
+            let suffixed = stored
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|sfx| sfx.len() == 4 && sfx.bytes().all(|b| b.is_ascii_hexdigit()));
+            if stored == name || suffixed {
+                out.push(persona);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Before 0.2 an identity was stored under the name a manifest claimed; now it
+    /// belongs to the file label. Moves the identity (credentials, open outbox rows,
+    /// recovery positions) stored under `name` to `label`, if `label` has none yet and
+    /// `trusted` (the name is the label itself, or the operator set it in roost.toml:
+    /// a manifest alone never inherits an identity). True if something moved.
+    pub fn adopt_legacy_identity(
+        &self,
+        server: &str,
+        name: &str,
+        label: &str,
+        trusted: bool,
+    ) -> Result<bool, StoreError> {
+        if name == label || !trusted {
+            return Ok(false);
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let has_own: bool = tx
+            .query_row(
+                "SELECT COUNT(*) FROM credentials WHERE server = ?1 AND persona = ?2",
+                params![server, label],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))?;
+        if has_own {
+            return Ok(false);
+        }
+        let moved = tx
+            .execute(
+                "UPDATE credentials SET persona = ?3 WHERE server = ?1 AND persona = ?2",
+                params![server, name, label],
+            )
+            .map_err(|e| self.err(e))?;
+        if moved > 0 {
+            tx.execute(
+                "UPDATE outbox SET bot = ?2 WHERE bot = ?1",
+                params![name, label],
+            )
+            .map_err(|e| self.err(e))?;
+            tx.execute(
+                "UPDATE OR IGNORE room_positions SET bot = ?2 WHERE bot = ?1",
+                params![name, label],
+            )
+            .map_err(|e| self.err(e))?;
+            tracing::info!(
+                persona = label,
+                name,
+                "stored identity moved from the name to the persona's file label"
+            );
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(moved > 0)
+    }
+
     /// Forgets the credentials of `persona` on `server` (the server revoked the key).
     pub fn delete_credentials(&self, server: &str, persona: &str) -> Result<(), StoreError> {
         self.lock()
@@ -512,7 +593,12 @@ impl Store {
     }
 
     /// Records a re-registration of `persona` on `server` at `at` (Unix ms).
-    pub fn record_registration(&self, server: &str, persona: &str, at: i64) -> Result<(), StoreError> {
+    pub fn record_registration(
+        &self,
+        server: &str,
+        persona: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
         let conn = self.lock();
         conn.execute(
             "INSERT INTO registrations (server, persona, at) VALUES (?1, ?2, ?3)",
@@ -529,7 +615,12 @@ impl Store {
     }
 
     /// Re-registrations of `persona` on `server` at or after `since` (Unix ms).
-    pub fn registrations_since(&self, server: &str, persona: &str, since: i64) -> Result<u64, StoreError> {
+    pub fn registrations_since(
+        &self,
+        server: &str,
+        persona: &str,
+        since: i64,
+    ) -> Result<u64, StoreError> {
         self.lock()
             .query_row(
                 "SELECT COUNT(*) FROM registrations WHERE server = ?1 AND persona = ?2 AND at >= ?3",
@@ -549,7 +640,9 @@ impl Store {
             .prepare_cached("SELECT room, last_ts FROM room_positions WHERE bot = ?1")
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![bot], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .query_map(params![bot], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in rows {
@@ -580,6 +673,7 @@ impl Store {
                     tracing::error!(error = %e, "cannot save recovery positions");
                 }
             },
+            Urgency::Soon,
         );
     }
 
@@ -593,6 +687,7 @@ impl Store {
                     .map(drop)
             },
             |_| {},
+            Urgency::Soon,
         );
     }
 
@@ -640,6 +735,7 @@ impl Store {
                 .map(drop)
             },
             move |r| durable(id, r),
+            Urgency::Now,
         );
         id
     }
@@ -712,6 +808,7 @@ impl Store {
                 .map(drop)
             },
             move |r| log_failed_write(r, "record an outbox send", id),
+            Urgency::Soon,
         );
     }
 
@@ -725,6 +822,7 @@ impl Store {
                     .map(drop)
             },
             move |r| log_failed_write(r, "finish an outbox entry", id),
+            Urgency::Soon,
         );
     }
 
@@ -743,10 +841,15 @@ impl Store {
 // ---------------------------------------------------------------------------------------
 // group commit
 
+/// The statements of one write.
+type Work = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + Send>;
+/// Who to tell how it went.
+type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
 /// One write waiting for the next group commit: the statements, and who to tell.
 struct Job {
-    work: Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + Send>,
-    done: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+    work: Work,
+    done: Done,
 }
 
 #[derive(Default)]
@@ -756,7 +859,22 @@ struct CommitQueue {
     running: bool,
     /// Commits are held back (tests: "nothing is sent before its row is committed").
     held: bool,
+    /// A commit of bookkeeping writes is scheduled.
+    flush_scheduled: bool,
 }
+
+/// Whether someone waits for a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Urgency {
+    /// A writer waits (a reply is not sent before its row is committed): commit now.
+    Now,
+    /// Bookkeeping (a send, a confirmation, a recovery position): with the next
+    /// commit, or within [`SOON`].
+    Soon,
+}
+
+/// The longest a bookkeeping write waits for company before it is committed alone.
+const SOON: Duration = Duration::from_millis(2);
 
 /// The group-commit state shared by every clone of a [`Store`].
 #[derive(Default)]
@@ -820,19 +938,57 @@ impl Store {
     }
 
     /// Queues `work` for the next group commit; `done` gets its outcome once the
-    /// transaction holding it has committed (or failed).
+    /// transaction holding it has committed (or failed). A write someone waits for
+    /// ([`Urgency::Now`]) starts a commit at once if none is running; bookkeeping
+    /// ([`Urgency::Soon`]) rides along with the next one, or is committed within
+    /// [`SOON`] by itself.
     fn submit(
         &self,
         work: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
         done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+        urgency: Urgency,
     ) {
-        let lead = {
+        let (lead, schedule) = {
             let mut q = self.queue();
             q.jobs.push(Job {
                 work: Box::new(work),
                 done: Box::new(done),
             });
-            let lead = !q.running && !q.held;
+            let idle = !q.running && !q.held;
+            match urgency {
+                Urgency::Now if idle => {
+                    q.running = true;
+                    (true, false)
+                }
+                Urgency::Soon if idle && !q.flush_scheduled => {
+                    q.flush_scheduled = true;
+                    (false, true)
+                }
+                _ => (false, false),
+            }
+        };
+        if lead {
+            self.start_drain();
+        } else if schedule {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let store = self.clone();
+                    rt.spawn(async move {
+                        tokio::time::sleep(SOON).await;
+                        store.kick();
+                    });
+                }
+                Err(_) => self.kick(),
+            }
+        }
+    }
+
+    /// Starts a commit of whatever is queued, unless one is running or held.
+    fn kick(&self) {
+        let lead = {
+            let mut q = self.queue();
+            q.flush_scheduled = false;
+            let lead = !q.running && !q.held && !q.jobs.is_empty();
             if lead {
                 q.running = true;
             }
@@ -843,13 +999,18 @@ impl Store {
         }
     }
 
+    /// Runs the commits on tokio's blocking pool (inline when there is no runtime), so
+    /// the async workers go on while a batch is written and the next one gathers.
+    /// (Committing on the calling thread instead was measured: one-at-a-time latency
+    /// 106 -> 17 us per row, but replies per second through `roost serve` fell from
+    /// 22,000 to 9,300, as batches shrank to one row and the workers did the writing.)
     fn start_drain(&self) {
-        let store = self.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
+                let store = self.clone();
                 rt.spawn_blocking(move || store.drain());
             }
-            Err(_) => store.drain(),
+            Err(_) => self.drain(),
         }
     }
 
@@ -862,6 +1023,7 @@ impl Store {
                     q.running = false;
                     return;
                 }
+                q.flush_scheduled = false;
                 std::mem::take(&mut q.jobs)
             };
             self.commit_batch(jobs);
@@ -925,6 +1087,7 @@ impl Store {
             move |_| {
                 let _ = tx.send(());
             },
+            Urgency::Now,
         );
         let _ = rx.await;
     }

@@ -808,6 +808,8 @@ async fn a_reply_is_never_sent_before_its_row_is_committed() {
         history_count(&state, "lobby", "durable", "only once it is on disk"),
         1
     );
+    // The confirmation is bookkeeping: committed with the next commit, or soon.
+    store.flush().await;
     let row = store.outbox_get(id).unwrap().unwrap();
     assert_eq!(row.state, roost::store::OutboxState::Confirmed);
     assert!(store.commit_stats().batches >= 1);
@@ -844,7 +846,10 @@ async fn replies_queued_together_are_committed_together_and_sent_in_order() {
         .map(|m| m.text.as_str())
         .collect();
     let expected: Vec<String> = (0..20).map(|i| format!("reply {i}")).collect();
-    assert_eq!(mine, expected.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        mine,
+        expected.iter().map(String::as_str).collect::<Vec<_>>()
+    );
     bot.handle.shutdown().await;
     srv.shutdown().await;
 }
@@ -871,7 +876,10 @@ async fn overflow_drops_the_oldest_messages_and_counts_them() {
     let got = recv_until(&mut bot.rx, "m49", |m| m.text == "m49").await;
     let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
     let expected: Vec<String> = (40..50).map(|i| format!("m{i}")).collect();
-    assert_eq!(texts, expected.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        texts,
+        expected.iter().map(String::as_str).collect::<Vec<_>>()
+    );
     bot.handle.shutdown().await;
     srv.shutdown().await;
 }
@@ -892,7 +900,10 @@ async fn the_bot_learns_its_identity_and_throttles_from_its_events() {
     }
     let (name, key) = identity.unwrap();
     assert_eq!(name, "listener");
-    let stored = store.credentials(&srv.base_url(), "listener").unwrap().unwrap();
+    let stored = store
+        .credentials(&srv.base_url(), "listener")
+        .unwrap()
+        .unwrap();
     assert_eq!(key.expose(), stored.key.expose());
 
     // A rate-limit close: the bot hears of it with the time the session stays away.
@@ -903,7 +914,329 @@ async fn the_bot_learns_its_identity_and_throttles_from_its_events() {
             _ => continue,
         }
     };
-    assert!(retry.is_some_and(|d| d >= Duration::from_secs(1)), "{retry:?}");
+    assert!(
+        retry.is_some_and(|d| d >= Duration::from_secs(1)),
+        "{retry:?}"
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+// ---- issue: every mention answered once, whatever the network does -------------------
+
+/// How long a fault-to-active took, measured on the paused clock.
+async fn back_within(bot: &Bot, connection: u64, fault_at: Instant) -> Duration {
+    active(&bot.handle, connection).await;
+    fault_at.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn any_connection_that_became_active_resets_the_backoff() {
+    let srv = server().await;
+    let (_dir, bot) = started(&srv.base_url(), "bouncer").await;
+    // Several faults in a row, the server healthy in between: each time the first retry
+    // comes within the base jitter, however many came before.
+    for n in 2..=7u64 {
+        let t = Instant::now();
+        if n % 2 == 0 {
+            srv.faults().drop_connections();
+        } else {
+            srv.faults().send_oversized(2 << 20);
+        }
+        let took = back_within(&bot, n, t).await;
+        assert!(
+            took <= Duration::from_millis(500),
+            "fault {n}: back after {took:?}"
+        );
+    }
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn forbidden_history_and_policy_closes_never_cost_the_identity() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, mut bot) = started(&srv.base_url(), "keeper").await;
+    let name = bot.handle.status().name.unwrap();
+    srv.faults()
+        .forbid_history(roost::devserver::FaultSpan::UntilCleared);
+    for (i, code) in [1008u16, 4003, 4403, 4401].into_iter().enumerate() {
+        srv.faults().close_connections(code, "go away");
+        active(&bot.handle, 2 + i as u64).await;
+    }
+    let st = bot.handle.status();
+    assert_eq!(st.name.as_deref(), Some(name.as_str()));
+    assert_eq!(st.reregistrations, 0, "{st:?}");
+    assert_eq!(state.agents().len(), 1, "no second registration");
+    // History could not be read, but the bot is on the air.
+    assert!(st.history_gaps >= 1, "{st:?}");
+    let got = drain_to_marker(&mut bot, &state, "still here").await;
+    assert_eq!(count_text(&got, "still here"), 1);
+    bot.handle.send("lobby", "and answering").unwrap();
+    wait_outbox_empty(&bot.handle).await;
+    assert_eq!(history_count(&state, "lobby", &name, "and answering"), 1);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn re_registrations_are_capped_per_day_and_the_old_key_kept_until_replaced() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let mut cfg = config(&srv.base_url(), "revoked");
+    cfg.max_reregistrations_per_day = 2;
+    let bot = start(cfg, &store);
+    active(&bot.handle, 1).await;
+    for round in 1..=3u64 {
+        let name = bot.handle.status().name.unwrap();
+        let before = store
+            .credentials(&srv.base_url(), "revoked")
+            .unwrap()
+            .unwrap();
+        assert!(srv.faults().revoke_key(&name));
+        // The live socket stays up; the next connect meets the 401, the check confirms it.
+        srv.faults().drop_connections();
+        if round <= 2 {
+            active(&bot.handle, 1 + round).await;
+            let after = store
+                .credentials(&srv.base_url(), "revoked")
+                .unwrap()
+                .unwrap();
+            assert_ne!(after.key.expose(), before.key.expose(), "a new key, stored");
+        } else {
+            // The cap: no third identity today; the old key stays stored.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            let st = bot.handle.status();
+            assert_eq!(st.reregistrations, 2, "{st:?}");
+            assert!(st.reregistrations_refused >= 1, "{st:?}");
+            let kept = store
+                .credentials(&srv.base_url(), "revoked")
+                .unwrap()
+                .unwrap();
+            assert_eq!(kept.key.expose(), before.key.expose());
+        }
+    }
+    assert_eq!(
+        state.agents().len(),
+        3,
+        "one original and two new identities"
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn history_failures_degrade_to_a_counted_gap() {
+    use roost::devserver::FaultSpan;
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, mut bot) = started(&srv.base_url(), "gapper").await;
+    for (n, fault) in [503u16, 429, 500].into_iter().enumerate() {
+        if fault == 429 {
+            srv.faults()
+                .rate_limit_history(Duration::from_secs(2), FaultSpan::UntilCleared);
+        } else {
+            srv.faults().fail_history(fault, FaultSpan::UntilCleared);
+        }
+        srv.faults().drop_connections();
+        active(&bot.handle, 2 + n as u64).await;
+    }
+    srv.faults()
+        .slow_history(Duration::from_secs(3), FaultSpan::Next(1));
+    srv.faults().drop_connections();
+    active(&bot.handle, 5).await;
+    let st = bot.handle.status();
+    assert!(st.history_gaps >= 3, "{st:?}");
+    let got = drain_to_marker(&mut bot, &state, "live all along").await;
+    assert_eq!(count_text(&got, "live all along"), 1);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_send_is_sent_again_at_most_twice_then_reported_unconfirmed() {
+    use roost::devserver::FaultSpan;
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, bot) = started(&srv.base_url(), "persistent").await;
+    // Every send is refused (a rate-limit error frame); each refusal pauses, then the
+    // entry goes out again: twice, then it is given up as unconfirmed.
+    srv.faults()
+        .rate_limit_ws_sends(Duration::from_secs(1), FaultSpan::UntilCleared);
+    bot.handle.send("lobby", "refused").unwrap();
+    wait_outbox_empty(&bot.handle).await;
+    let st = bot.handle.status();
+    assert_eq!(st.messages_out, 3, "{st:?}");
+    assert_eq!(st.outbox_unconfirmed, 1, "{st:?}");
+    srv.faults().clear_all();
+    srv.faults().drop_connections();
+    active(&bot.handle, 2).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(history_count(&state, "lobby", "persistent", "refused"), 0);
+    assert_eq!(bot.handle.status().messages_out, 3, "never sent again");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_message_is_delivered_once_whatever_rest_timestamps_look_like() {
+    for format in ["seconds", "iso8601", "millis"] {
+        let srv = server().await;
+        let state = srv.state();
+        let (_dir, mut bot) = started(&srv.base_url(), "stamps").await;
+        match format {
+            "seconds" => srv.faults().rest_timestamps_in_seconds(true),
+            "iso8601" => srv.faults().rest_timestamps_iso8601(true),
+            _ => {}
+        }
+        // Messages the bot saw live are in the recovered history again after a drop.
+        for i in 0..5 {
+            state
+                .post_message("other", "lobby", &format!("{format} {i}"))
+                .unwrap();
+        }
+        let seen = drain_to_marker(&mut bot, &state, &format!("{format} marker")).await;
+        assert_eq!(count_text(&seen, &format!("{format} 4")), 1);
+        srv.faults().drop_connections();
+        active(&bot.handle, 2).await;
+        let again = drain_to_marker(&mut bot, &state, &format!("{format} after")).await;
+        for i in 0..5 {
+            assert_eq!(
+                count_text(&again, &format!("{format} {i}")),
+                0,
+                "{format}: delivered twice: {again:?}"
+            );
+        }
+        bot.handle.shutdown().await;
+        srv.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_posted_while_roost_was_stopped_are_recovered_once_after_a_restart() {
+    let srv = server().await;
+    let state = srv.state();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let mut bot = start(config(&srv.base_url(), "sleeper"), &store);
+        active(&bot.handle, 1).await;
+        drain_to_marker(&mut bot, &state, "before the stop").await;
+        bot.handle.shutdown().await;
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    state
+        .post_message("other", "lobby", "said while roost was stopped")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let store = Store::open(dir.path()).unwrap();
+    let mut bot = start(config(&srv.base_url(), "sleeper"), &store);
+    active(&bot.handle, 1).await;
+    let got = drain_to_marker(&mut bot, &state, "after the start").await;
+    assert_eq!(
+        count_text(&got, "said while roost was stopped"),
+        1,
+        "{got:?}"
+    );
+    assert_eq!(count_text(&got, "before the stop"), 0, "{got:?}");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn not_joined_and_rate_limit_error_frames_are_acted_on() {
+    use roost::devserver::FaultSpan;
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, mut bot) = started(&srv.base_url(), "obedient").await;
+    // The server forgets our joins: the refused send leads to a rejoin and goes out.
+    srv.faults().forget_joins();
+    bot.handle.send("lobby", "after a forgotten join").unwrap();
+    wait_outbox_empty(&bot.handle).await;
+    assert_eq!(
+        history_count(&state, "lobby", "obedient", "after a forgotten join"),
+        1
+    );
+    assert!(bot.handle.status().rejoins >= 1);
+    // A rate-limit error frame: the bot hears of it, and the send goes out later.
+    srv.faults()
+        .rate_limit_ws_sends(Duration::from_secs(3), FaultSpan::Next(1));
+    bot.handle.send("lobby", "after a rate limit").unwrap();
+    let retry = loop {
+        match timeout(WAIT, bot.rx.recv()).await.unwrap().unwrap() {
+            session::SessionEvent::Throttled { retry_after } => break retry_after,
+            _ => continue,
+        }
+    };
+    assert!(retry.is_some(), "the pause is passed on");
+    wait_outbox_empty(&bot.handle).await;
+    assert_eq!(
+        history_count(&state, "lobby", "obedient", "after a rate limit"),
+        1
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_collapses_whitespace_still_confirms_the_reply() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, bot) = started(&srv.base_url(), "spacey").await;
+    srv.faults().rewrite_text(true);
+    bot.handle
+        .send("lobby", "two  spaces\nand a newline")
+        .unwrap();
+    wait_outbox_empty(&bot.handle).await;
+    srv.faults().drop_connections();
+    active(&bot.handle, 2).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        history_count(&state, "lobby", "spacey", "two spaces and a newline"),
+        1,
+        "confirmed by its rewritten echo, not sent again"
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_after_an_outage_goes_out_at_the_paced_rate() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let mut cfg = config(&srv.base_url(), "pacer");
+    cfg.pacing = Some(roost::policy::LimitsConfig::default());
+    let bot = start(cfg, &store);
+    active(&bot.handle, 1).await;
+    outage(&srv, &bot).await;
+    for i in 0..4 {
+        bot.handle.send("lobby", &format!("queued {i}")).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut events = state.subscribe();
+    srv.faults().accept_upgrades();
+    let mut at = Vec::new();
+    while at.len() < 4 {
+        let m = crate::support::wait_message(&mut events, Duration::from_secs(120), |m| {
+            m.from == "pacer"
+        })
+        .await
+        .expect("a queued reply");
+        at.push((Instant::now(), m.text));
+    }
+    let texts: Vec<&str> = at.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(texts, ["queued 0", "queued 1", "queued 2", "queued 3"]);
+    for w in at.windows(2) {
+        assert!(
+            w[1].0 - w[0].0 >= Duration::from_millis(1900),
+            "{:?}",
+            w[1].0 - w[0].0
+        );
+    }
+    assert!(bot.handle.status().paced >= 3);
     bot.handle.shutdown().await;
     srv.shutdown().await;
 }

@@ -28,6 +28,8 @@
 //!    each to be answered within 1 s. Partial start-ups are reported, not fatal
 //!    (`bots_active`, `error`).
 //! 3. **`policy`** — policy cost per message ([`policy::run`]).
+//! 4. **`store`** — the outbox write path: the group commit against one transaction per
+//!    row, with `synchronous = NORMAL` and `FULL` ([`store::run`]).
 //!
 //! Options (arguments after `--`, or environment variables):
 //!
@@ -45,7 +47,7 @@
 //! | `--stall S` | `DATAPLANE_STALL` | 60 (30) | give up when no bot joined for this long |
 //! | `--timeout S` | `DATAPLANE_TIMEOUT` | 900 (300) | watchdog for the whole run (after the build) |
 //! | `--seed N` | `DATAPLANE_SEED` | 1 | which bots are mentioned |
-//! | `--only LIST` | `DATAPLANE_ONLY` | all | comma-separated: `replies,fleet,policy` |
+//! | `--only LIST` | `DATAPLANE_ONLY` | all | comma-separated: `replies,fleet,policy,store` |
 //!
 //! Every wait is bounded; every child gets SIGKILL when the bench ends, however it
 //! ends (a guard's `Drop`, and a parent-death signal); files live in a temporary
@@ -60,6 +62,7 @@ mod load;
 mod policy;
 mod proc;
 mod replies;
+mod store;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +86,7 @@ pub fn err_json(e: &anyhow::Error) -> Value {
     json!({"error": format!("{e:#}")})
 }
 
-const PHASES: [&str; 3] = ["replies", "fleet", "policy"];
+const PHASES: [&str; 4] = ["replies", "fleet", "policy", "store"];
 
 struct Opts {
     quick: bool,
@@ -103,7 +106,7 @@ struct Opts {
 
 const USAGE: &str = "usage: cargo bench --bench dataplane -- [--quick] [--bots N] [--rooms N] \
 [--duration S] [--count N] [--in-flight N] [--samples N] [--mentions N] [--fleet-limit S] \
-[--stall S] [--timeout S] [--seed N] [--only replies,fleet,policy]";
+[--stall S] [--timeout S] [--seed N] [--only replies,fleet,policy,store]";
 
 fn parse_opts() -> Result<Opts, String> {
     // (flag, env) pairs; flags win over the environment.
@@ -372,6 +375,16 @@ fn main() -> ExitCode {
             }
         };
         lock(&report)["policy"] = v;
+    }
+
+    if wants("store") {
+        progress("store: group commit against a transaction per row");
+        let quick = opts.quick;
+        let v = match std::panic::catch_unwind(move || store::run(quick)) {
+            Ok(v) => v,
+            Err(_) => json!({"error": "store::run panicked"}),
+        };
+        lock(&report)["store"] = v;
     }
 
     {

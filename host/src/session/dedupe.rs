@@ -37,7 +37,7 @@ impl MessageKey {
 /// Whether two timestamps of the same message content are the same message: equal, or
 /// less than a second apart when one of them has only whole-second precision.
 pub fn same_instant(a: u64, b: u64) -> bool {
-    a == b || ((a % 1000 == 0 || b % 1000 == 0) && a.abs_diff(b) < 1000)
+    a == b || ((a.is_multiple_of(1000) || b.is_multiple_of(1000)) && a.abs_diff(b) < 1000)
 }
 
 /// Bounded FIFO set of messages.
@@ -144,13 +144,15 @@ mod tests {
 
     #[test]
     fn forgets_oldest_beyond_capacity() {
+        // Millisecond timestamps (none a whole second, which would match its neighbours).
+        let t = |i: u64| 1_769_790_508_001 + i;
         let mut s = SeenSet::new(3);
-        for ts in 0..5 {
-            s.insert(&msg("r", "a", ts, "x"));
+        for i in 0..5 {
+            s.insert(&msg("r", "a", t(i), "x"));
         }
         assert_eq!(s.len(), 3);
-        assert!(!s.contains(&msg("r", "a", 0, "x")));
-        assert!(!s.contains(&msg("r", "a", 1, "x")));
-        assert!(s.contains(&msg("r", "a", 4, "x")));
+        assert!(!s.contains(&msg("r", "a", t(0), "x")));
+        assert!(!s.contains(&msg("r", "a", t(1), "x")));
+        assert!(s.contains(&msg("r", "a", t(4), "x")));
     }
 }

@@ -263,7 +263,11 @@ mod tests {
         }
         // A connection that became active, however briefly, ends the escalation: the
         // next retry is the first again (full jitter within the base, 0-250 ms).
-        for up in [Duration::ZERO, Duration::from_secs(3), Duration::from_secs(30)] {
+        for up in [
+            Duration::ZERO,
+            Duration::from_secs(3),
+            Duration::from_secs(30),
+        ] {
             let r = plan_retry(&p, attempt, Some(up), Next::Reconnect, false, &mut rng);
             assert_eq!(r.attempt, 1, "after {up:?} up");
             assert!(r.delay <= Duration::from_millis(250), "{r:?}");

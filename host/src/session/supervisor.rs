@@ -128,10 +128,29 @@ enum Heard {
 fn classify_error(code: Option<&str>, message: &str) -> Heard {
     let code = code.unwrap_or("").to_ascii_lowercase();
     let message = message.to_ascii_lowercase();
-    let says = |words: &[&str]| words.iter().any(|w| code.contains(w) || message.contains(w));
-    if says(&["not_joined", "not joined", "join the room", "join it first", "join first"]) {
+    let says = |words: &[&str]| {
+        words
+            .iter()
+            .any(|w| code.contains(w) || message.contains(w))
+    };
+    if says(&[
+        "not_joined",
+        "not joined",
+        "join the room",
+        "join it first",
+        "join first",
+    ]) {
         Heard::NotJoined
-    } else if says(&["rate_limit", "rate limit", "rate-limit", "too_many", "too many", "slow down", "slow_down", "throttl"]) {
+    } else if says(&[
+        "rate_limit",
+        "rate limit",
+        "rate-limit",
+        "too_many",
+        "too many",
+        "slow down",
+        "slow_down",
+        "throttl",
+    ]) {
         // "retry after N" in seconds, when the message says so.
         let retry = message
             .split(|c: char| !c.is_ascii_alphanumeric() && c != '.')
@@ -618,9 +637,8 @@ impl Supervisor {
                     self.cfg.request_timeout,
                 );
                 let key = current.key.clone();
-                let check = async move {
-                    identity::check_key(&http, &endpoints, &key, timeout).await
-                };
+                let check =
+                    async move { identity::check_key(&http, &endpoints, &key, timeout).await };
                 match self.race(check).await {
                     None => return Err(ConnEnd::Shutdown),
                     Some(identity::KeyCheck::Rejected) => {
@@ -922,6 +940,10 @@ impl Supervisor {
                     .outbox_committing
                     .fetch_sub(1, Ordering::Relaxed);
                 self.update_depth();
+                // What the reply answers is behind us: save the position with it, so a
+                // host killed right after sending does not answer the same mention again
+                // after its restart.
+                self.save_positions();
             }
             Some(Command::Join(room)) => {
                 self.add_room(room.clone());
@@ -1136,7 +1158,9 @@ impl Supervisor {
                     Some(from) if from > created || entry.attempts > self.cfg.max_resends => {
                         let (room, attempts) = (entry.room.clone(), entry.attempts);
                         if let Some(gone) = self.outbox.give_up(id) {
-                            self.shared.outbox_unconfirmed.fetch_add(1, Ordering::Relaxed);
+                            self.shared
+                                .outbox_unconfirmed
+                                .fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(
                                 bot = self.bot(),
                                 room = %room,
@@ -1386,7 +1410,12 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Message>,
     timeout: Duration,
 ) -> Result<(), String> {
-    let stuck = || format!("could not write to the connection for {} s", timeout.as_secs_f64());
+    let stuck = || {
+        format!(
+            "could not write to the connection for {} s",
+            timeout.as_secs_f64()
+        )
+    };
     while let Some(msg) = rx.recv().await {
         let closing = matches!(msg, Message::Close(_));
         tokio::time::timeout(timeout, sink.feed(msg))
