@@ -204,7 +204,9 @@ async fn five_mentions_in_one_second_are_all_answered_at_the_default_limits() {
     let (tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
     let mut watch = server.state().subscribe();
     tokio::spawn(async move {
-        while let Some(m) = wait_message(&mut watch, Duration::from_secs(600), |m| m.from == "echo").await {
+        while let Some(m) =
+            wait_message(&mut watch, Duration::from_secs(600), |m| m.from == "echo").await
+        {
             if tx.send((tokio::time::Instant::now(), m.text)).is_err() {
                 return;
             }
@@ -229,7 +231,13 @@ async fn five_mentions_in_one_second_are_all_answered_at_the_default_limits() {
     let texts: Vec<&str> = answered.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(
         texts,
-        ["mention 0", "mention 1", "mention 2", "mention 3", "mention 4"]
+        [
+            "mention 0",
+            "mention 1",
+            "mention 2",
+            "mention 3",
+            "mention 4"
+        ]
     );
     // The ceilings still hold on the wire: 2 s apart, at most 6 in any minute.
     for w in answered.windows(2) {
@@ -242,6 +250,57 @@ async fn five_mentions_in_one_second_are_all_answered_at_the_default_limits() {
     let status = host.bots["echo"].status();
     assert!(status.paced >= 3, "{status:?}");
     assert_eq!(status.paced_stale, 0);
+    host.stop().await;
+    server.shutdown().await;
+}
+
+/// An identity belongs to its file: a new persona whose manifest claims a running
+/// persona's name gets neither its key nor its mentions, and is refused before any
+/// session starts; the owner keeps running with its stored key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_cannot_take_another_personas_identity() {
+    let server = server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(dir.path(), &example("echo"), "echo");
+    let mut events = server.state().subscribe();
+    let host = BotHost::start(config_for(&server.base_url(), dir.path()))
+        .await
+        .expect("start");
+    wait_joined(&mut events, "echo", "lobby").await;
+    let store_dir = dir.path().join("state");
+    host.stop().await;
+    let key_before = roost::store::Store::open(&store_dir)
+        .unwrap()
+        .credentials(&server.base_url(), "echo")
+        .unwrap()
+        .expect("echo's identity is stored under its label")
+        .key;
+
+    // `aaa-impostor.wasm` sorts first and its manifest says "echo".
+    install(dir.path(), &example("echo"), "aaa-impostor");
+    let host = BotHost::start(config_for(&server.base_url(), dir.path()))
+        .await
+        .expect("start");
+    assert!(host.bots.contains_key("echo"));
+    assert!(
+        !host.bots.contains_key("aaa-impostor"),
+        "the impostor was started"
+    );
+    let store = roost::store::Store::open(&store_dir).unwrap();
+    assert!(
+        store
+            .credentials(&server.base_url(), "aaa-impostor")
+            .unwrap()
+            .is_none(),
+        "the impostor registered or got a key"
+    );
+    let key_after = store
+        .credentials(&server.base_url(), "echo")
+        .unwrap()
+        .unwrap()
+        .key;
+    assert_eq!(key_after.expose(), key_before.expose());
+    assert_eq!(server.state().agents().len(), 1, "no second identity");
     host.stop().await;
     server.shutdown().await;
 }

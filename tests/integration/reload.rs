@@ -472,7 +472,7 @@ async fn a_manifest_with_other_rooms_moves_the_bot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_manifest_name_is_another_bot_unless_roost_toml_names_it() {
+async fn a_new_manifest_name_keeps_the_files_identity() {
     let server = server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = install(dir.path(), &guest("counter"), "count");
@@ -498,23 +498,24 @@ async fn another_manifest_name_is_another_bot_unless_roost_toml_names_it() {
     let host = running.finish().await;
     host.stop().await;
 
-    // Without the override the manifest name is `echo`: another bot.
+    // Without the override the manifest name is `echo`, but the identity belongs to the
+    // file: the bot comes back as `counter`, and a new version naming itself anything
+    // is a swap under the same identity.
     let mut events = server.state().subscribe();
     let running = Running::start(config_for(&server.base_url(), dir.path())).await;
-    wait_joined(&mut events, "echo", "lobby").await;
-    write_atomically(&file, &std::fs::read(guest("counter")).unwrap());
-    wait_event(
-        &mut events,
-        EVENT_WAIT,
-        "echo to disconnect",
-        |e| matches!(e, ServerEvent::Disconnected { agent, .. } if agent == "echo"),
-    )
-    .await;
     wait_joined(&mut events, "counter", "lobby").await;
+    write_atomically(&file, &std::fs::read(guest("counter")).unwrap());
+    running.wait_for("the swap", |s| s.reloaded == 1).await;
     let stats = running.stats();
-    assert_eq!((stats.unloaded, stats.reloaded), (1, 0), "{stats:?}");
+    assert_eq!((stats.unloaded, stats.reloaded), (0, 1), "{stats:?}");
     let host = running.finish().await;
     assert_eq!(host.bots["count"].manifest.name, "counter");
+    assert_eq!(
+        host.bots["count"].status().name.as_deref(),
+        Some("counter"),
+        "same identity"
+    );
+    assert_eq!(server.state().agents().len(), 1, "no second identity");
     host.stop().await;
     server.shutdown().await;
 }

@@ -48,6 +48,7 @@ impl BotHost {
             config: config.clone(),
             probes: crate::telemetry::Probes::default(),
             llm,
+            names: Default::default(),
         };
         let reload = super::reload::ReloadState::new(&context);
         let mut host = BotHost {

@@ -25,12 +25,11 @@
 //!   instance of new code). If the new manifest lists other rooms, the bot leaves the
 //!   rooms no longer listed and joins the new ones (rooms the persona joined by itself
 //!   stay).
-//! - **Renamed persona**: if the new version's manifest name (after `[personas.NAME]
-//!   name` from roost.toml, which wins) differs from the running bot's, it is a
-//!   *different bot*: the old bot is stopped (it finishes its message, flushes its
-//!   outbox and disconnects) and a new bot with the new name, and so its own identity
-//!   on the network (credentials, outbox; KV stays with the file's label), is started.
-//!   Set `[personas.NAME] name` to keep a bot's identity across such a change.
+//! - **Renamed persona**: an identity (credentials, outbox, recovery positions, KV)
+//!   belongs to the file's label, and the network name is pinned at its first
+//!   registration. A new version whose manifest names itself differently is swapped in
+//!   like any other, under the same identity, with a warning; a name another persona
+//!   holds is refused. A new identity takes a new file name.
 //! - **Deleted file**: the bot finishes its message in flight, flushes its outbox
 //!   (bounded by `session.shutdown_flush_ms`), and disconnects with a normal close,
 //!   which takes it out of its rooms.
@@ -185,6 +184,27 @@ pub struct ReloadStats {
     cache_rebuilt: AtomicU64,
     load_micros: AtomicU64,
     last: Mutex<Last>,
+    /// The last [`RECENT_EVENTS`] things hot reload did, oldest first.
+    recent: Mutex<std::collections::VecDeque<ReloadEvent>>,
+    events: AtomicU64,
+}
+
+/// How many [`ReloadEvent`]s a host keeps.
+pub const RECENT_EVENTS: usize = 50;
+
+/// One thing hot reload did to one persona: for the status page and `roost dev`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadEvent {
+    /// Numbers the events of a host from 1: a reader takes those after the last it saw.
+    pub seq: u64,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The persona's label (file stem).
+    pub label: String,
+    /// `loaded`, `reloaded`, `rejected` or `unloaded`.
+    pub event: &'static str,
+    /// The version now running, or why the file was refused or the bot stopped.
+    pub detail: String,
 }
 
 /// A point-in-time copy of [`ReloadStats`].
@@ -236,6 +256,31 @@ impl ReloadStats {
 
     fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Remembers an event (see [`ReloadEvent`]).
+    pub fn record(&self, label: &str, event: &'static str, detail: impl Into<String>) {
+        let at_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.events.fetch_add(1, Ordering::Relaxed) + 1;
+        if recent.len() == RECENT_EVENTS {
+            recent.pop_front();
+        }
+        recent.push_back(ReloadEvent {
+            seq,
+            at_ms,
+            label: label.to_string(),
+            event,
+            detail: detail.into(),
+        });
+    }
+
+    /// The kept events, oldest first.
+    pub fn recent(&self) -> Vec<ReloadEvent> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().cloned().collect()
     }
 
     fn loaded_file(&self, record: LoadRecord) {
@@ -473,6 +518,10 @@ async fn settle(path: &Path, quiet: Duration) -> Settled {
     }
 }
 
+/// A persona file at start-up: its path, content hash, stamp, and its bytes if it is
+/// the first file with that content.
+type Planned = (PathBuf, ContentHash, Option<FileStamp>, Option<Vec<u8>>);
+
 // -- the host side --------------------------------------------------------------
 
 impl BotHost {
@@ -526,8 +575,7 @@ impl BotHost {
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         // 1. Read and hash; keep the bytes of one file per distinct content only.
         let mut first_of: BTreeMap<ContentHash, PathBuf> = BTreeMap::new();
-        let mut plan: Vec<(PathBuf, ContentHash, Option<FileStamp>, Option<Vec<u8>>)> =
-            Vec::with_capacity(files.len());
+        let mut plan: Vec<Planned> = Vec::with_capacity(files.len());
         for file in files {
             match tokio::fs::read(file).await {
                 Ok(bytes) => {
@@ -544,17 +592,21 @@ impl BotHost {
                 }
                 Err(e) => {
                     ReloadStats::bump(&self.reload.stats.rejected);
-                    tracing::error!(file = %file.display(), "persona not started: {}", LoadError::Read {
+                    let e = LoadError::Read {
                         path: file.display().to_string(),
                         reason: crate::plugin::component::io_reason(&e),
-                    });
+                    };
+                    self.reload
+                        .stats
+                        .record(&label_for(file), "rejected", e.to_string());
+                    tracing::error!(file = %file.display(), "persona not started: {e}");
                 }
             }
         }
         // 2. Compile each distinct content once, then the copies.
         let (firsts, copies): (Vec<_>, Vec<_>) = plan.into_iter().partition(|p| p.3.is_some());
         let this = &*self;
-        let compile_all = |batch: Vec<(PathBuf, ContentHash, Option<FileStamp>, Option<Vec<u8>>)>, width: usize| {
+        let compile_all = |batch: Vec<Planned>, width: usize| {
             stream::iter(batch)
                 .map(move |(file, _hash, stamp, bytes)| async move {
                     let bytes = match bytes {
@@ -579,6 +631,9 @@ impl BotHost {
                 Ok(c) => ready.push(c),
                 Err(e) => {
                     ReloadStats::bump(&self.reload.stats.rejected);
+                    self.reload
+                        .stats
+                        .record(&label_for(&file), "rejected", format!("{e:#}"));
                     tracing::error!(file = %file.display(), "persona not started: {e:#}");
                 }
             }
@@ -603,11 +658,17 @@ impl BotHost {
                 Ok(bot) => {
                     if let Err(e) = self.admit(compiled, bot).await {
                         ReloadStats::bump(&self.reload.stats.rejected);
+                        self.reload
+                            .stats
+                            .record(&label, "rejected", format!("{e:#}"));
                         tracing::error!(file = %file.display(), "persona not started: {e:#}");
                     }
                 }
                 Err(e) => {
                     ReloadStats::bump(&self.reload.stats.rejected);
+                    self.reload
+                        .stats
+                        .record(&label, "rejected", format!("{e:#}"));
                     tracing::error!(file = %file.display(), bot = %label, "persona not started: {e:#}");
                 }
             }
@@ -667,6 +728,9 @@ impl BotHost {
             let name = bot.manifest.name.clone();
             bot.stop().await;
             ReloadStats::bump(&self.reload.stats.unloaded);
+            self.reload
+                .stats
+                .record(&label, "unloaded", "its file is gone");
             tracing::info!(
                 file = %path.display(),
                 bot = %label,
@@ -707,6 +771,9 @@ impl BotHost {
         };
         if let Err(e) = result {
             ReloadStats::bump(&self.reload.stats.rejected);
+            self.reload
+                .stats
+                .record(&label, "rejected", format!("{e:#}"));
             // (A renamed persona whose new bot failed to start has no bot left.)
             if running && self.bots.contains_key(&label) {
                 tracing::warn!(
@@ -792,6 +859,8 @@ impl BotHost {
             );
         }
         tracing::info!(file = %file.display(), bot = %label, name = %bot.manifest.name, "persona loaded");
+        let detail = format!("version {}", bot.manifest.version);
+        self.reload.stats.record(&label, "loaded", detail);
         self.bots.insert(label.clone(), bot);
         self.reload.running.insert(label.clone(), hash);
         self.reload.seen.insert(label, Seen { hash, stamp });
@@ -858,20 +927,24 @@ impl BotHost {
                     m.name
                 );
             }
-            // Another name is another bot: stop this one, start that one.
-            if let Some(old) = self.bots.remove(&label) {
-                old.stop().await;
-            }
-            self.reload.running.remove(&label);
-            ReloadStats::bump(&self.reload.stats.unloaded);
-            tracing::info!(
+            // An identity belongs to its file: the network name was pinned at the
+            // first registration, and a new manifest name does not change it.
+            let server = crate::session::http::Endpoints::parse(&self.context.config.server.url)
+                .map(|e| e.base().to_string())
+                .unwrap_or_else(|_| self.context.config.server.url.clone());
+            self.context
+                .names
+                .claim(&self.context.store, &server, &label, &m.name)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::warn!(
                 file = %file.display(),
                 bot = %label,
                 from = %old_name,
                 to = %m.name,
-                "persona renamed itself: a different bot; the old one stopped"
+                network_name = %current,
+                "the new version names itself differently; the bot keeps its identity (it \
+                 belongs to the file: use another file name for another identity)"
             );
-            return self.start_compiled(compiled).await;
         }
 
         let version = m.version.clone();
@@ -890,6 +963,7 @@ impl BotHost {
         tokio::spawn(async move {
             if installed.await.is_ok() {
                 let latency = stats.reloaded(settled_at);
+                stats.record(&label, "reloaded", format!("version {version}"));
                 tracing::info!(
                     file = %file.display(),
                     bot = %label,

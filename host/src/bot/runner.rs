@@ -27,6 +27,52 @@ pub struct HostContext {
     pub probes: crate::telemetry::Probes,
     /// The LLM providers (built once from `[llm]`) and every persona's token budget.
     pub llm: Arc<crate::llm::LlmHub>,
+    /// Which persona (file label) holds which network name in this host.
+    pub names: NameClaims,
+}
+
+/// The network names the running bots hold, by file label: a manifest cannot claim a
+/// name another persona holds, here or in the store, and the check happens before
+/// any session starts.
+#[derive(Clone, Debug, Default)]
+pub struct NameClaims(Arc<Mutex<std::collections::HashMap<String, String>>>);
+
+impl NameClaims {
+    /// Claims `name` for `label`, unless another running persona holds it or another
+    /// persona's stored identity on `server` has that name (or that name with a
+    /// registration suffix).
+    pub fn claim(
+        &self,
+        store: &Store,
+        server: &str,
+        label: &str,
+        name: &str,
+    ) -> anyhow::Result<()> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(other) = held.get(name).filter(|l| *l != label) {
+            anyhow::bail!(
+                "persona `{label}` wants the network name {name:?} of persona `{other}`; set personas.{label}.name in roost.toml"
+            );
+        }
+        let owners = store.personas_named(server, name)?;
+        if let Some(other) = owners.iter().find(|p| *p != label) {
+            anyhow::bail!(
+                "persona `{label}` wants the network name {name:?}, registered by persona `{other}`: \
+                 an identity belongs to its file (rename the file to {other}.wasm to run that \
+                 identity, or set personas.{label}.name in roost.toml)"
+            );
+        }
+        held.insert(name.to_string(), label.to_string());
+        Ok(())
+    }
+
+    /// Gives up the names `label` holds.
+    pub fn release(&self, label: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, l| l != label);
+    }
 }
 
 /// Counters of one bot besides its session's (messages the bot did not keep up with
@@ -41,6 +87,49 @@ pub struct BotCounters {
     pub quarantined: bool,
     /// Versions swapped in by hot reload.
     pub reloads: u64,
+    /// Which version runs, and its troubles, for the status page.
+    pub persona: PersonaStatus,
+}
+
+/// What the status page says about the persona a bot runs.
+#[derive(Debug, Clone, Default)]
+pub struct PersonaStatus {
+    /// The manifest's version.
+    pub version: String,
+    /// SHA-256 of the component, hex.
+    pub hash: Option<String>,
+    /// The last failed call (trap, limit, timeout, quarantine) and when.
+    pub last_error: Option<(std::time::SystemTime, String)>,
+    /// Until when the persona is quarantined, if it is.
+    pub quarantined_until: Option<std::time::SystemTime>,
+}
+
+impl PersonaStatus {
+    /// A version was installed (at start or by a swap).
+    fn installed(&mut self, core: &BotCore) {
+        self.version = core.manifest.version.clone();
+        self.hash = core.sandbox.component().hash().map(hex::encode);
+    }
+
+    /// A message was handled: `failed` is the call's error, if it failed.
+    fn handled(&mut self, failed: Option<String>, quarantine: Option<std::time::Duration>) {
+        if failed.is_none() && quarantine.is_none() && self.quarantined_until.is_none() {
+            return;
+        }
+        let now = std::time::SystemTime::now();
+        if let Some(e) = failed {
+            self.last_error = Some((now, e));
+        }
+        self.quarantined_until = quarantine.map(|d| now + d);
+    }
+}
+
+/// The error of a failed persona call among a message's effects.
+fn failed_call(effects: &[Effect]) -> Option<String> {
+    effects.iter().find_map(|e| match e {
+        Effect::PluginError(e) => Some(e.clone()),
+        _ => None,
+    })
 }
 
 /// A running bot.
@@ -52,6 +141,7 @@ pub struct Bot {
     stop: watch::Sender<bool>,
     worker: JoinHandle<()>,
     probes: crate::telemetry::Probes,
+    names: NameClaims,
     /// Hot reload: new persona versions for the worker to install between messages.
     swaps: tokio::sync::mpsc::UnboundedSender<super::reload::Swap>,
 }
@@ -107,11 +197,40 @@ impl Bot {
         manifest::validate(&m).map_err(|e| anyhow::anyhow!("persona `{label}`: {e}"))?;
         sandbox.context().set_bot_name(&m.name);
         let mut scfg = host.config.session_config();
-        scfg.persona = m.name.clone();
+        // The identity (key, outbox, recovery positions) belongs to the file label,
+        // never to the name a manifest claims.
+        let server = session::http::Endpoints::parse(&host.config.server.url)
+            .map(|e| e.base().to_string())
+            .unwrap_or_else(|_| host.config.server.url.clone());
+        // An identity stored under the name by an older roost moves to the label,
+        // unless a persona file of that name is here to own it.
+        let name_has_a_file = host
+            .config
+            .paths
+            .plugins
+            .join(format!("{}.wasm", m.name))
+            .exists();
+        if let Err(e) = host.store.adopt_legacy_identity(
+            &server,
+            &m.name,
+            &label,
+            cfg.name.is_some() || !name_has_a_file,
+        ) {
+            tracing::warn!(bot = %label, error = %e, "cannot move a stored identity to this persona");
+        }
+        host.names.claim(&host.store, &server, &label, &m.name)?;
+        scfg.persona = label.clone();
         scfg.name = m.name.clone();
         scfg.description = m.description.clone();
         scfg.rooms = m.rooms.clone();
-        let (session, mut events) = session::spawn_with(scfg, host.store.clone(), membership)?;
+        let (session, mut events) = match session::spawn_with(scfg, host.store.clone(), membership)
+        {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                host.names.release(&label);
+                return Err(e.into());
+            }
+        };
 
         let policy = Policy::new(
             &host.config.policy,
@@ -125,7 +244,9 @@ impl Bot {
         }
         let mut core = BotCore::new(sandbox, policy, m.clone(), history.clone());
 
-        let counters = Arc::new(Mutex::new(BotCounters::default()));
+        let mut first = BotCounters::default();
+        first.persona.installed(&core);
+        let counters = Arc::new(Mutex::new(first));
         let (stop, mut stopped) = watch::channel(false);
         let (swaps, mut swap_rx) = tokio::sync::mpsc::unbounded_channel::<super::reload::Swap>();
         let worker = {
@@ -143,7 +264,9 @@ impl Bot {
                         Some(swap) = swap_rx.recv() => {
                             let effects = swap.install(&mut core);
                             apply(&label, &session, &history, effects);
-                            counters.lock().unwrap_or_else(|p| p.into_inner()).reloads += 1;
+                            let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
+                            c.reloads += 1;
+                            c.persona.installed(&core);
                         }
                         event = events.recv() => {
                             let Some(event) = event else { break };
@@ -152,12 +275,17 @@ impl Bot {
                                 continue;
                             };
                             let (_verdict, effects) = core.handle(&msg).await;
+                            let failed = failed_call(&effects);
                             apply(&label, &session, &history, effects);
                             let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
+                            // (A call refused during quarantine is not a new failure.)
+                            let failed = failed
+                                .filter(|_| core.sandbox.stats().failures > c.sandbox.failures);
                             c.core = core.counters();
                             c.policy = core.policy.counters();
                             c.sandbox = core.sandbox.stats().clone();
                             c.quarantined = core.sandbox.quarantined_for().is_some();
+                            c.persona.handled(failed, core.sandbox.quarantined_for());
                         }
                     }
                 }
@@ -180,6 +308,7 @@ impl Bot {
             stop,
             worker,
             probes,
+            names: host.names.clone(),
             swaps,
         })
     }
@@ -207,6 +336,7 @@ impl Bot {
     /// (bounded by the session's `shutdown_flush`) and closes the socket normally.
     pub async fn stop(self) {
         self.probes.remove(&self.label);
+        self.names.release(&self.label);
         let _ = self.stop.send(true);
         let _ = self.worker.await;
         self.session.shutdown().await;
