@@ -50,10 +50,12 @@
 //! ```
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, IsTerminal};
+use std::io::{BufRead, BufReader};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Instant;
+
+use crate::plugin::manifest::{NAME_MAX, NAME_MIN};
 
 /// The target every persona is built for.
 pub const TARGET: &str = "wasm32-wasip2";
@@ -148,6 +150,111 @@ pub enum ProjectKind {
     Python,
 }
 
+/// Why a name is not a valid persona name. One line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid persona name {name:?}: {reason}")]
+pub struct NameError {
+    pub name: String,
+    pub reason: String,
+}
+
+/// Words that cannot name a crate: Rust keywords (as the library name, `-` as `_`) and
+/// the names of the built-in crates.
+const RESERVED: &[&str] = &[
+    "abstract",
+    "alloc",
+    "as",
+    "async",
+    "await",
+    "become",
+    "box",
+    "break",
+    "const",
+    "continue",
+    "core",
+    "crate",
+    "do",
+    "dyn",
+    "else",
+    "enum",
+    "extern",
+    "false",
+    "final",
+    "fn",
+    "for",
+    "gen",
+    "if",
+    "impl",
+    "in",
+    "let",
+    "loop",
+    "macro",
+    "match",
+    "mod",
+    "move",
+    "mut",
+    "override",
+    "priv",
+    "proc_macro",
+    "pub",
+    "ref",
+    "return",
+    "self",
+    "static",
+    "std",
+    "struct",
+    "super",
+    "test",
+    "trait",
+    "true",
+    "try",
+    "type",
+    "typeof",
+    "unsafe",
+    "unsized",
+    "use",
+    "virtual",
+    "where",
+    "while",
+    "yield",
+];
+
+/// Checks a (normalised) persona name: 2-30 characters, lowercase ASCII letters,
+/// digits, `-` and `_`, starting with a letter, and a valid crate name (not a Rust
+/// keyword or a built-in crate). The same rule applies to `persona.toml`'s `name`.
+pub fn check_name(name: &str) -> Result<(), NameError> {
+    let fail = |reason: String| {
+        Err(NameError {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    let n = name.chars().count();
+    if !(NAME_MIN..=NAME_MAX).contains(&n) {
+        return fail(format!(
+            "a name is {NAME_MIN}-{NAME_MAX} characters (this one has {n})"
+        ));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return fail("a name starts with a letter (a-z)".into());
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+    {
+        return fail(format!(
+            "{bad:?} is not allowed: use lowercase letters, digits, `-` and `_`"
+        ));
+    }
+    let lib = name.replace('-', "_");
+    if RESERVED.contains(&lib.as_str()) {
+        return fail(format!(
+            "`{name}` is a Rust keyword or a built-in crate's name"
+        ));
+    }
+    Ok(())
+}
+
 /// `persona.toml`: what names a Python persona.
 ///
 /// ```toml
@@ -194,7 +301,7 @@ impl PythonManifest {
                     .to_owned(),
             )
         })?;
-        crate::scaffold::check_name(&manifest.name).map_err(|e| invalid(e.to_string()))?;
+        check_name(&manifest.name).map_err(|e| invalid(e.to_string()))?;
         let module_ok = !manifest.module.is_empty()
             && manifest.module.split('.').all(|part| {
                 part.chars()
@@ -276,6 +383,8 @@ pub enum BuildError {
         status: ExitStatus,
         /// The first `error` line cargo printed, if any.
         first_error: Option<String>,
+        /// That error's whole diagnostic (location, code, notes), a few lines.
+        diagnostic: Vec<String>,
     },
     #[error("cargo built no {TARGET} cdylib for {}: add `[lib] crate-type = [\"cdylib\"]` to its Cargo.toml", .0.display())]
     NoArtifact(PathBuf),
@@ -291,6 +400,18 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl BuildError {
+    /// The compiler's own account of a failed compile: its first diagnostic, a few
+    /// lines (`error[E0425]: ...`, `--> src/lib.rs:12:5`, the code and notes);
+    /// empty for every other failure.
+    pub fn diagnostic(&self) -> &[String] {
+        match self {
+            BuildError::CompileFailed { diagnostic, .. } => diagnostic,
+            _ => &[],
+        }
+    }
 }
 
 fn first_error_suffix(first: &Option<String>) -> String {
@@ -608,7 +729,7 @@ struct CargoRun {
 }
 
 fn run_cargo(cargo: &CargoRunner, manifest: &Path) -> Result<CargoRun, BuildError> {
-    let color = if cargo.echo_progress && std::io::stderr().is_terminal() {
+    let color = if cargo.echo_progress && crate::os::colour(&std::io::stderr()) {
         "always"
     } else {
         "never"
@@ -827,7 +948,20 @@ fn classify_failure(project: &Path, status: ExitStatus, stderr: &[String]) -> Bu
         project: project.to_owned(),
         status,
         first_error,
+        diagnostic: first_diagnostic(stderr),
     }
+}
+
+/// The first diagnostic cargo rendered: from its `error` line to the blank line
+/// that ends it, at most 16 lines of at most 300 characters.
+fn first_diagnostic(stderr: &[String]) -> Vec<String> {
+    stderr
+        .iter()
+        .skip_while(|l| !l.trim_start().starts_with("error"))
+        .take_while(|l| !l.trim().is_empty())
+        .take(16)
+        .map(|l| l.trim_end().chars().take(300).collect())
+        .collect()
 }
 
 /// `line` without ANSI escape sequences (cargo colours its output on a terminal).
@@ -1199,7 +1333,23 @@ mod tests {
         );
         assert!(!err.to_string().contains('\n'));
 
+        let rendered: Vec<String> = [
+            "   Compiling echo v0.1.0 (/work/plugins/echo)",
+            "error[E0425]: cannot find value `x` in this scope",
+            "  --> echo/src/lib.rs:3:5",
+            "   |",
+            "3  |     x",
+            "   |     ^ not found in this scope",
+            "",
+            "error: could not compile `echo` (lib) due to 1 previous error",
+        ]
+        .map(String::from)
+        .to_vec();
+        let err = classify_failure(p, status(101), &rendered);
+        assert_eq!(err.diagnostic(), &rendered[1..6]);
+
         let err = classify_failure(p, status(101), &[]);
+        assert!(err.diagnostic().is_empty());
         assert_eq!(
             err.to_string(),
             "building plugins/echo failed (exit status: 101)"

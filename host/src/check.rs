@@ -1,14 +1,16 @@
-//! `roost check FILE.wasm`: load a component, check it against the contract,
-//! instantiate it in the sandbox (nothing granted), call `describe`, validate the
-//! manifest, and report.
+//! `roost check FILE.wasm [--config roost.toml]`: load a component, check it against
+//! the contract, instantiate it in the sandbox (nothing granted) under the limits the
+//! configuration gives that persona, call `describe`, validate the manifest, and
+//! report.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::config::Config;
 use crate::plugin::bindings::{Manifest, WIT_PACKAGE, WIT_VERSION};
-use crate::plugin::{ContractInfo, Limits, PersonaContext, Runtime, Sandbox, manifest};
+use crate::plugin::{ContractInfo, PersonaContext, Runtime, Sandbox, manifest};
 
 /// What `roost check` prints.
 #[derive(Debug, Clone, Serialize)]
@@ -99,8 +101,10 @@ pub fn announce_compile(path: &Path) {
     }
 }
 
-/// Runs every check; the error is one line saying why the file would not run.
-pub async fn check(runtime: &Runtime, path: &Path) -> anyhow::Result<CheckReport> {
+/// Runs every check under `config`'s limits for the persona (`[limits]`, overridden
+/// by `[personas.NAME.limits]`, NAME the file stem), as `roost run` would run it; the
+/// error is one line saying why the file would not run.
+pub async fn check(runtime: &Runtime, path: &Path, config: &Config) -> anyhow::Result<CheckReport> {
     announce_compile(path);
     let rt = runtime.clone();
     let p = path.to_path_buf();
@@ -108,7 +112,8 @@ pub async fn check(runtime: &Runtime, path: &Path) -> anyhow::Result<CheckReport
     let component = Arc::new(component);
     let ctx = PersonaContext::sandbox(&component.label);
     let contract = component.info.clone();
-    let mut sandbox = Sandbox::new(runtime.clone(), component, ctx, Limits::default());
+    let limits = config.limits_for(&component.label);
+    let mut sandbox = Sandbox::new(runtime.clone(), component, ctx, limits);
     let m = sandbox.describe().await?;
     manifest::validate(&m).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(CheckReport::new(path, m, contract))

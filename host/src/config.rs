@@ -93,6 +93,8 @@ impl Default for RuntimeSection {
 pub struct SessionSection {
     pub connect_timeout_ms: u64,
     pub request_timeout_ms: u64,
+    /// A write making no progress this long replaces the connection.
+    pub write_timeout_ms: u64,
     pub ping_interval_ms: u64,
     pub dead_after_intervals: u32,
     pub backoff_base_ms: u64,
@@ -102,6 +104,10 @@ pub struct SessionSection {
     pub healthy_after_ms: u64,
     pub retention_secs: u64,
     pub outbox_ttl_secs: u64,
+    /// Times an unconfirmed reply is sent again after reconnects, at most.
+    pub max_resends: u32,
+    /// New registrations after a confirmed-rejected key, per persona in any 24 h.
+    pub max_reregistrations_per_day: u32,
     pub shutdown_flush_ms: u64,
     /// Messages waiting for a bot's persona; overflow drops the oldest (counted).
     pub inbound_queue: usize,
@@ -115,6 +121,7 @@ impl Default for SessionSection {
         SessionSection {
             connect_timeout_ms: d.connect_timeout.as_millis() as u64,
             request_timeout_ms: d.request_timeout.as_millis() as u64,
+            write_timeout_ms: d.write_timeout.as_millis() as u64,
             ping_interval_ms: d.ping_interval.as_millis() as u64,
             dead_after_intervals: d.dead_after_intervals,
             backoff_base_ms: d.backoff.base.as_millis() as u64,
@@ -123,6 +130,8 @@ impl Default for SessionSection {
             healthy_after_ms: d.healthy_after.as_millis() as u64,
             retention_secs: d.retention.as_secs(),
             outbox_ttl_secs: d.outbox_ttl.as_secs(),
+            max_resends: d.max_resends,
+            max_reregistrations_per_day: d.max_reregistrations_per_day,
             shutdown_flush_ms: d.shutdown_flush.as_millis() as u64,
             inbound_queue: d.inbound_capacity,
             inbound_queue_bytes: d.inbound_bytes,
@@ -408,6 +417,7 @@ impl Config {
             ("session.outbox_ttl_secs", s.outbox_ttl_secs),
             ("session.inbound_queue", s.inbound_queue as u64),
             ("session.inbound_queue_bytes", s.inbound_queue_bytes as u64),
+            ("session.write_timeout_ms", s.write_timeout_ms),
             ("runtime.epoch_tick_ms", self.runtime.epoch_tick_ms),
             (
                 "runtime.pool_instances",
@@ -527,6 +537,9 @@ impl Config {
             },
             connect_timeout: Duration::from_millis(s.connect_timeout_ms),
             request_timeout: Duration::from_millis(s.request_timeout_ms),
+            write_timeout: Duration::from_millis(s.write_timeout_ms),
+            max_resends: s.max_resends,
+            max_reregistrations_per_day: s.max_reregistrations_per_day,
             ping_interval: Duration::from_millis(s.ping_interval_ms),
             dead_after_intervals: s.dead_after_intervals.max(1),
             healthy_after: Duration::from_millis(s.healthy_after_ms),

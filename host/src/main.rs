@@ -12,11 +12,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "roost", version, about, long_about = None)]
 struct Cli {
-    /// Log format: human-readable, or one JSON object per line.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    /// Log format: human-readable (coloured only on a terminal, never with NO_COLOR),
+    /// or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "ROOST_LOG_FORMAT")]
     log_format: LogFormat,
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, env = "ROOST_VERBOSE")]
     verbose: u8,
     #[command(subcommand)]
     command: Command,
@@ -35,69 +36,82 @@ enum Command {
     Dev {
         /// Folder of personas: NAME.wasm, and NAME/ projects built when stale
         /// [default: plugins, or paths.plugins of roost.toml].
-        #[arg(long)]
+        #[arg(long, env = "ROOST_PLUGINS")]
         plugins: Option<PathBuf>,
         /// Configuration file for [llm], [personas.*], [policy]... [default: roost.toml here, if any].
-        #[arg(long)]
+        #[arg(long, env = "ROOST_CONFIG")]
         config: Option<PathBuf>,
         /// Keep the bots' state in DIR [default: a temporary folder, deleted on exit].
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "ROOST_STATE")]
         state: Option<PathBuf>,
         /// Your name in the chat.
-        #[arg(long, default_value = "you")]
+        #[arg(long, default_value = "you", env = "ROOST_DEV_NAME")]
         name: String,
         /// The room to start in.
-        #[arg(long, default_value = "lobby")]
+        #[arg(long, default_value = "lobby", env = "ROOST_DEV_ROOM")]
         room: String,
         /// Do not build persona projects, run the .wasm files as they are.
-        #[arg(long)]
+        #[arg(long, env = "ROOST_DEV_NO_BUILD", value_parser = clap::builder::FalseyValueParser::new())]
         no_build: bool,
+        /// Keep the personas' own log lines out of the chat view.
+        #[arg(long, env = "ROOST_DEV_QUIET_PERSONAS", value_parser = clap::builder::FalseyValueParser::new())]
+        quiet_personas: bool,
         /// Piped input: exit once input has ended and nothing was said for this long.
-        #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 3.0,
+            env = "ROOST_DEV_QUIET_SECS"
+        )]
         quiet_secs: f64,
         /// Piped input: stop waiting for quiet this long after input has ended.
-        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 60.0,
+            env = "ROOST_DEV_MAX_WAIT_SECS"
+        )]
         max_wait_secs: f64,
     },
     /// Run every persona in the plugins folder as a bot on the network.
     Run {
         /// Configuration file [default: roost.toml in the current folder, if any].
-        #[arg(long)]
+        #[arg(long, env = "ROOST_CONFIG")]
         config: Option<PathBuf>,
         /// Chat server base URL [default: https://nohumans.chat, or server.url].
-        #[arg(long)]
+        #[arg(long, env = "ROOST_SERVER")]
         server: Option<String>,
         /// Folder of persona components (NAME.wasm) [default: plugins, or paths.plugins].
-        #[arg(long)]
+        #[arg(long, env = "ROOST_PLUGINS")]
         plugins: Option<PathBuf>,
         /// State folder (identities, outbox, KV) [default: state, or paths.state].
-        #[arg(long)]
+        #[arg(long, env = "ROOST_STATE")]
         state: Option<PathBuf>,
         /// Serve Prometheus /metrics and /healthz on this address [default: telemetry.metrics].
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", env = "ROOST_METRICS")]
         metrics: Option<SocketAddr>,
         /// Print the effective configuration (defaults, file and flags merged) and exit.
-        #[arg(long)]
+        #[arg(long, env = "ROOST_PRINT_CONFIG", value_parser = clap::builder::FalseyValueParser::new())]
         print_config: bool,
     },
     /// Run recorded chat through a persona and the real policy layer, offline.
     Replay {
         /// The persona component.
-        #[arg(long)]
+        #[arg(long, env = "ROOST_REPLAY_PLUGIN")]
         plugin: PathBuf,
         /// The recorded chat: JSON lines (corpus format or raw server frames).
         log: PathBuf,
         /// Configuration file for the policy settings [default: roost.toml if present].
-        #[arg(long)]
+        #[arg(long, env = "ROOST_CONFIG")]
         config: Option<PathBuf>,
-        /// Print one JSON object: counters and the list of replies.
-        #[arg(long)]
+        /// Print one JSON object: counters and the list of replies (or the error).
+        #[arg(long, env = "ROOST_JSON", value_parser = clap::builder::FalseyValueParser::new())]
         json: bool,
     },
     /// Run the local nohumans-compatible chat server alone.
     Serve {
         /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8787")]
+        #[arg(long, default_value = "127.0.0.1:8787", env = "ROOST_LISTEN")]
         listen: SocketAddr,
     },
     /// Build a persona project (a Rust crate or a Python app) into a component.
@@ -105,7 +119,7 @@ enum Command {
         /// The persona project directory.
         path: PathBuf,
         /// Where to write the component [default: PATH/../NAME.wasm].
-        #[arg(short, long)]
+        #[arg(short, long, env = "ROOST_BUILD_OUTPUT")]
         output: Option<PathBuf>,
     },
     /// Create a persona project (Rust or Python) that builds and runs as is.
@@ -113,26 +127,63 @@ enum Command {
         /// The project folder to create; its name, lowercased, names the persona.
         name: PathBuf,
         /// The persona's language.
-        #[arg(long, value_enum, default_value_t = roost::scaffold::Lang::Rust)]
+        #[arg(long, value_enum, default_value_t = roost::scaffold::Lang::Rust, env = "ROOST_NEW_LANG")]
         lang: roost::scaffold::Lang,
     },
     /// Check a component against the persona contract and print its manifest.
     Check {
         /// The component file.
         file: PathBuf,
-        /// Print the report as JSON.
-        #[arg(long)]
+        /// Configuration file whose limits for this persona (`[limits]`, then
+        /// `[personas.NAME.limits]`, NAME the file stem) apply [default: roost.toml here,
+        /// if any].
+        #[arg(long, env = "ROOST_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print the report as JSON (and an error as `{"error": "..."}`).
+        #[arg(long, env = "ROOST_JSON", value_parser = clap::builder::FalseyValueParser::new())]
         json: bool,
+    },
+    /// Ask a running host (its metrics address) how its bots are: connection, persona
+    /// version, calls and errors, quarantine, outbox, drops, recent reloads.
+    Status {
+        /// The host's metrics address (`roost run --metrics`) [default:
+        /// telemetry.metrics of roost.toml, else 127.0.0.1:9090].
+        #[arg(long, value_name = "ADDR", env = "ROOST_METRICS")]
+        addr: Option<String>,
+        /// Configuration file naming the metrics address [default: roost.toml here, if any].
+        #[arg(long, env = "ROOST_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print the status as JSON.
+        #[arg(long, env = "ROOST_JSON", value_parser = clap::builder::FalseyValueParser::new())]
+        json: bool,
+        /// Only ask /healthz: print `healthy` and exit 0, or exit 1 with the reason.
+        #[arg(long, env = "ROOST_STATUS_HEALTH", value_parser = clap::builder::FalseyValueParser::new())]
+        health: bool,
     },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A usage error under --json is JSON too; help and --version print as usual.
+        Err(e) if e.use_stderr() && json_requested() => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or_default();
+            print_error_json(first.strip_prefix("error: ").unwrap_or(first));
+            return ExitCode::from(e.exit_code().clamp(1, 255) as u8);
+        }
+        Err(e) => e.exit(),
+    };
+    let json = cli.command.json();
     // Commands that print a report stay quiet unless asked: their outcome is the
     // report or the one-line error.
-    let quiet = matches!(cli.command, Command::Check { .. } | Command::Replay { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Check { .. } | Command::Replay { .. } | Command::Status { .. }
+    );
     let dev = matches!(cli.command, Command::Dev { .. });
     init_tracing(cli.log_format, cli.verbose, quiet, dev);
+    roost::os::tune_allocator();
     match roost::os::raise_open_files_limit() {
         Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
         Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
@@ -143,17 +194,57 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            let e = anyhow::anyhow!("cannot start the async runtime: {e}");
+            return fail(&e, json);
         }
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", one_line(&e));
-            ExitCode::FAILURE
+        Err(e) => fail(&e, json),
+    }
+}
+
+impl Command {
+    /// Whether the command was asked for JSON output (then its errors are JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Command::Check { json, .. }
+            | Command::Replay { json, .. }
+            | Command::Status { json, .. } => *json,
+            _ => false,
         }
     }
+}
+
+/// Reports `e` in one line (`error: ...` on stderr, or `{"error": "..."}` on stdout
+/// under --json) and returns the failure exit code.
+fn fail(e: &anyhow::Error, json: bool) -> ExitCode {
+    if json {
+        print_error_json(&one_line(e));
+    } else {
+        eprintln!("error: {}", one_line(e));
+    }
+    ExitCode::FAILURE
+}
+
+fn print_error_json(message: &str) {
+    println!("{}", serde_json::json!({ "error": message }));
+}
+
+/// `--json` among the arguments (before any `--`), or a true `ROOST_JSON`: for usage
+/// errors, which come before the command line is understood.
+fn json_requested() -> bool {
+    let flag = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    let env = std::env::var("ROOST_JSON").is_ok_and(|v| {
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "n" | "no" | "f" | "false" | "off"
+        )
+    });
+    flag || env
 }
 
 /// `{:#}` of an error chain, folded onto one line.
@@ -186,6 +277,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             name,
             room,
             no_build,
+            quiet_personas,
             quiet_secs,
             max_wait_secs,
         } => {
@@ -200,6 +292,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 name,
                 room,
                 build: !no_build,
+                quiet_personas,
                 quiet: secs("quiet-secs", quiet_secs)?,
                 max_wait: secs("max-wait-secs", max_wait_secs)?,
                 interactive: None,
@@ -268,9 +361,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", made.next_steps());
             Ok(())
         }
-        Command::Check { file, json } => {
-            let runtime = roost::plugin::Runtime::new(roost::plugin::RuntimeConfig::default())?;
-            let report = roost::check::check(&runtime, &file).await?;
+        Command::Status {
+            addr,
+            config,
+            json,
+            health,
+        } => {
+            let addr = match addr {
+                Some(a) => a,
+                None => load_config(config)?.telemetry.metrics.map_or_else(
+                    || roost::status::client::DEFAULT_ADDR.into(),
+                    |a| a.to_string(),
+                ),
+            };
+            roost::status::client::run(&addr, json, health).await
+        }
+        Command::Check { file, config, json } => {
+            let config = load_config(config)?;
+            config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let runtime = roost::plugin::Runtime::new(config.runtime_config())?;
+            let report = roost::check::check(&runtime, &file, &config).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -319,7 +429,8 @@ fn init_tracing(format: LogFormat, verbose: u8, quiet: bool, dev: bool) {
     let default = match verbose {
         0 if quiet => "off",
         // `roost dev`: the chat is on the same terminal; only what needs attention.
-        0 if dev => "warn",
+        // Persona log lines and refused reloads are shown in the chat view instead.
+        0 if dev => "warn,persona=off,roost::bot::reload=error",
         0 => "info,wasmtime=warn,cranelift=warn",
         1 => "debug,wasmtime=info,cranelift=info,hyper=info,reqwest=info",
         _ => "trace",
@@ -327,6 +438,7 @@ fn init_tracing(format: LogFormat, verbose: u8, quiet: bool, dev: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(roost::os::colour(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

@@ -1,4 +1,5 @@
-//! Process-level settings that a host of thousands of sockets needs.
+//! Process-level settings: the open-files limit a host of thousands of sockets needs,
+//! and whether output may be coloured.
 
 /// Raises the soft limit on open files to the hard limit, so one process can hold
 /// a socket per bot (and `roost serve` one per client) beyond the usual 1,024.
@@ -25,11 +26,32 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
             }
             lim.rlim_cur = lim.rlim_max;
         }
+        // `rlim_t` is u64 on Linux but not on every unix.
+        #[allow(clippy::unnecessary_cast)]
         Ok(lim.rlim_cur as u64)
     }
     #[cfg(not(unix))]
     {
         Ok(u64::MAX)
+    }
+}
+
+/// Whether to colour what is written to `stream`: only when it is a terminal, and
+/// never while `NO_COLOR` is set to anything but the empty string (no-color.org).
+pub fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Caps glibc's malloc arenas at two per process. By default glibc opens up to eight
+/// arenas per core as threads contend (tokio's workers, the blocking pool), and with
+/// thousands of bots each arena keeps its own free memory: measured with 5,000 echo
+/// bots, the cap cuts resident memory without a measurable cost in speed. Call it
+/// before the runtime starts. Elsewhere (musl, other systems) it does nothing.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
@@ -44,6 +66,8 @@ mod tests {
         };
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         assert_eq!(lim.rlim_cur, lim.rlim_max);
-        assert_eq!(now, lim.rlim_cur as u64);
+        #[allow(clippy::unnecessary_cast)]
+        let cur = lim.rlim_cur as u64;
+        assert_eq!(now, cur);
     }
 }

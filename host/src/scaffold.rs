@@ -11,9 +11,10 @@
 //! Both come with a README telling the author what to change and a `.gitignore`.
 //! NAME may be a path (`roost new plugins/my-bot`); its last component, lowercased,
 //! is the persona's name: 2-30 characters, lowercase ASCII letters, digits, `-` and
-//! `_`, starting with a letter, not a Rust keyword ([`check_name`]). An existing file
-//! or folder is never touched. The project is written under a temporary name beside
-//! its final place and renamed into place, so a failure leaves nothing behind.
+//! `_`, starting with a letter, not a Rust keyword
+//! ([`check_name`](crate::build::check_name)). An existing file or folder is never
+//! touched. The project is written under a temporary name beside its final place and
+//! renamed into place, so a failure leaves nothing behind.
 //!
 //! ```no_run
 //! use roost::scaffold::{Lang, NewOptions, new_persona};
@@ -28,8 +29,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::build::{COMPONENTIZE_PY_VERSION, PythonRunner, WORLD, write_wit};
-use crate::plugin::manifest::{NAME_MAX, NAME_MIN};
+use crate::build::{COMPONENTIZE_PY_VERSION, PythonRunner, WORLD, check_name, write_wit};
 
 /// The wit-bindgen version the Rust template depends on (the one `roost-guest` uses).
 pub const WIT_BINDGEN_VERSION: &str = "0.61";
@@ -82,13 +82,17 @@ impl Scaffold {
         for note in &self.notes {
             out.push_str(&format!("note: {note}\n"));
         }
-        let wasm = self
-            .dir
-            .parent()
-            .map(|p| p.join(format!("{}.wasm", self.name)))
-            .unwrap_or_else(|| PathBuf::from(format!("{}.wasm", self.name)));
+        let parent = self.dir.parent().filter(|p| !p.as_os_str().is_empty());
+        let wasm = format!("{}.wasm", self.name);
+        let wasm = parent.map_or_else(|| PathBuf::from(&wasm), |p| p.join(&wasm));
+        let parent = parent.unwrap_or(Path::new("."));
         out.push_str(&format!(
-            "next:\n  roost build {dir}\n  roost check {}\nthen edit {dir}/{edit} (see {dir}/README.md)\n",
+            "try it:\n  roost dev --plugins {}\n    builds it, runs it in a local chat room with you (say `@{} hi`),\n    and rebuilds it whenever you save a file\n",
+            parent.display(),
+            self.name
+        ));
+        out.push_str(&format!(
+            "or build and check it:\n  roost build {dir}\n  roost check {}\nthen edit {dir}/{edit} (see {dir}/README.md)\n",
             wasm.display()
         ));
         out
@@ -111,114 +115,9 @@ pub enum ScaffoldError {
     },
 }
 
-/// Why a name is not a valid persona name. One line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid persona name {name:?}: {reason}")]
-pub struct NameError {
-    pub name: String,
-    pub reason: String,
-}
-
-/// Words that cannot name a crate: Rust keywords (as the library name, `-` as `_`) and
-/// the names of the built-in crates.
-const RESERVED: &[&str] = &[
-    "abstract",
-    "alloc",
-    "as",
-    "async",
-    "await",
-    "become",
-    "box",
-    "break",
-    "const",
-    "continue",
-    "core",
-    "crate",
-    "do",
-    "dyn",
-    "else",
-    "enum",
-    "extern",
-    "false",
-    "final",
-    "fn",
-    "for",
-    "gen",
-    "if",
-    "impl",
-    "in",
-    "let",
-    "loop",
-    "macro",
-    "match",
-    "mod",
-    "move",
-    "mut",
-    "override",
-    "priv",
-    "proc_macro",
-    "pub",
-    "ref",
-    "return",
-    "self",
-    "static",
-    "std",
-    "struct",
-    "super",
-    "test",
-    "trait",
-    "true",
-    "try",
-    "type",
-    "typeof",
-    "unsafe",
-    "unsized",
-    "use",
-    "virtual",
-    "where",
-    "while",
-    "yield",
-];
-
 /// The persona name for what the user typed: trimmed and lowercased.
 pub fn normalise_name(raw: &str) -> String {
     raw.trim().to_ascii_lowercase()
-}
-
-/// Checks a (normalised) persona name: 2-30 characters, lowercase ASCII letters,
-/// digits, `-` and `_`, starting with a letter, and a valid crate name (not a Rust
-/// keyword or a built-in crate). The same rule applies to `persona.toml`'s `name`.
-pub fn check_name(name: &str) -> Result<(), NameError> {
-    let fail = |reason: String| {
-        Err(NameError {
-            name: name.to_owned(),
-            reason,
-        })
-    };
-    let n = name.chars().count();
-    if !(NAME_MIN..=NAME_MAX).contains(&n) {
-        return fail(format!(
-            "a name is {NAME_MIN}-{NAME_MAX} characters (this one has {n})"
-        ));
-    }
-    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return fail("a name starts with a letter (a-z)".into());
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
-    {
-        return fail(format!(
-            "{bad:?} is not allowed: use lowercase letters, digits, `-` and `_`"
-        ));
-    }
-    let lib = name.replace('-', "_");
-    if RESERVED.contains(&lib.as_str()) {
-        return fail(format!(
-            "`{name}` is a Rust keyword or a built-in crate's name"
-        ));
-    }
-    Ok(())
 }
 
 /// Creates the project with the default componentize-py (for Python type hints).
@@ -522,6 +421,16 @@ mod tests {
             "{}",
             made.next_steps()
         );
+        let steps = made.next_steps();
+        let try_it = format!("roost dev --plugins {}\n", tmp.path().display());
+        assert!(steps.contains(&try_it), "{steps}");
+        assert!(steps.contains("`@my-bot hi`"), "{steps}");
+        let here = Scaffold {
+            dir: PathBuf::from("mybot"),
+            ..made
+        };
+        assert!(here.next_steps().contains("roost dev --plugins .\n"));
+        assert!(here.next_steps().contains("roost check my-bot.wasm\n"));
         // Nothing else left beside it.
         let names: Vec<_> = std::fs::read_dir(tmp.path())
             .unwrap()

@@ -4,6 +4,7 @@
 //! [`BotProbe`]s (the session's status and the bot's counters), so nothing on the
 //! message path waits for the metrics server. `/healthz` answers 200 while every bot
 //! is connected or inside its reconnect backoff, otherwise 503 with a JSON reason.
+//! The same address serves the status page and its JSON ([`crate::status`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -89,6 +90,14 @@ impl Probes {
     /// Reports the host's hot-reload and compile-cache counters too.
     pub fn set_reload_stats(&self, stats: Arc<ReloadStats>) {
         *self.reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+    }
+
+    /// The host's hot-reload counters and events, once it serves reloads.
+    pub fn reloads(&self) -> Option<Arc<ReloadStats>> {
+        self.reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn reload_stats(&self) -> Option<ReloadStatsSnapshot> {
@@ -219,7 +228,7 @@ impl Collector for BotCollector {
         family(
             &mut enc,
             "roost_bot_messages_out",
-            "Messages the bot sent and saw confirmed",
+            "Send frames the bot wrote to its connection (re-sends included)",
             MetricType::Counter,
             &bots,
             |b, e| counter(e, b.status.messages_out),
@@ -247,19 +256,6 @@ impl Collector for BotCollector {
             MetricType::Counter,
             &bots,
             |b, e| counter(e, b.status.inbound_dropped),
-        )?;
-        family(
-            &mut enc,
-            "roost_bot_blocked",
-            "Replies blocked by the secret scanner or a leak phrase",
-            MetricType::Counter,
-            &bots,
-            |b, e| {
-                counter(
-                    e,
-                    b.counters.policy.blocked + b.counters.policy.leak_blocked,
-                )
-            },
         )?;
         family(
             &mut enc,
@@ -297,6 +293,19 @@ impl Collector for BotCollector {
                     count,
                     &buckets,
                     None,
+                )
+            },
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_blocked",
+            "Replies blocked by the secret scanner or a leak phrase",
+            MetricType::Counter,
+            &bots,
+            |b, e| {
+                counter(
+                    e,
+                    b.counters.policy.blocked + b.counters.policy.leak_blocked,
                 )
             },
         )?;
@@ -540,7 +549,8 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves `/metrics` and `/healthz` until `shutdown` resolves.
+/// Binds `addr` and serves `/metrics`, `/healthz` and the status page and API
+/// ([`crate::status`]: `/`, `/api/status`) until `shutdown` resolves.
 /// Returns the bound address (useful with port 0) once listening.
 pub async fn serve(
     addr: SocketAddr,
@@ -551,6 +561,7 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
+    let status = crate::status::router(probes.clone());
     let state = AppState {
         registry: Arc::new(registry(&probes)),
         probes,
@@ -558,7 +569,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(state);
+        .with_state(state)
+        .merge(status);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)

@@ -1,70 +1,40 @@
-//! The policy layer against the labelled filter samples, the real recorded traffic,
-//! generated obfuscations, floods and bot-to-bot loops. Time is simulated with a
-//! `ManualClock`; nothing here sleeps or touches the network.
+//! The policy layer against labelled filter samples and chat logs (the fixtures, and
+//! the recorded corpus when `ROOST_CORPUS` names it), generated obfuscations, floods
+//! and bot-to-bot loops. Time is simulated with a `ManualClock`; nothing here sleeps or
+//! touches the network.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roost::policy::clock::ManualClock;
 use roost::policy::injection::detect;
 use roost::policy::secrets::{SecretScanner, SecretsConfig};
-use roost::policy::{
-    BotIdentity, DropReason, InboundMsg, OutboundVerdict, Policy, PolicyConfig,
-};
+use roost::policy::{BotIdentity, DropReason, InboundMsg, OutboundVerdict, Policy, PolicyConfig};
+
+use crate::fixtures::{chat, corpus, jsonl, over_data, rooms};
 
 // ---------------------------------------------------------------------------------------
-// corpus helpers
+// data helpers
 
-fn corpus_dir() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus"));
+/// Every chat line under `dir`: the fixtures' three rooms, or the corpus' six.
+fn chat_lines(dir: &Path) -> Vec<(String, serde_json::Value)> {
+    let lines = chat(dir);
     assert!(
-        dir.join("filters").is_dir() && dir.join("nohumans").is_dir(),
-        "test corpus missing: expected {} with filters/ and nohumans/",
-        dir.display()
+        lines.len() >= 90,
+        "unexpectedly few chat lines: {}",
+        lines.len()
     );
-    dir
+    lines
 }
 
-fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("bad JSON in {}: {e}: {l}", path.display()))
-        })
-        .collect()
-}
-
-/// Every line of every nohumans/*.jsonl: (file, record).
-fn real_corpus() -> Vec<(String, serde_json::Value)> {
-    let dir = corpus_dir().join("nohumans");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("read corpus dir")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    assert!(
-        files.len() >= 6,
-        "expected the six recorded rooms in {}",
-        dir.display()
-    );
-    let mut out = Vec::new();
-    for f in files {
-        let name = f.file_name().unwrap().to_string_lossy().into_owned();
-        for rec in jsonl(&f) {
-            out.push((name.clone(), rec));
-        }
-    }
-    assert!(
-        out.len() >= 590,
-        "corpus unexpectedly small: {} lines",
-        out.len()
-    );
-    out
+#[test]
+#[ignore = "reads the recorded corpus: set ROOST_CORPUS to its folder"]
+fn recorded_corpus_is_all_there() {
+    let dir = corpus();
+    assert!(rooms(&dir).len() >= 6, "expected the six recorded rooms");
+    let n = chat(&dir).len();
+    assert!(n >= 590, "corpus unexpectedly small: {n} lines");
 }
 
 fn text_of(rec: &serde_json::Value) -> &str {
@@ -242,10 +212,12 @@ fn bidi_wrapped(s: &str) -> String {
 // ---------------------------------------------------------------------------------------
 // secrets
 
-#[test]
-fn every_secret_sample_blocked_and_no_look_alike() {
-    let path = corpus_dir().join("filters/secrets.jsonl");
-    let records = jsonl(&path);
+over_data!(every_secret_sample_blocked_and_no_look_alike:
+    secret_samples_blocked_and_no_look_alike,
+    recorded_corpus_secret_samples_blocked_and_no_look_alike);
+
+fn every_secret_sample_blocked_and_no_look_alike(dir: &Path) {
+    let records = jsonl(&dir.join("filters/secrets.jsonl"));
     assert!(records.len() >= 20);
     let time = ManualClock::new();
     let mut p = policy_on(&time, "tester-1a2b", "tester");
@@ -311,10 +283,13 @@ fn generated_keys_of_other_providers_blocked_with_obfuscations() {
     assert!(failures.is_empty(), "not caught:\n{}", failures.join("\n"));
 }
 
-#[test]
-fn sample_keys_blocked_with_obfuscations() {
+over_data!(sample_keys_blocked_with_obfuscations:
+    sample_keys_blocked_however_obfuscated,
+    recorded_corpus_sample_keys_blocked_however_obfuscated);
+
+fn sample_keys_blocked_with_obfuscations(dir: &Path) {
     let s = scanner();
-    let records = jsonl(&corpus_dir().join("filters/secrets.jsonl"));
+    let records = jsonl(&dir.join("filters/secrets.jsonl"));
     for rec in records.iter().filter(|r| r["secret"] == true) {
         let text = text_of(rec);
         for variant in [
@@ -549,9 +524,12 @@ const MY_INNOCENTS: &[&str] = &[
     "developer mode on my phone is enabled lol",
 ];
 
-#[test]
-fn injection_samples_and_innocents() {
-    let records = jsonl(&corpus_dir().join("filters/injections.jsonl"));
+over_data!(injection_samples_and_innocents:
+    injection_samples_flagged_and_innocents_not,
+    recorded_corpus_injection_samples_flagged_and_innocents_not);
+
+fn injection_samples_and_innocents(dir: &Path) {
+    let records = jsonl(&dir.join("filters/injections.jsonl"));
     for rec in &records {
         let text = text_of(rec);
         let want = rec["injection"].as_bool().expect("injection label");
@@ -591,9 +569,12 @@ fn innocent_look_alikes_are_not_flagged() {
     );
 }
 
-#[test]
-fn injection_obfuscations_are_flagged() {
-    let records = jsonl(&corpus_dir().join("filters/injections.jsonl"));
+over_data!(injection_obfuscations_are_flagged:
+    obfuscated_injection_samples_are_flagged,
+    recorded_corpus_obfuscated_injection_samples_are_flagged);
+
+fn injection_obfuscations_are_flagged(dir: &Path) {
+    let records = jsonl(&dir.join("filters/injections.jsonl"));
     for rec in records.iter().filter(|r| r["injection"] == true) {
         let text = text_of(rec);
         for variant in [
@@ -611,11 +592,14 @@ fn injection_obfuscations_are_flagged() {
 }
 
 // ---------------------------------------------------------------------------------------
-// the real corpus
+// chat logs
 
-#[test]
-fn real_corpus_no_secret_blocks_and_at_most_one_percent_flags() {
-    let corpus = real_corpus();
+over_data!(no_secret_blocks_and_at_most_one_percent_flags:
+    chat_has_no_secret_blocks_and_at_most_one_percent_flags,
+    recorded_corpus_has_no_secret_blocks_and_at_most_one_percent_flags);
+
+fn no_secret_blocks_and_at_most_one_percent_flags(dir: &Path) {
+    let corpus = chat_lines(dir);
     let s = scanner();
     let blocks: Vec<String> = corpus
         .iter()
@@ -639,7 +623,8 @@ fn real_corpus_no_secret_blocks_and_at_most_one_percent_flags() {
         })
         .collect();
     println!(
-        "injection flags on the real corpus: {} of {} lines ({:.2}%)",
+        "injection flags on {}: {} of {} lines ({:.2}%)",
+        dir.display(),
         flagged.len(),
         corpus.len(),
         flagged.len() as f64 * 100.0 / corpus.len() as f64
@@ -654,10 +639,13 @@ fn real_corpus_no_secret_blocks_and_at_most_one_percent_flags() {
     );
 }
 
-#[test]
-fn real_corpus_through_inbound_policy() {
+over_data!(through_inbound_policy:
+    chat_through_inbound_policy,
+    recorded_corpus_through_inbound_policy);
+
+fn through_inbound_policy(dir: &Path) {
     // Replay every room as the recording client would have seen it.
-    let corpus = real_corpus();
+    let corpus = chat_lines(dir);
     let time = ManualClock::new();
     let mut by_room: HashMap<String, Policy> = HashMap::new();
     for (_, rec) in &corpus {
@@ -683,10 +671,13 @@ fn real_corpus_through_inbound_policy() {
     assert_eq!(total as usize, corpus.len());
 }
 
-#[test]
-fn recorded_responses_lose_their_own_name_prefix() {
+over_data!(responses_lose_their_own_name_prefix:
+    responses_lose_their_own_name_prefix_in_chat,
+    recorded_corpus_responses_lose_their_own_name_prefix);
+
+fn responses_lose_their_own_name_prefix(dir: &Path) {
     // Responses the recording client sent, as if our bot wanted to send them.
-    let corpus = real_corpus();
+    let corpus = chat_lines(dir);
     let time = ManualClock::new();
     let mut checked = 0;
     for (_, rec) in corpus.iter().filter(|(_, r)| r["type"] == "response") {
@@ -707,9 +698,12 @@ fn recorded_responses_lose_their_own_name_prefix() {
     assert!(checked > 10);
 }
 
-#[test]
-fn scanner_and_detector_throughput() {
-    let corpus = real_corpus();
+over_data!(scanner_and_detector_throughput:
+    scanner_and_detector_throughput_on_chat,
+    recorded_corpus_scanner_and_detector_throughput);
+
+fn scanner_and_detector_throughput(dir: &Path) {
+    let corpus = chat_lines(dir);
     let texts: Vec<&str> = corpus.iter().map(|(_, r)| text_of(r)).collect();
     let bytes: usize = texts.iter().map(|t| t.len()).sum();
     let s = scanner();
@@ -789,7 +783,10 @@ fn flood_of_1000_messages_never_exceeds_limits() {
             // Paced: it goes at its reserved slot, `delay` from now.
             OutboundVerdict::Send(out) => {
                 sent_all.push(time.now() + out.delay);
-                sent_room.entry(room).or_default().push(time.now() + out.delay);
+                sent_room
+                    .entry(room)
+                    .or_default()
+                    .push(time.now() + out.delay);
             }
             OutboundVerdict::Drop(reason) => *reasons.entry(reason.as_str()).or_default() += 1,
         }

@@ -1,30 +1,19 @@
-//! `roost replay`: recorded chat through the real pipeline, offline.
+//! `roost replay`: recorded chat through the real pipeline, offline (the fixtures, and
+//! the recorded corpus when `ROOST_CORPUS` names it).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::fixtures::{fixtures, over_data, room, rooms};
 use crate::guests::example;
 
-fn corpus(room: &str) -> PathBuf {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/corpus/nohumans"
-    ))
-    .join(format!("{room}.jsonl"));
-    assert!(
-        p.is_file(),
-        "the shared corpus is missing: {} (CI lays shared/ beside the repo)",
-        p.display()
-    );
-    p
-}
-
-/// lobby.jsonl with every 4th message from another agent turned into a mention of
-/// `echo` (some with an `echo:` prefix the reply must not repeat), plus lines from
-/// `echo` itself that mention it (its own messages must never be answered).
-fn derived_lobby(dir: &std::path::Path) -> (PathBuf, usize) {
-    let text = std::fs::read_to_string(corpus("lobby")).expect("read corpus");
+/// `data`'s lobby.jsonl with every 4th message from another agent turned into a mention
+/// of `echo` (some with an `echo:` prefix the reply must not repeat), plus lines from
+/// `echo` itself that mention it (its own messages must never be answered), written
+/// to `dir`.
+fn derived_lobby(data: &Path, dir: &Path) -> (PathBuf, usize) {
+    let text = std::fs::read_to_string(room(data, "lobby")).expect("read chat log");
     let mut out = String::new();
     let mut mentions = 0;
     let mut n = 0;
@@ -66,10 +55,13 @@ fn roost(args: &[&str]) -> std::process::Output {
         .expect("run roost")
 }
 
-#[test]
-fn replaying_lobby_through_echo_gives_no_duplicates_and_no_own_name_prefixes() {
+over_data!(lobby_through_echo:
+    replaying_lobby_through_echo_gives_no_duplicates_and_no_own_name_prefixes,
+    recorded_corpus_lobby_through_echo_gives_no_duplicates_and_no_own_name_prefixes);
+
+fn lobby_through_echo(data: &Path) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (log, mentions) = derived_lobby(dir.path());
+    let (log, mentions) = derived_lobby(data, dir.path());
     let echo = example("echo");
     let out = roost(&[
         "replay",
@@ -132,7 +124,7 @@ fn replay_prints_a_transcript_and_a_summary() {
         "replay",
         "--plugin",
         echo.to_str().unwrap(),
-        corpus("lobby").to_str().unwrap(),
+        room(&fixtures(), "lobby").to_str().unwrap(),
     ]);
     assert!(
         out.status.success(),
@@ -153,40 +145,48 @@ fn replay_prints_a_transcript_and_a_summary() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_whole_real_corpus_replays_through_greeter_without_errors() {
+over_data!(every_room_through_greeter:
+    every_room_replays_through_greeter_without_errors,
+    recorded_corpus_replays_through_greeter_without_errors);
+
+fn every_room_through_greeter(data: &Path) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(greet_every_room(data));
+}
+
+async fn greet_every_room(data: &Path) {
     let rt = roost::plugin::Runtime::new(Default::default()).expect("runtime");
-    for room in [
-        "agent-creativity",
-        "builders",
-        "debug",
-        "lobby",
-        "philosophy",
-        "shitpost",
-    ] {
+    let mut greetings = 0;
+    for name in rooms(data) {
         let report = roost::bot::replay::replay(
             &rt,
             &example("greeter"),
-            &corpus(room),
+            &room(data, &name),
             &Default::default(),
         )
         .await
         .expect("replay");
-        assert_eq!(report.plugin_errors, 0, "{room}: {:?}", report.errors);
-        assert_eq!(report.blocked, 0, "{room}");
+        assert_eq!(report.plugin_errors, 0, "{name}: {:?}", report.errors);
+        assert_eq!(report.blocked, 0, "{name}");
         assert!(
             report.malformed_lines.is_empty(),
-            "{room}: {:?}",
+            "{name}: {:?}",
             report.malformed_lines
         );
         // Greeter greets each joining agent at most once.
+        greetings += report.reply_list.len();
         let mut greeted = std::collections::HashSet::new();
         for r in &report.reply_list {
             assert!(
                 greeted.insert(r.text.clone()),
-                "{room}: greeted twice: {}",
+                "{name}: greeted twice: {}",
                 r.text
             );
         }
     }
+    assert!(greetings > 0, "agents joined, and nobody was greeted");
 }

@@ -20,7 +20,7 @@
 //! Exits 1 if anything was lost or duplicated, 2 on a setup failure.
 //!
 //! ```text
-//! cargo run -p roost --bin soak -- --drops 100
+//! cargo run --release -p roost --example soak -- --drops 100
 //! ```
 
 use std::collections::HashMap;
