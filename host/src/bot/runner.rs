@@ -184,7 +184,15 @@ impl Bot {
             ctx,
             host.config.limits_for(&label),
         );
-        let mut m = sandbox.describe().await?;
+        // A start-up `describe` can lose its CPU budget to a machine busy starting
+        // thousands of bots at once: one more try before the bot is given up.
+        let mut m = match sandbox.describe().await {
+            Ok(m) => m,
+            Err(first) => {
+                tracing::warn!(bot = %label, "{first}; trying once more");
+                sandbox.describe().await?
+            }
+        };
         if let Some(n) = &cfg.name {
             m.name = n.clone();
         }
