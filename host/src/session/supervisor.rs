@@ -487,11 +487,7 @@ impl Supervisor {
                 false
             }
             Some(Command::Enqueued(entry)) => {
-                self.outbox.add(entry);
-                self.shared
-                    .outbox_committing
-                    .fetch_sub(1, Ordering::Relaxed);
-                self.update_depth();
+                self.enqueued(entry);
                 true
             }
             Some(Command::Join(room)) => {
@@ -527,6 +523,18 @@ impl Supervisor {
             );
         }
         self.update_depth();
+    }
+
+    /// A reply whose row is committed: into the outbox. What it answers is behind us,
+    /// so the recovery position is saved with it: a host killed right after sending
+    /// does not answer the same mention again after its restart.
+    fn enqueued(&mut self, entry: crate::store::OutboxEntry) {
+        self.outbox.add(entry);
+        self.shared
+            .outbox_committing
+            .fetch_sub(1, Ordering::Relaxed);
+        self.update_depth();
+        self.save_positions();
     }
 
     /// Saves the recovery position of every room that moved (in the next group commit).
@@ -934,17 +942,7 @@ impl Supervisor {
                     self.stopping = Some(Instant::now() + self.cfg.shutdown_flush);
                 }
             }
-            Some(Command::Enqueued(entry)) => {
-                self.outbox.add(entry);
-                self.shared
-                    .outbox_committing
-                    .fetch_sub(1, Ordering::Relaxed);
-                self.update_depth();
-                // What the reply answers is behind us: save the position with it, so a
-                // host killed right after sending does not answer the same mention again
-                // after its restart.
-                self.save_positions();
-            }
+            Some(Command::Enqueued(entry)) => self.enqueued(entry),
             Some(Command::Join(room)) => {
                 self.add_room(room.clone());
                 if c.joined.insert(room.clone()) {
