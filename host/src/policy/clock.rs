@@ -8,9 +8,6 @@
 //! - [`ManualClock`]: time moves only when told, for `roost replay` (advance to each
 //!   log line's timestamp) and deterministic tests.
 //!
-//! `Clock` implements [`governor::clock::Clock`], so governor's rate limiters run on the
-//! same time as everything else in the policy.
-//!
 //! ```
 //! use std::time::Duration;
 //! use roost::policy::clock::ManualClock;
@@ -64,14 +61,6 @@ impl Clock {
 impl Default for Clock {
     fn default() -> Self {
         Clock::real()
-    }
-}
-
-impl governor::clock::Clock for Clock {
-    type Instant = Duration;
-
-    fn now(&self) -> Duration {
-        Clock::now(self)
     }
 }
 

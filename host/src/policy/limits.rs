@@ -137,7 +137,8 @@ pub struct RateLimited {
 
 /// One GCRA gate (the generic cell rate algorithm, as in governor): cells are spaced
 /// `interval` apart on average, `tolerance` lets `burst` of them go back to back.
-/// Written here rather than taken from governor because pacing needs *reservations*:
+/// Written here rather than taken from the governor crate because pacing needs
+/// *reservations*:
 /// the earliest time a future cell conforms, committed ahead of time.
 #[derive(Clone, Copy, Debug)]
 struct Gcra {

@@ -142,9 +142,6 @@ impl fmt::Display for Disconnect {
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     pub backoff: Backoff,
-    /// A connection that stayed up this long is healthy: a key rejected after it is
-    /// re-registered at once again (the escalation itself resets on any active one).
-    pub healthy_after: Duration,
     /// The least delay after [`Next::SlowDown`].
     pub rate_limit_backoff: Duration,
 }
@@ -210,7 +207,6 @@ mod tests {
     fn policy() -> RetryPolicy {
         RetryPolicy {
             backoff: Backoff::default(),
-            healthy_after: Duration::from_secs(30),
             rate_limit_backoff: Duration::from_secs(5),
         }
     }

@@ -333,7 +333,6 @@ impl Supervisor {
     fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             backoff: self.cfg.backoff,
-            healthy_after: self.cfg.healthy_after,
             rate_limit_backoff: self.cfg.rate_limit_backoff,
         }
     }
@@ -811,11 +810,9 @@ impl Supervisor {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         loop {
-            if let Some(end) = self.shutdown_due(&c) {
-                if matches!(end, ConnEnd::Shutdown) {
-                    close_gracefully(c.out_tx.clone(), writer).await;
-                }
-                return end;
+            if self.shutdown_due(&c) {
+                close_gracefully(c.out_tx.clone(), writer).await;
+                return ConnEnd::Shutdown;
             }
             // Housekeeping only while there is something to keep: thousands of idle
             // bots must not wake four times a second each.
@@ -916,13 +913,15 @@ impl Supervisor {
         Ok(c)
     }
 
-    /// While shutting down: the end of this connection once the outbox has drained
-    /// (or the flush deadline passed).
-    fn shutdown_due(&self, c: &Conn) -> Option<ConnEnd> {
-        let deadline = self.stopping?;
+    /// While shutting down: whether this connection ends now, the outbox drained (or
+    /// the flush deadline passed).
+    fn shutdown_due(&self, c: &Conn) -> bool {
+        let Some(deadline) = self.stopping else {
+            return false;
+        };
         let left = self.outbox.depth_in(&c.joined);
         if left > 0 && Instant::now() < deadline {
-            return None;
+            return false;
         }
         if left > 0 {
             tracing::info!(
@@ -931,7 +930,7 @@ impl Supervisor {
                 "shutdown: outbox not drained in time; entries kept for the next start"
             );
         }
-        Some(ConnEnd::Shutdown)
+        true
     }
 
     /// A command from the handle (or the group commit).
