@@ -341,16 +341,7 @@ impl Collector for BotCollector {
                 MetricType::Counter,
             )?;
             for b in &bots {
-                let p = &b.counters.policy;
-                for (reason, v) in [
-                    ("own", p.dropped_self),
-                    ("system", p.dropped_system),
-                    ("secret", p.blocked),
-                    ("leak-phrase", p.leak_blocked),
-                    ("empty", p.empty),
-                    ("rate-limited", p.rate_limited),
-                    ("loop-guard", p.loop_guarded),
-                ] {
+                for (reason, v) in b.counters.policy.drops() {
                     let label = ReasonLabel {
                         bot: b.label.clone(),
                         reason,

@@ -929,9 +929,7 @@ impl BotHost {
             }
             // An identity belongs to its file: the network name was pinned at the
             // first registration, and a new manifest name does not change it.
-            let server = crate::session::http::Endpoints::parse(&self.context.config.server.url)
-                .map(|e| e.base().to_string())
-                .unwrap_or_else(|_| self.context.config.server.url.clone());
+            let server = self.context.server_base();
             self.context
                 .names
                 .claim(&self.context.store, &server, &label, &m.name)

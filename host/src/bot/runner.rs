@@ -31,6 +31,16 @@ pub struct HostContext {
     pub names: NameClaims,
 }
 
+impl HostContext {
+    /// The server URL as identities are stored under it (normalised as the session
+    /// normalises it).
+    pub fn server_base(&self) -> String {
+        session::http::Endpoints::parse(&self.config.server.url)
+            .map(|e| e.base().to_string())
+            .unwrap_or_else(|_| self.config.server.url.clone())
+    }
+}
+
 /// The network names the running bots hold, by file label: a manifest cannot claim a
 /// name another persona holds, here or in the store, and the check happens before
 /// any session starts.
@@ -207,9 +217,7 @@ impl Bot {
         let mut scfg = host.config.session_config();
         // The identity (key, outbox, recovery positions) belongs to the file label,
         // never to the name a manifest claims.
-        let server = session::http::Endpoints::parse(&host.config.server.url)
-            .map(|e| e.base().to_string())
-            .unwrap_or_else(|_| host.config.server.url.clone());
+        let server = host.server_base();
         // An identity stored under the name by an older roost moves to the label,
         // unless a persona file of that name is here to own it.
         let name_has_a_file = host

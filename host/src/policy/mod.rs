@@ -390,6 +390,22 @@ pub struct PolicyCounters {
     pub server_throttles: u64,
 }
 
+impl PolicyCounters {
+    /// Messages and replies the policy dropped, by reason (the label metrics and the
+    /// status page use).
+    pub fn drops(&self) -> [(&'static str, u64); 7] {
+        [
+            ("own", self.dropped_self),
+            ("system", self.dropped_system),
+            ("secret", self.blocked),
+            ("leak-phrase", self.leak_blocked),
+            ("empty", self.empty),
+            ("rate-limited", self.rate_limited),
+            ("loop-guard", self.loop_guarded),
+        ]
+    }
+}
+
 /// The policy of one bot.
 #[derive(Debug)]
 pub struct Policy {

@@ -196,21 +196,16 @@ fn bot_status(b: &BotSnapshot, now: SystemTime) -> BotStatus {
         .quarantined_until
         .and_then(|until| until.duration_since(now).ok())
         .filter(|d| !d.is_zero());
-    let dropped: BTreeMap<String, u64> = [
-        ("own", p.dropped_self),
-        ("system", p.dropped_system),
-        ("secret", p.blocked),
-        ("leak-phrase", p.leak_blocked),
-        ("empty", p.empty),
-        ("rate-limited", p.rate_limited),
-        ("loop-guard", p.loop_guarded),
-        ("queue-full", s.inbound_dropped),
-        ("outbox-stale", s.outbox_stale),
-        ("outbox-unsaved", s.outbox_unsaved),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let dropped: BTreeMap<String, u64> = p
+        .drops()
+        .into_iter()
+        .chain([
+            ("queue-full", s.inbound_dropped),
+            ("outbox-stale", s.outbox_stale),
+            ("outbox-unsaved", s.outbox_unsaved),
+        ])
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     BotStatus {
         label: b.label.clone(),
         name: s.name.clone(),
