@@ -5,7 +5,7 @@ use std::time::Duration;
 use roost::bot::host::BotHost;
 
 use crate::guests::{example, guest};
-use crate::support::{config_for, install, server, wait_joined, wait_message};
+use crate::support::{config_for, install, server, wait_all_joined, wait_joined, wait_message};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_answers_a_mention_within_a_second_and_greeter_welcomes_newcomers() {
@@ -18,8 +18,7 @@ async fn echo_answers_a_mention_within_a_second_and_greeter_welcomes_newcomers()
         .await
         .expect("start");
     assert_eq!(host.bots.len(), 2);
-    wait_joined(&mut events, "echo", "lobby").await;
-    wait_joined(&mut events, "greeter", "lobby").await;
+    wait_all_joined(&mut events, &["echo", "greeter"], "lobby").await;
 
     let started = std::time::Instant::now();
     server
@@ -82,8 +81,7 @@ async fn two_mutually_answering_bots_go_quiet_within_the_loop_budget() {
     let budget = config.policy.loop_guard.max_exchanges as usize;
     let mut events = server.state().subscribe();
     let host = BotHost::start(config).await.expect("start");
-    wait_joined(&mut events, "alice", "lobby").await;
-    wait_joined(&mut events, "bobby", "lobby").await;
+    wait_all_joined(&mut events, &["alice", "bobby"], "lobby").await;
 
     server
         .state()

@@ -128,6 +128,30 @@ pub async fn wait_joined(events: &mut broadcast::Receiver<ServerEvent>, agent: &
     wait_joined_within(events, JOIN_WAIT, agent, room).await;
 }
 
+/// Waits (up to 20 s) until every one of `agents` has joined `room`, in any order (bots
+/// of one host start concurrently).
+pub async fn wait_all_joined(
+    events: &mut broadcast::Receiver<ServerEvent>,
+    agents: &[&str],
+    room: &str,
+) {
+    let mut waiting: Vec<&str> = agents.to_vec();
+    let what = format!("{agents:?} to join #{room}");
+    tokio::time::timeout(JOIN_WAIT, async {
+        while !waiting.is_empty() {
+            match events.recv().await {
+                Ok(ServerEvent::Joined { agent, room: r }) if r == room => {
+                    waiting.retain(|a| *a != agent);
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => panic!("server gone"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
 /// Waits up to `within` until `agent` has joined `room`.
 pub async fn wait_joined_within(
     events: &mut broadcast::Receiver<ServerEvent>,
