@@ -55,7 +55,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Instant;
 
-use crate::plugin::manifest::{NAME_MAX, NAME_MIN};
+use crate::names::{BOT_NAME_MAX as NAME_MAX, BOT_NAME_MIN as NAME_MIN};
 
 /// The target every persona is built for.
 pub const TARGET: &str = "wasm32-wasip2";

@@ -473,13 +473,10 @@ impl Config {
             }
             check_limits(&format!("{key}.limits"), &p.limits.apply(&self.limits))?;
             if let Some(n) = &p.name {
-                crate::session::identity::validate_name(n)
-                    .map_err(|e| format!("{key}.name: {e}"))?;
+                crate::names::BotName::check(n).map_err(|e| format!("{key}.name: {e}"))?;
             }
             for room in p.rooms.iter().flatten() {
-                if !crate::plugin::manifest::valid_room(room) {
-                    return Err(format!("{key}.rooms: {room:?} is not a valid room name"));
-                }
+                crate::names::RoomName::check(room).map_err(|e| format!("{key}.rooms: {e}"))?;
             }
             if p.kv.value_bytes == 0 || p.kv.value_bytes > p.kv.quota_bytes {
                 return Err(format!(

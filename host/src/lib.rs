@@ -13,6 +13,7 @@ pub mod config;
 pub mod dev;
 pub mod devserver;
 pub mod llm;
+pub mod names;
 pub mod os;
 pub mod plugin;
 pub mod policy;

@@ -5,8 +5,9 @@
 
 use std::sync::Arc;
 
+use crate::names::RoomName;
+use crate::plugin::Sandbox;
 use crate::plugin::bindings::{self, Action, Manifest, MessageFlags as WitFlags, Subscriptions};
-use crate::plugin::{Sandbox, manifest};
 use crate::policy::{DropReason, InboundMsg, InboundVerdict, OutboundVerdict, Policy};
 use crate::protocol::ChatMessage;
 
@@ -18,9 +19,9 @@ pub enum Effect {
     /// Post `text` in `room`.
     Say { room: String, text: String },
     /// Join a room.
-    Join(String),
+    Join(RoomName),
     /// Leave a room.
-    Leave(String),
+    Leave(RoomName),
     /// A reply the persona wanted that outbound policy dropped.
     Dropped { room: String, reason: DropReason },
     /// An action the host refused before policy (e.g. an invalid room name).
@@ -132,8 +133,8 @@ impl BotCore {
     fn decide(&mut self, action: Action, inbound: &InboundMsg<'_>) -> Effect {
         match action {
             Action::Say(out) => {
-                if !manifest::valid_room(&out.room) {
-                    return self.refuse(format!("say in invalid room {:?}", out.room));
+                if let Err(e) = RoomName::check(&out.room) {
+                    return self.refuse(format!("say: {e}"));
                 }
                 match self.policy.outbound(&out.room, &out.text, Some(inbound)) {
                     OutboundVerdict::Send(o) => {
@@ -172,11 +173,14 @@ impl BotCore {
                     }
                 }
             }
-            Action::Join(room) if manifest::valid_room(&room) => Effect::Join(room),
-            Action::Leave(room) if manifest::valid_room(&room) => Effect::Leave(room),
-            Action::Join(room) | Action::Leave(room) => {
-                self.refuse(format!("join/leave of invalid room {room:?}"))
-            }
+            Action::Join(room) => match RoomName::new(room) {
+                Ok(room) => Effect::Join(room),
+                Err(e) => self.refuse(format!("join: {e}")),
+            },
+            Action::Leave(room) => match RoomName::new(room) {
+                Ok(room) => Effect::Leave(room),
+                Err(e) => self.refuse(format!("leave: {e}")),
+            },
         }
     }
 

@@ -77,6 +77,7 @@ use notify_debouncer_full::notify::{RecommendedWatcher, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::names::RoomName;
 use crate::plugin::bindings::Manifest;
 use crate::plugin::cache::{CacheOutcome, CompileCache, ContentHash, content_hash};
 use crate::plugin::component::{LoadError, check_header, label_for};
@@ -140,8 +141,14 @@ impl Swap {
             manifest,
             done,
         } = self;
-        let old: BTreeSet<String> = core.manifest.rooms.iter().cloned().collect();
-        let new: BTreeSet<String> = manifest.rooms.iter().cloned().collect();
+        // Manifests are validated before a swap; a room that isn't valid is no room.
+        let rooms = |m: &Manifest| -> BTreeSet<RoomName> {
+            m.rooms
+                .iter()
+                .filter_map(|r| RoomName::new(r.as_str()).ok())
+                .collect()
+        };
+        let (old, new) = (rooms(&core.manifest), rooms(&manifest));
         core.sandbox.replace_component(component);
         core.manifest = manifest;
         let mut effects: Vec<Effect> = old.difference(&new).cloned().map(Effect::Leave).collect();
@@ -896,7 +903,6 @@ impl BotHost {
             m.rooms = r.clone();
         }
         manifest::validate(&m)?;
-        crate::session::identity::validate_name(&m.name).map_err(|e| anyhow::anyhow!(e))?;
         Ok(m)
     }
 

@@ -34,9 +34,7 @@ pub async fn connect_human(
     name: &str,
     room: &str,
 ) -> anyhow::Result<(String, Ws)> {
-    if !crate::plugin::manifest::valid_room(room) {
-        anyhow::bail!("`{room}` is not a valid room name");
-    }
+    crate::names::RoomName::check(room)?;
     let state = server.state();
     let mut reg = None;
     for i in 1..=20 {
@@ -134,10 +132,9 @@ pub fn parse_input(line: &str) -> Input {
     match (words.next().unwrap_or(""), words.next(), words.next()) {
         ("join" | "j", Some(room), None) => {
             let room = room.trim_start_matches('#');
-            if crate::plugin::manifest::valid_room(room) {
-                Input::Join(room.to_string())
-            } else {
-                Input::Invalid(format!("`{room}` is not a valid room name"))
+            match crate::names::RoomName::check(room) {
+                Ok(()) => Input::Join(room.to_string()),
+                Err(e) => Input::Invalid(e.to_string()),
             }
         }
         ("join" | "j", _, _) => Input::Invalid("usage: /join ROOM".into()),

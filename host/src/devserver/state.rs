@@ -57,8 +57,8 @@ pub struct Registration {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegisterError {
-    #[error("invalid name: {0}")]
-    InvalidName(&'static str),
+    #[error("invalid {0}")]
+    InvalidName(crate::names::NameError),
     #[error("name already taken")]
     NameTaken,
     #[error("description longer than {0} characters")]
@@ -69,8 +69,8 @@ pub enum RegisterError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PostError {
-    #[error("invalid room name: {0}")]
-    InvalidRoom(&'static str),
+    #[error("invalid {0}")]
+    InvalidRoom(crate::names::NameError),
     #[error("no such room")]
     NoSuchRoom,
     #[error("join #{0} before sending to it")]
@@ -83,10 +83,7 @@ pub enum PostError {
     NoConnection,
 }
 
-pub(crate) const MAX_NAME_CHARS: usize = 30;
-pub(crate) const MIN_NAME_CHARS: usize = 2;
 pub(crate) const MAX_DESCRIPTION_CHARS: usize = 500;
-pub(crate) const MAX_ROOM_CHARS: usize = 50;
 
 /// What a connection task is asked to put on the wire.
 #[derive(Debug)]
@@ -161,40 +158,14 @@ impl std::fmt::Debug for ServerState {
     }
 }
 
-/// Checks an agent name: 2-30 characters, no control characters, no
-/// leading/trailing whitespace.
-pub(crate) fn validate_agent_name(name: &str) -> Result<(), &'static str> {
-    let n = name.chars().count();
-    if n < MIN_NAME_CHARS {
-        return Err("names are at least 2 characters");
-    }
-    if n > MAX_NAME_CHARS {
-        return Err("names are at most 30 characters");
-    }
-    if name.trim() != name {
-        return Err("names cannot start or end with whitespace");
-    }
-    if name.chars().any(|c| c.is_control()) {
-        return Err("names cannot contain control characters");
-    }
-    Ok(())
+/// Checks an agent name ([`BotName`](crate::names::BotName)'s rule).
+pub(crate) fn validate_agent_name(name: &str) -> Result<(), crate::names::NameError> {
+    crate::names::BotName::check(name)
 }
 
-/// Checks a room name: 1-50 characters of ASCII letters, digits, `-`, `_`, `.`.
-pub(crate) fn validate_room_name(room: &str) -> Result<(), &'static str> {
-    if room.is_empty() {
-        return Err("room names cannot be empty");
-    }
-    if room.len() > MAX_ROOM_CHARS {
-        return Err("room names are at most 50 characters");
-    }
-    if !room
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err("room names use only letters, digits, '-', '_' and '.'");
-    }
-    Ok(())
+/// Checks a room name ([`RoomName`](crate::names::RoomName)'s rule).
+pub(crate) fn validate_room_name(room: &str) -> Result<(), crate::names::NameError> {
+    crate::names::RoomName::check(room)
 }
 
 fn random_hex(bytes: usize) -> String {

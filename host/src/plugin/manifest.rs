@@ -1,50 +1,25 @@
 //! Checks on what a persona's `describe` returns.
 
 use super::bindings::Manifest;
-
-/// Network names are 2-30 characters.
-pub const NAME_MIN: usize = 2;
-pub const NAME_MAX: usize = 30;
-/// Longest room name accepted.
-pub const ROOM_MAX: usize = 64;
+use crate::names::{BotName, NameError, RoomName};
 
 /// Why a manifest is unusable. One line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
-    #[error("manifest name {0:?} must be {NAME_MIN}-{NAME_MAX} characters")]
-    NameLength(String),
-    #[error("manifest name {0:?} contains control characters or only spaces")]
-    NameChars(String),
-    #[error(
-        "manifest room {0:?} is not a valid room name (1-{ROOM_MAX} characters, no spaces, no `#`)"
-    )]
-    Room(String),
+    #[error("manifest {0}")]
+    Name(NameError),
+    #[error("manifest {0}")]
+    Room(NameError),
 }
 
-/// Validates a manifest as `roost check` and bot start-up do.
+/// Validates a manifest as `roost check` and bot start-up do: the name is a
+/// [`BotName`] and every room a [`RoomName`].
 pub fn validate(m: &Manifest) -> Result<(), ManifestError> {
-    let n = m.name.chars().count();
-    if !(NAME_MIN..=NAME_MAX).contains(&n) {
-        return Err(ManifestError::NameLength(m.name.clone()));
-    }
-    if m.name.chars().any(char::is_control) || m.name.trim().is_empty() {
-        return Err(ManifestError::NameChars(m.name.clone()));
-    }
+    BotName::check(&m.name).map_err(ManifestError::Name)?;
     for room in &m.rooms {
-        if !valid_room(room) {
-            return Err(ManifestError::Room(room.clone()));
-        }
+        RoomName::check(room).map_err(ManifestError::Room)?;
     }
     Ok(())
-}
-
-/// A room name: 1-64 characters, no whitespace, control characters, `#` or `/`.
-pub fn valid_room(room: &str) -> bool {
-    let n = room.chars().count();
-    (1..=ROOM_MAX).contains(&n)
-        && !room
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '#' || c == '/' || c == '?')
 }
 
 #[cfg(test)]

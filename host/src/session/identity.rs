@@ -18,10 +18,7 @@ use super::http::{Endpoints, MAX_READ_BYTES, error_chain, excerpt, read_limited}
 use crate::protocol::{ApiKey, RegisterRequest, RegisterResponse};
 use crate::store::{Store, StoreError};
 
-/// Names on the network are 2-30 characters.
-pub const NAME_MIN_CHARS: usize = 2;
-/// Names on the network are 2-30 characters.
-pub const NAME_MAX_CHARS: usize = 30;
+use crate::names::BOT_NAME_MAX as NAME_MAX_CHARS;
 /// `-` and four hex digits.
 const SUFFIX_CHARS: usize = 5;
 
@@ -70,24 +67,6 @@ impl RegisterError {
             RegisterError::RateLimited { .. } | RegisterError::NameTaken { .. }
         )
     }
-}
-
-/// Checks a name against the network's rules (2-30 characters, no control characters,
-/// no leading or trailing space).
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let chars = name.chars().count();
-    if !(NAME_MIN_CHARS..=NAME_MAX_CHARS).contains(&chars) {
-        return Err(format!(
-            "name {name:?} must be {NAME_MIN_CHARS}-{NAME_MAX_CHARS} characters (has {chars})"
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(format!("name {name:?} contains control characters"));
-    }
-    if name.trim() != name {
-        return Err(format!("name {name:?} has leading or trailing whitespace"));
-    }
-    Ok(())
 }
 
 /// `base` with a random `-xxxx` suffix, truncated so the result has at most 30 characters.
@@ -300,19 +279,9 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::BotName;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-
-    #[test]
-    fn names() {
-        assert!(validate_name("ab").is_ok());
-        assert!(validate_name(&"x".repeat(30)).is_ok());
-        assert!(validate_name("a").is_err());
-        assert!(validate_name(&"x".repeat(31)).is_err());
-        assert!(validate_name("a\nb").is_err());
-        assert!(validate_name(" ab").is_err());
-        assert!(validate_name("ünï").is_ok());
-    }
 
     #[test]
     fn suffixes_stay_within_limits() {
@@ -326,7 +295,7 @@ mod tests {
         ] {
             for _ in 0..20 {
                 let n = with_suffix(base, &mut rng);
-                assert!(validate_name(&n).is_ok(), "{n:?}");
+                assert!(BotName::check(&n).is_ok(), "{n:?}");
                 let (stem, suffix) = n.rsplit_once('-').unwrap();
                 assert_eq!(suffix.len(), 4);
                 assert!(suffix.chars().all(|c| c.is_ascii_hexdigit()));

@@ -208,7 +208,8 @@ impl SessionConfig {
     fn validate(&self) -> Result<http::Endpoints, SessionError> {
         let endpoints = http::Endpoints::parse(&self.server)
             .map_err(|e| SessionError::Config(e.to_string()))?;
-        identity::validate_name(&self.name).map_err(SessionError::Config)?;
+        crate::names::BotName::check(&self.name)
+            .map_err(|e| SessionError::Config(e.to_string()))?;
         for room in &self.rooms {
             validate_room(room)?;
         }
@@ -246,10 +247,7 @@ impl SessionConfig {
 }
 
 fn validate_room(room: &str) -> Result<(), SessionError> {
-    if room.is_empty() || room.len() > 100 || room.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(SessionError::InvalidRoom(room.to_string()));
-    }
-    Ok(())
+    crate::names::RoomName::check(room).map_err(SessionError::InvalidRoom)
 }
 
 /// Errors of the session API. None contains the API key.
@@ -258,8 +256,8 @@ fn validate_room(room: &str) -> Result<(), SessionError> {
 pub enum SessionError {
     #[error("invalid session configuration: {0}")]
     Config(String),
-    #[error("invalid room name {0:?}")]
-    InvalidRoom(String),
+    #[error("{0}")]
+    InvalidRoom(crate::names::NameError),
     #[error("not in room {0:?}: join it first")]
     NotJoined(String),
     #[error("empty message")]
