@@ -644,10 +644,14 @@ pub enum ServerFrame {
     },
     /// A chat message, including system lines and the echo of our own sends.
     Message(ChatMessage),
-    /// An error the server reports on the socket (`error` or `message`, optional `code`).
+    /// An error the server reports on the socket (`error` or `message`, optional `code`,
+    /// optional retry hint: `retry_after`/`retryAfter` in seconds or `retry_after_ms`).
     Error {
         message: String,
         code: Option<String>,
+        /// How long the server asks us to wait, in milliseconds (at most an hour;
+        /// a hint that isn't a non-negative number is ignored, not an error).
+        retry_after_ms: Option<u64>,
     },
     /// A frame type this client does not know; `frame_type` is truncated to
     /// [`MAX_UNKNOWN_TYPE_LEN`] bytes. Ignore it and count it.
@@ -682,12 +686,19 @@ impl ServerFrame {
                 Value::Object(m).to_string()
             }
             ServerFrame::Message(msg) => msg.to_frame_json(),
-            ServerFrame::Error { message, code } => {
+            ServerFrame::Error {
+                message,
+                code,
+                retry_after_ms,
+            } => {
                 let mut m = Map::new();
                 m.insert("type".into(), "error".into());
                 m.insert("error".into(), message.as_str().into());
                 if let Some(c) = code {
                     m.insert("code".into(), c.as_str().into());
+                }
+                if let Some(ms) = retry_after_ms {
+                    m.insert("retry_after_ms".into(), (*ms).into());
                 }
                 Value::Object(m).to_string()
             }
@@ -776,7 +787,17 @@ fn decode_server_frame_inner(text: &str) -> Result<(ServerFrame, usize), Protoco
                     });
                 }
             };
-            ServerFrame::Error { message, code }
+            let retry_after_ms = match f.get(&["retry_after_ms", "retryAfterMs"]) {
+                Some((_, v)) => retry_hint_ms(v, 1.0),
+                None => f
+                    .get(&["retry_after", "retryAfter"])
+                    .and_then(|(_, v)| retry_hint_ms(v, 1000.0)),
+            };
+            ServerFrame::Error {
+                message,
+                code,
+                retry_after_ms,
+            }
         }
         other => {
             // Unknown frame: every field but `type` is the frame's business, not "unknown fields".
@@ -789,6 +810,18 @@ fn decode_server_frame_inner(text: &str) -> Result<(ServerFrame, usize), Protoco
         }
     };
     Ok((frame, f.unknown_count()))
+}
+
+/// A retry hint (a number or a numeric string) times `scale`, in whole milliseconds;
+/// `None` unless it is finite, non-negative and at most an hour.
+fn retry_hint_ms(v: &Value, scale: f64) -> Option<u64> {
+    let n = match v {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    let ms = n * scale;
+    (ms.is_finite() && (0.0..=3_600_000.0).contains(&ms)).then(|| ms.round() as u64)
 }
 
 /// A frame from a client to the server.
@@ -1430,10 +1463,12 @@ mod tests {
             ServerFrame::Error {
                 message: "join #x first".into(),
                 code: Some("not_joined".into()),
+                retry_after_ms: None,
             },
             ServerFrame::Error {
                 message: "boom".into(),
                 code: None,
+                retry_after_ms: Some(1500),
             },
             ServerFrame::Unknown {
                 frame_type: "typing".into(),
@@ -1485,16 +1520,38 @@ mod tests {
             decode_server_frame(r#"{"type":"error","message":"slow down","code":429}"#).unwrap(),
             ServerFrame::Error {
                 message: "slow down".into(),
-                code: Some("429".into())
+                code: Some("429".into()),
+                retry_after_ms: None,
             }
         );
         assert_eq!(
             decode_server_frame(r#"{"type":"error"}"#).unwrap(),
             ServerFrame::Error {
                 message: String::new(),
-                code: None
+                code: None,
+                retry_after_ms: None,
             }
         );
+        // retry hints: seconds (number or string), milliseconds; nonsense is ignored
+        for (raw, want) in [
+            (r#"{"type":"error","retry_after":2}"#, Some(2000)),
+            (r#"{"type":"error","retryAfter":"0.25"}"#, Some(250)),
+            (
+                r#"{"type":"error","retry_after_ms":1200,"retry_after":9}"#,
+                Some(1200),
+            ),
+            (r#"{"type":"error","retry_after":-1}"#, None),
+            (r#"{"type":"error","retry_after":"soon"}"#, None),
+            (r#"{"type":"error","retry_after":1e300}"#, None),
+            (r#"{"type":"error","retry_after":[1]}"#, None),
+        ] {
+            match decode_server_frame(raw) {
+                Ok(ServerFrame::Error { retry_after_ms, .. }) => {
+                    assert_eq!(retry_after_ms, want, "{raw}")
+                }
+                other => panic!("{raw}: {other:?}"),
+            }
+        }
         // `from` fallbacks
         let m = decode_server_frame(
             r#"{"type":"message","room":"r","user":"u","text":"t","timestamp":"2026-01-30T17:06:35.039000"}"#,

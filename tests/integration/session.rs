@@ -1170,7 +1170,11 @@ async fn not_joined_and_rate_limit_error_frames_are_acted_on() {
             _ => continue,
         }
     };
-    assert!(retry.is_some(), "the pause is passed on");
+    // The frame's `retry_after` (3 s) is honoured, not just "some" pause.
+    assert!(
+        retry.is_some_and(|r| r >= Duration::from_secs(3)),
+        "the server's pause is passed on: {retry:?}"
+    );
     wait_outbox_empty(&bot.handle).await;
     assert_eq!(
         history_count(&state, "lobby", "obedient", "after a rate limit"),

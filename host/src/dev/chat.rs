@@ -321,7 +321,7 @@ impl Chat<'_> {
                     self.console.print(&style.render(&msg, None));
                 }
             }
-            Ok(ServerFrame::Error { message, code }) => {
+            Ok(ServerFrame::Error { message, code, .. }) => {
                 // A refused send never echoes.
                 self.pending_echoes = self.pending_echoes.saturating_sub(1);
                 let code = code.map(|c| format!(" ({c})")).unwrap_or_default();

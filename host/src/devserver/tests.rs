@@ -1399,7 +1399,12 @@ async fn fault_rate_limit_ws_sends_with_error_frame() {
         (Some("error"), Some(3))
     );
     match decode_server_frame(&text).unwrap() {
-        ServerFrame::Error { code, message } => {
+        ServerFrame::Error {
+            code,
+            message,
+            retry_after_ms,
+        } => {
+            assert_eq!(retry_after_ms, Some(3000));
             assert_eq!(code.as_deref(), Some("rate_limited"));
             assert!(message.contains("retry in 3 s"), "{message}");
         }
@@ -1456,7 +1461,7 @@ async fn fault_forget_joins_answers_not_joined() {
     );
     send(&mut ws, hi.clone()).await;
     match next_frame(&mut ws).await {
-        ServerFrame::Error { code, message } => {
+        ServerFrame::Error { code, message, .. } => {
             assert_eq!(code.as_deref(), Some("not_joined"));
             assert!(message.contains("#lobby"), "{message}");
         }

@@ -95,6 +95,7 @@ fn error_frame(message: impl Into<String>, code: &str) -> Message {
         ServerFrame::Error {
             message: message.into(),
             code: Some(code.to_owned()),
+            retry_after_ms: None,
         }
         .encode(),
     ))

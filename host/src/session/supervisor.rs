@@ -124,8 +124,9 @@ enum Heard {
 
 /// Reads a server error frame: "not joined" and rate-limit errors call for action,
 /// the rest are only logged. Matches the code and, for servers without codes, the
-/// message.
-fn classify_error(code: Option<&str>, message: &str) -> Heard {
+/// message. A frame's own retry hint (`retry_after`) makes it a throttle whatever it
+/// says, and wins over a delay read from the message.
+fn classify_error(code: Option<&str>, message: &str, hint: Option<Duration>) -> Heard {
     let code = code.unwrap_or("").to_ascii_lowercase();
     let message = message.to_ascii_lowercase();
     let says = |words: &[&str]| {
@@ -141,6 +142,8 @@ fn classify_error(code: Option<&str>, message: &str) -> Heard {
         "join first",
     ]) {
         Heard::NotJoined
+    } else if hint.is_some() {
+        Heard::Throttled(hint)
     } else if says(&[
         "rate_limit",
         "rate limit",
@@ -1248,8 +1251,13 @@ impl Supervisor {
                     }
                 }
             }
-            Ok(ServerFrame::Error { message, code }) => {
-                let heard = classify_error(code.as_deref(), &message);
+            Ok(ServerFrame::Error {
+                message,
+                code,
+                retry_after_ms,
+            }) => {
+                let hint = retry_after_ms.map(Duration::from_millis);
+                let heard = classify_error(code.as_deref(), &message, hint);
                 tracing::warn!(
                     bot = self.bot(),
                     code = code.as_deref().unwrap_or(""),
@@ -1447,4 +1455,39 @@ async fn close_gracefully(
 
 fn now_u64() -> u64 {
     u64::try_from(now_ms()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_frames_are_classified_by_code_message_and_retry_hint() {
+        let t = |code, msg, hint| classify_error(code, msg, hint);
+        assert!(matches!(t(Some("not_joined"), "", None), Heard::NotJoined));
+        assert!(matches!(
+            t(None, "Join the room first", None),
+            Heard::NotJoined
+        ));
+        // The message's delay, when the frame has no hint.
+        assert!(matches!(
+            t(Some("rate_limited"), "slow down, retry in 2.5 s", None),
+            Heard::Throttled(Some(d)) if d == Duration::from_millis(2500)
+        ));
+        assert!(matches!(
+            t(None, "too many requests", None),
+            Heard::Throttled(None)
+        ));
+        // The frame's hint wins, and makes any error a throttle.
+        let hint = Some(Duration::from_secs(4));
+        assert!(matches!(
+            t(Some("rate_limited"), "retry in 1 s", hint),
+            Heard::Throttled(Some(d)) if d == Duration::from_secs(4)
+        ));
+        assert!(matches!(
+            t(Some("busy"), "try later", hint),
+            Heard::Throttled(Some(d)) if d == Duration::from_secs(4)
+        ));
+        assert!(matches!(t(Some("bad_frame"), "boom", None), Heard::Nothing));
+    }
 }
