@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1410,11 +1409,17 @@ async fn wait_recovery(
 /// Writes frames as they come, flushing when the queue is empty. A write that makes no
 /// progress for `timeout` (the peer stopped reading, the kernel buffer is full) ends the
 /// writer, and with it the connection, which is then replaced.
-async fn write_loop(
-    mut sink: SplitSink<Ws, Message>,
+/// Writes what the connection queues. A write or flush that cannot finish within
+/// `timeout` ends it with an error, and the connection is replaced.
+async fn write_loop<S>(
+    mut sink: S,
     mut rx: mpsc::Receiver<Message>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), String>
+where
+    S: futures_util::Sink<Message> + Unpin,
+    S::Error: std::error::Error + 'static,
+{
     let stuck = || {
         format!(
             "could not write to the connection for {} s",
@@ -1489,5 +1494,84 @@ mod tests {
             Heard::Throttled(Some(d)) if d == Duration::from_secs(4)
         ));
         assert!(matches!(t(Some("bad_frame"), "boom", None), Heard::Nothing));
+    }
+
+    /// A sink that accepts `room` messages, then never has room again.
+    struct Clogged {
+        room: usize,
+        written: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl futures_util::Sink<Message> for Clogged {
+        type Error = std::io::Error;
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            if self.room > 0 {
+                std::task::Poll::Ready(Ok(()))
+            } else {
+                std::task::Poll::Pending
+            }
+        }
+        fn start_send(mut self: std::pin::Pin<&mut Self>, _: Message) -> Result<(), Self::Error> {
+            self.room -= 1;
+            self.written.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_cannot_write_for_the_timeout_gives_up() {
+        let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sink = Clogged {
+            room: 2,
+            written: written.clone(),
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let timeout = Duration::from_secs(10);
+        let started = Instant::now();
+        let writer = tokio::spawn(write_loop(sink, rx, timeout));
+        for _ in 0..3 {
+            tx.send(Message::Text("x".into())).await.unwrap();
+        }
+        let result = writer.await.unwrap();
+        let err = result.expect_err("a clogged writer must fail");
+        assert!(err.contains("10 s"), "{err}");
+        assert_eq!(written.load(Ordering::SeqCst), 2);
+        // It waited the whole timeout, not less, and not for ever.
+        let waited = started.elapsed();
+        assert!(waited >= timeout && waited < timeout * 2, "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_keeps_writing_never_times_out() {
+        let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sink = Clogged {
+            room: usize::MAX,
+            written: written.clone(),
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let writer = tokio::spawn(write_loop(sink, rx, Duration::from_secs(1)));
+        // Writes spread over far more than the timeout, each one prompt.
+        for _ in 0..30 {
+            tx.send(Message::Text("x".into())).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tx.send(Message::Close(None)).await.unwrap();
+        assert_eq!(writer.await.unwrap(), Ok(()));
+        assert_eq!(written.load(Ordering::SeqCst), 31);
     }
 }
