@@ -52,6 +52,7 @@ pub mod clock;
 pub mod injection;
 pub mod limits;
 pub mod loopguard;
+mod names;
 pub mod normalize;
 pub mod outbound;
 mod prefilter;
@@ -60,7 +61,6 @@ pub mod secrets;
 use std::fmt;
 use std::time::Duration;
 
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 pub use clock::{Clock, ManualClock};
@@ -71,7 +71,8 @@ pub use normalize::normalize;
 pub use outbound::{Edits, OutboundConfig, OutboundDrop, OutboundNormalizer};
 pub use secrets::{Finding, FindingRule, KnownSecrets, SecretScanner, SecretsConfig};
 
-use outbound::{base_name, name_pattern};
+use names::NameSet;
+use outbound::base_name;
 
 /// The policy's settings: the `[policy]` table of roost.toml. Every field has a default.
 ///
@@ -411,7 +412,7 @@ impl PolicyCounters {
 pub struct Policy {
     config: PolicyConfig,
     identity: BotIdentity,
-    mention: Option<Mention>,
+    mention: Option<NameSet>,
     outbound: OutboundNormalizer,
     scanner: SecretScanner,
     limits: RateLimits,
@@ -429,7 +430,7 @@ impl Policy {
     ) -> Result<Self, PolicyConfigError> {
         config.validate()?;
         Ok(Policy {
-            mention: mention_regex(&identity),
+            mention: mention_names(&identity),
             outbound: OutboundNormalizer::new(
                 &config.outbound,
                 &identity.network_name,
@@ -454,7 +455,7 @@ impl Policy {
     /// The network assigned a (new) name, e.g. with a suffix after a 409.
     pub fn set_network_name(&mut self, network_name: &str) {
         self.identity.network_name = network_name.to_string();
-        self.mention = mention_regex(&self.identity);
+        self.mention = mention_names(&self.identity);
         self.outbound = OutboundNormalizer::new(
             &self.config.outbound,
             &self.identity.network_name,
@@ -507,7 +508,7 @@ impl Policy {
             && self
                 .mention
                 .as_ref()
-                .is_some_and(|m| m.is_match(&normalized));
+                .is_some_and(|m| m.mentioned_in(&normalized));
         let mut injection_rule = None;
         if !flags.system {
             let v = injection::detect_normalized(msg.text, &normalized);
@@ -655,44 +656,17 @@ impl Policy {
     }
 }
 
-/// `@NAME` anywhere, or `NAME` at the start: two regexes, because one alternation of both
-/// can use neither the `@` literal nor the anchor and scans the whole text.
-#[derive(Debug)]
-struct Mention {
-    at: Regex,
-    start: Regex,
-}
-
-impl Mention {
-    fn is_match(&self, text: &str) -> bool {
-        self.start.is_match(text) || self.at.is_match(text)
-    }
-}
-
-/// `@NAME` anywhere, or `NAME` at the start; not when followed by another name character
-/// (so `@echo-9f3c` is not a mention of `echo-1a2b`).
-fn mention_regex(identity: &BotIdentity) -> Option<Mention> {
-    let mut alts: Vec<String> = Vec::new();
-    for name in [
-        identity.network_name.as_str(),
-        base_name(&identity.network_name),
-        identity.manifest_name.as_str(),
-    ] {
-        let p = name_pattern(name.trim());
-        if p.len() >= 2 && !alts.contains(&p) {
-            alts.push(p);
-        }
-    }
-    if alts.is_empty() {
-        return None;
-    }
-    alts.sort_by_key(|a| std::cmp::Reverse(a.len()));
-    let names = alts.join("|");
-    let end = r"(?:$|[^\p{L}\p{N}_-]|-(?:$|[^\p{L}\p{N}_]))";
-    Some(Mention {
-        at: Regex::new(&format!(r"(?i)@(?:{names}){end}")).ok()?,
-        start: Regex::new(&format!(r"(?i)^[\s\p{{P}}]{{0,3}}(?:{names}){end}")).ok()?,
-    })
+/// The names a mention of this bot may use: its network name, that name without a
+/// registration suffix, and its manifest name.
+fn mention_names(identity: &BotIdentity) -> Option<NameSet> {
+    NameSet::new(
+        [
+            identity.network_name.as_str(),
+            base_name(&identity.network_name),
+            identity.manifest_name.as_str(),
+        ],
+        2,
+    )
 }
 
 #[cfg(test)]

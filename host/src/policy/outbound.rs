@@ -31,9 +31,9 @@
 //! assert_eq!(n.normalize("  \u{200B} ").unwrap_err(), OutboundDrop::Empty);
 //! ```
 
-use regex::Regex;
 use serde::Deserialize;
 
+use super::names::NameSet;
 use super::normalize::{is_bidi_control, normalize};
 
 /// Outbound normalisation settings (`[policy.outbound]` in roost.toml).
@@ -105,7 +105,7 @@ pub struct OutboundNormalizer {
     max_chars: usize,
     keep_newlines: bool,
     leak_phrases: Vec<String>,
-    own_name: Option<Regex>,
+    own_name: Option<NameSet>,
 }
 
 impl OutboundNormalizer {
@@ -121,7 +121,7 @@ impl OutboundNormalizer {
                 .map(|p| fold_for_compare(p))
                 .filter(|p| !p.is_empty())
                 .collect(),
-            own_name: own_name_prefix_regex(&[network_name, manifest_name]),
+            own_name: own_names(&[network_name, manifest_name]),
         }
     }
 
@@ -133,13 +133,12 @@ impl OutboundNormalizer {
         if out != cleaned {
             edits.collapsed_whitespace = true;
         }
-        if let Some(re) = &self.own_name {
+        if let Some(names) = &self.own_name {
             for _ in 0..3 {
-                let Some(m) = re.find(&out) else { break };
-                if m.end() == 0 {
+                let Some(end) = names.label_end(&out) else {
                     break;
-                }
-                out = out[m.end()..].trim_start().to_string();
+                };
+                out = out[end..].trim_start().to_string();
                 edits.stripped_own_name = true;
             }
         }
@@ -275,42 +274,11 @@ fn collapse_ascii_whitespace(text: &[u8], keep_newlines: bool) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// `^` optional markup/`@`, the name (spaces, hyphens, underscores interchangeable),
-/// an optional `-hex` suffix, optional markup, then `:`.
-fn own_name_prefix_regex(names: &[&str]) -> Option<Regex> {
-    let mut alts: Vec<String> = Vec::new();
-    for name in names {
-        let name = name.trim();
-        if name.is_empty() {
-            continue;
-        }
-        for variant in [name.to_string(), base_name(name).to_string()] {
-            let pattern = name_pattern(&variant);
-            if !pattern.is_empty() && !alts.contains(&pattern) {
-                alts.push(pattern);
-            }
-        }
-    }
-    if alts.is_empty() {
-        return None;
-    }
-    // Longest first so "name-1a2b" wins over "name".
-    alts.sort_by_key(|a| std::cmp::Reverse(a.len()));
-    let re = format!(
-        r"(?i)^[\s*_`~>\[]*@?(?:{})(?:-[0-9a-f]{{2,8}})?[\s*_`~\]]*[:：]",
-        alts.join("|")
-    );
-    Regex::new(&re).ok()
-}
-
-/// A name as a regex: separators (space, hyphen, underscore) match any run of them.
-pub(crate) fn name_pattern(name: &str) -> String {
-    let parts: Vec<String> = name
-        .split(|c: char| c.is_whitespace() || c == '-' || c == '_')
-        .filter(|p| !p.is_empty())
-        .map(regex::escape)
-        .collect();
-    parts.join(r"[\s_-]+")
+/// The names a reply may start with as a label (`NAME:`): each name and each without
+/// its registration suffix; see [`NameSet::label_end`].
+fn own_names(names: &[&str]) -> Option<NameSet> {
+    let variants = names.iter().flat_map(|n| [n.trim(), base_name(n.trim())]);
+    NameSet::new(variants, 1)
 }
 
 /// The network name without a registration suffix (`name-1a2b` → `name`).
