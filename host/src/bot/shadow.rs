@@ -739,6 +739,8 @@ async fn run(
             },
             job = jobs.recv() => {
                 let Some(job) = job else { break };
+                // Let the tasks the live reply woke (the session's writer) go first.
+                tokio::task::yield_now().await;
                 let effects = core.respond(&job.msg).await;
                 board.sandbox(&core.sandbox);
                 let cmp = compare(&job.live, &effects);
