@@ -180,7 +180,11 @@ async fn hosted(
     shadow: bool,
 ) -> anyhow::Result<Value> {
     let (label, room, dir) = if shadow {
-        ("roost-shadowed", "bench-shadow", work.join("replies-shadow"))
+        (
+            "roost-shadowed",
+            "bench-shadow",
+            work.join("replies-shadow"),
+        )
     } else {
         ("roost-echo", "bench", work.join("replies"))
     };
