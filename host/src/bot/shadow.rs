@@ -148,12 +148,12 @@ pub fn acts(effects: &[Effect]) -> Vec<Act> {
             }),
             Effect::Join(room) => Some(Act {
                 kind: "join".into(),
-                room: room.clone(),
+                room: room.to_string(),
                 text: String::new(),
             }),
             Effect::Leave(room) => Some(Act {
                 kind: "leave".into(),
-                room: room.clone(),
+                room: room.to_string(),
                 text: String::new(),
             }),
             _ => None,
@@ -803,7 +803,11 @@ mod tests {
         };
         assert_eq!(compare(&[live_dropped], &[]).outcome, Outcome::Same);
         assert_eq!(
-            compare(&[Effect::Join("x".into())], &[]).outcome,
+            compare(
+                &[Effect::Join(crate::names::RoomName::new("x").unwrap())],
+                &[]
+            )
+            .outcome,
             Outcome::OnlyLive
         );
     }
