@@ -298,6 +298,127 @@ pub struct PersonaSection {
     /// `[personas.NAME.llm]`: the grant to call the LLM (deny by default), see
     /// [`crate::llm::config`].
     pub llm: crate::llm::PersonaLlmConfig,
+    /// `[personas.NAME.shadow]` (or `shadow = "FILE"`): a new version that listens
+    /// beside the live one without speaking, see [`crate::bot::shadow`].
+    pub shadow: ShadowSection,
+}
+
+/// `[personas.NAME.shadow]`: how the persona's shadow runs. Written either as a
+/// table or, to name only its file, as `shadow = "FILE"`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ShadowSection {
+    /// The shadow's component, relative to the plugins folder. Default:
+    /// `NAME.shadow.wasm` in the plugins folder, when it exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// Let the shadow call the LLM (with the persona's `[personas.NAME.llm]` grant,
+    /// but a budget of its own). Default false: its calls answer `denied`.
+    pub llm: bool,
+    /// The shadow's own hourly token budget. Default: the persona's `tokens_per_hour`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_hour: Option<u64>,
+    /// The shadow's own daily token budget. Default: the persona's `tokens_per_day`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    /// Messages waiting for the shadow; when it falls further behind, new messages
+    /// are not shown to it (counted as the outcome `dropped`). Default 64.
+    pub queue: usize,
+    /// Differing pairs kept in memory for `roost status` and the status page
+    /// (every one is also appended to `<state>/shadow/NAME.jsonl`). Default 20.
+    pub keep: usize,
+    /// Limits for the shadow's calls, over the persona's. Default: the persona's.
+    pub limits: LimitsOverride,
+}
+
+impl Default for ShadowSection {
+    fn default() -> Self {
+        ShadowSection {
+            file: None,
+            llm: false,
+            tokens_per_hour: None,
+            tokens_per_day: None,
+            queue: 64,
+            keep: 20,
+            limits: LimitsOverride::default(),
+        }
+    }
+}
+
+/// The table form of [`ShadowSection`], as serde reads it.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ShadowTable {
+    file: Option<PathBuf>,
+    llm: bool,
+    tokens_per_hour: Option<u64>,
+    tokens_per_day: Option<u64>,
+    queue: usize,
+    keep: usize,
+    limits: LimitsOverride,
+}
+
+impl Default for ShadowTable {
+    fn default() -> Self {
+        let d = ShadowSection::default();
+        ShadowTable {
+            file: d.file,
+            llm: d.llm,
+            tokens_per_hour: d.tokens_per_hour,
+            tokens_per_day: d.tokens_per_day,
+            queue: d.queue,
+            keep: d.keep,
+            limits: d.limits,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ShadowSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ShadowSection;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a file name or a table")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShadowSection, E> {
+                Ok(ShadowSection {
+                    file: Some(PathBuf::from(v)),
+                    ..ShadowSection::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ShadowSection, A::Error> {
+                let t =
+                    ShadowTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(ShadowSection {
+                    file: t.file,
+                    llm: t.llm,
+                    tokens_per_hour: t.tokens_per_hour,
+                    tokens_per_day: t.tokens_per_day,
+                    queue: t.queue,
+                    keep: t.keep,
+                    limits: t.limits,
+                })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// Whether two paths name the same file (compared as written, then canonically).
+fn same_file_name(a: &Path, b: &Path) -> bool {
+    if a == b {
+        return true;
+    }
+    match (
+        a.parent().and_then(|p| p.canonicalize().ok()),
+        b.parent().and_then(|p| p.canonicalize().ok()),
+    ) {
+        (Some(pa), Some(pb)) => pa == pb && a.file_name() == b.file_name(),
+        _ => false,
+    }
 }
 
 /// Largest file `settings_files` may name.
@@ -486,6 +607,22 @@ impl Config {
             if p.history.limit == 0 {
                 return Err(format!("{key}.history.limit must be above zero"));
             }
+            let sh = &p.shadow;
+            if sh.queue == 0 || sh.keep == 0 {
+                return Err(format!("{key}.shadow: queue and keep must be above zero"));
+            }
+            if sh.file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+                return Err(format!("{key}.shadow.file must not be empty"));
+            }
+            if sh.tokens_per_hour == Some(0) || sh.tokens_per_day == Some(0) {
+                return Err(format!(
+                    "{key}.shadow: tokens_per_hour and tokens_per_day must be above zero"
+                ));
+            }
+            check_limits(
+                &format!("{key}.shadow.limits"),
+                &sh.limits.apply(&p.limits.apply(&self.limits)),
+            )?;
         }
         Ok(())
     }
@@ -506,6 +643,37 @@ impl Config {
     /// Limits for persona `label`.
     pub fn limits_for(&self, label: &str) -> Limits {
         self.persona(label).limits.apply(&self.limits)
+    }
+
+    /// Limits for the shadow of persona `label`.
+    pub fn shadow_limits_for(&self, label: &str) -> Limits {
+        self.persona(label)
+            .shadow
+            .limits
+            .apply(&self.limits_for(label))
+    }
+
+    /// The shadow file of persona `label`: `[personas.NAME] shadow` (relative to the
+    /// plugins folder), else `NAME.shadow.wasm` in the plugins folder.
+    pub fn shadow_file(&self, label: &str) -> PathBuf {
+        match &self.persona(label).shadow.file {
+            Some(f) => self.paths.plugins.join(f),
+            None => self.paths.plugins.join(format!("{label}.shadow.wasm")),
+        }
+    }
+
+    /// The persona whose shadow `file` is (by configuration or by its name).
+    pub fn shadow_owner(&self, file: &Path) -> Option<String> {
+        for (label, p) in &self.personas {
+            if let Some(f) = &p.shadow.file
+                && same_file_name(&self.paths.plugins.join(f), file)
+            {
+                return Some(label.clone());
+            }
+        }
+        let name = file.file_name()?.to_str()?;
+        let label = name.strip_suffix(".shadow.wasm")?;
+        (!label.is_empty() && !label.starts_with('.')).then(|| label.to_string())
     }
 
     pub fn runtime_config(&self) -> crate::plugin::RuntimeConfig {
@@ -771,6 +939,50 @@ mod tests {
             );
         }
         assert!(parsed.personas.contains_key("sage"));
+    }
+
+    #[test]
+    fn a_shadow_is_a_file_name_or_a_table() {
+        let c = Config::parse("[personas.echo]\nshadow = \"next.wasm\"\n", "roost.toml").unwrap();
+        let sh = &c.personas["echo"].shadow;
+        assert_eq!(sh.file.as_deref(), Some(Path::new("next.wasm")));
+        assert!(!sh.llm);
+        assert_eq!(c.shadow_file("echo"), c.paths.plugins.join("next.wasm"));
+        assert_eq!(
+            c.shadow_owner(&c.paths.plugins.join("next.wasm"))
+                .as_deref(),
+            Some("echo")
+        );
+        let c = Config::parse(
+            "[personas.echo.shadow]\nllm = true\ntokens_per_hour = 10\nqueue = 4\n",
+            "roost.toml",
+        )
+        .unwrap();
+        let sh = &c.personas["echo"].shadow;
+        assert!(sh.llm && sh.file.is_none());
+        assert_eq!((sh.tokens_per_hour, sh.queue, sh.keep), (Some(10), 4, 20));
+        assert_eq!(
+            c.shadow_file("echo"),
+            c.paths.plugins.join("echo.shadow.wasm")
+        );
+        assert_eq!(
+            c.shadow_owner(Path::new("plugins/greeter.shadow.wasm"))
+                .as_deref(),
+            Some("greeter")
+        );
+        assert_eq!(c.shadow_owner(Path::new("plugins/greeter.wasm")), None);
+        // The printed configuration reads back the same.
+        let again = Config::parse(&c.to_toml().unwrap(), "printed").unwrap();
+        assert_eq!(again.personas["echo"].shadow, *sh);
+        for (text, why) in [
+            ("[personas.echo.shadow]\nllm = \"yes\"\n", "invalid type"),
+            ("[personas.echo.shadow]\nqueue = 0\n", "queue and keep"),
+            ("[personas.echo.shadow]\nlim = 1\n", "unknown key `lim`"),
+            ("[personas.echo]\nshadow = 3\n", "a file name or a table"),
+        ] {
+            let e = Config::parse(text, "roost.toml").unwrap_err().to_string();
+            assert!(e.contains(why) && !e.contains('\n'), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -99,6 +99,10 @@ enum Command {
         /// The persona component.
         #[arg(long, env = "ROOST_REPLAY_PLUGIN")]
         plugin: PathBuf,
+        /// Another version to compare with, run as the persona's shadow: prints, per
+        /// message, whether it would have done the same.
+        #[arg(long, value_name = "SHADOW.wasm", env = "ROOST_REPLAY_AGAINST")]
+        against: Option<PathBuf>,
         /// The recorded chat: JSON lines (corpus format or raw server frames).
         log: PathBuf,
         /// Configuration file for the policy settings [default: roost.toml if present].
@@ -329,12 +333,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Replay {
             plugin,
+            against,
             log,
             config,
             json,
         } => {
             let config = load_config(config)?;
             let runtime = roost::plugin::Runtime::new(config.runtime_config())?;
+            if let Some(against) = against {
+                let report =
+                    roost::bot::replay::compare(&runtime, &plugin, &against, &log, &config.policy)
+                        .await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", report.render());
+                }
+                return Ok(());
+            }
             let report =
                 roost::bot::replay::replay(&runtime, &plugin, &log, &config.policy).await?;
             if json {

@@ -30,6 +30,8 @@ use crate::session::{SessionHandle, SessionState, SessionStatus};
 pub struct BotProbe {
     pub session: SessionHandle,
     pub counters: Arc<Mutex<BotCounters>>,
+    /// The bot's shadow outcomes (see [`crate::bot::shadow`]).
+    pub shadow: Arc<crate::bot::shadow::ShadowBoard>,
 }
 
 /// The probes of every running bot, by persona label (bots register on start and
@@ -52,6 +54,8 @@ pub struct BotSnapshot {
     pub label: String,
     pub status: SessionStatus,
     pub counters: BotCounters,
+    /// The bot's shadow, if it has or had one.
+    pub shadow: Option<crate::bot::shadow::BoardSnapshot>,
 }
 
 impl Probes {
@@ -79,6 +83,7 @@ impl Probes {
                 label,
                 status: p.session.status(),
                 counters: p.counters.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                shadow: Some(p.shadow.snapshot()).filter(|s| s.ever),
             })
             .collect()
     }
@@ -119,6 +124,12 @@ struct BotLabel {
 struct StateLabel {
     bot: String,
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    bot: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -408,6 +419,23 @@ impl Collector for BotCollector {
                 e.encode_histogram::<NoLabelSet>(s.latency_sum, s.calls, &buckets, None)
             },
         )?;
+        if bots.iter().any(|b| b.shadow.is_some()) {
+            let mut fam = enc.encode_descriptor(
+                "roost_shadow_outcomes",
+                "Messages compared between the live persona and its shadow, by outcome",
+                None,
+                MetricType::Counter,
+            )?;
+            for b in &bots {
+                for (outcome, v) in b.shadow.iter().flat_map(|s| s.outcomes.iter()) {
+                    let label = OutcomeLabel {
+                        bot: b.label.clone(),
+                        outcome: outcome.as_str(),
+                    };
+                    counter(fam.encode_family(&label)?, *v)?;
+                }
+            }
+        }
         if let Some(r) = self.probes.reload_stats() {
             encode_reload(&mut enc, &r)?;
         }

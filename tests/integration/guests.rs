@@ -20,7 +20,7 @@
 //! (sandbox probes, JSON report), `hoarder` (calls every host function, JSON report),
 //! `counter` (well-behaved, `N: TEXT`, no ping), `echo-v2` (a changed `echo` named
 //! `echo`, in `lobby` and `builders`, that answers `v2: TEXT`, for hot reload; no
-//! ping), `wrong-world` and `future-version` (refused at load).
+//! ping), `notebook` (`set K V` / `get K` over kv, `ask Q` over llm, for shadows), `wrong-world` and `future-version` (refused at load).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -45,6 +45,7 @@ pub const GUESTS: &[&str] = &[
     "counter",
     "chatter",
     "echo-v2",
+    "notebook",
 ];
 
 /// Every example persona in `plugins/`.

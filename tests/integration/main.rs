@@ -15,6 +15,7 @@ mod reload;
 mod replay;
 mod runtime;
 mod session;
+mod shadow;
 mod status;
 mod support;
 mod telemetry;

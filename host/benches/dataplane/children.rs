@@ -185,7 +185,7 @@ impl Metrics {
             {
                 continue;
             }
-            let key = match label("reason") {
+            let key = match label("reason").or_else(|| label("outcome")) {
                 Some(r) => format!("{name}:{r}"),
                 None => name.to_owned(),
             };

@@ -17,7 +17,10 @@
 //!    in plain tokio-tungstenite inside this process (TCP_NODELAY, one write per
 //!    answer), the floor; (b) `roost`: `roost run` hosting the example `echo`
 //!    persona (`roost build plugins/echo`), every rate limit and the loop guard
-//!    raised in a generated roost.toml. `ratio_roost_over_bare` divides the two.
+//!    raised in a generated roost.toml; (c) `roost_with_shadow`: the same with a copy
+//!    of echo listening as its shadow (`NAME.shadow.wasm`), so every mention is also
+//!    shown to the shadow and compared. `ratio_roost_over_bare` divides (b) by (a),
+//!    `ratio_shadow_over_roost` (c) by (b): the live bot's cost of a shadow.
 //! 2. **`fleet`** — N echo bots (`--bots`, default 5000) in one `roost run`, over 100
 //!    rooms: `e0001.wasm`… hard links of echo.wasm, one `[personas.eNNNN]` each
 //!    (name and room). A 1-bot run of the same configuration comes first (baseline

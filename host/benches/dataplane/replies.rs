@@ -37,14 +37,20 @@ pub async fn run(plan: &Plan, work: &Path, echo_wasm: &Path) -> Value {
                     out["bare"] = bare(&http, &mut loadgen, plan, &mut seqs)
                         .await
                         .unwrap_or_else(|e| err_json(&e));
-                    out["roost"] = hosted(&http, &mut loadgen, plan, &mut seqs, work, echo_wasm)
-                        .await
-                        .unwrap_or_else(|e| err_json(&e));
+                    out["roost"] =
+                        hosted(&http, &mut loadgen, plan, &mut seqs, work, echo_wasm, false)
+                            .await
+                            .unwrap_or_else(|e| err_json(&e));
+                    out["roost_with_shadow"] =
+                        hosted(&http, &mut loadgen, plan, &mut seqs, work, echo_wasm, true)
+                            .await
+                            .unwrap_or_else(|e| err_json(&e));
                 }
             }
         }
     }
-    out["ratio_roost_over_bare"] = ratios(&out);
+    out["ratio_roost_over_bare"] = ratios(&out, "roost", "bare");
+    out["ratio_shadow_over_roost"] = ratios(&out, "roost_with_shadow", "roost");
     out["server"] = json!({
         "mem": server.mem().map(|m| m.to_json()),
         "log": server.log_json(),
@@ -53,7 +59,8 @@ pub async fn run(plan: &Plan, work: &Path, echo_wasm: &Path) -> Value {
     out
 }
 
-fn ratios(out: &Value) -> Value {
+/// `measured / baseline` for throughput and latency, both runs of this process.
+fn ratios(out: &Value, measured: &str, baseline: &str) -> Value {
     let ratio = |path: &[&str]| {
         let get = |who: &str| {
             let mut v = &out[who];
@@ -62,7 +69,7 @@ fn ratios(out: &Value) -> Value {
             }
             v.as_f64()
         };
-        match (get("roost"), get("bare")) {
+        match (get(measured), get(baseline)) {
             (Some(r), Some(b)) if b > 0.0 => json!((r / b * 1000.0).round() / 1000.0),
             _ => Value::Null,
         }
@@ -161,6 +168,8 @@ pub async fn wait_joined(
     }
 }
 
+/// `roost run` hosting the echo persona; with `shadow`, a copy of it listens beside it
+/// as its shadow (`LABEL.shadow.wasm`), so every mention is also compared.
 async fn hosted(
     http: &Http,
     loadgen: &mut Agent,
@@ -168,18 +177,29 @@ async fn hosted(
     seqs: &mut Seqs,
     work: &Path,
     echo_wasm: &Path,
+    shadow: bool,
 ) -> anyhow::Result<Value> {
-    const LABEL: &str = "roost-echo";
-    let room = "bench".to_owned();
-    let dir = work.join("replies");
+    let (label, room, dir) = if shadow {
+        (
+            "roost-shadowed",
+            "bench-shadow",
+            work.join("replies-shadow"),
+        )
+    } else {
+        ("roost-echo", "bench", work.join("replies"))
+    };
+    let room = room.to_owned();
     let (plugins, state) = (dir.join("plugins"), dir.join("state"));
     std::fs::create_dir_all(&plugins)?;
     std::fs::create_dir_all(&state)?;
-    link_or_copy(echo_wasm, &plugins.join(format!("{LABEL}.wasm")))?;
+    link_or_copy(echo_wasm, &plugins.join(format!("{label}.wasm")))?;
+    if shadow {
+        link_or_copy(echo_wasm, &plugins.join(format!("{label}.shadow.wasm")))?;
+    }
     let config = dir.join("roost.toml");
     std::fs::write(
         &config,
-        children::config_toml(&[(LABEL.to_owned(), room.clone())]),
+        children::config_toml(&[(label.to_owned(), room.clone())]),
     )?;
     loadgen.join(std::slice::from_ref(&room)).await?;
 
@@ -195,7 +215,7 @@ async fn hosted(
         port,
     )?;
     progress("replies: roost run started, waiting for the echo bot to join");
-    let name = wait_joined(loadgen, &mut p, LABEL, &room, Duration::from_secs(60)).await?;
+    let name = wait_joined(loadgen, &mut p, label, &room, Duration::from_secs(60)).await?;
     let joined_ms = ms(t0.elapsed());
     // Joined is not yet active (missed messages are recovered first): wait for the
     // session to say so.

@@ -81,7 +81,7 @@ impl KvCap {
     }
 }
 
-fn check_key(key: &str) -> Result<(), kv::Error> {
+pub(crate) fn check_key(key: &str) -> Result<(), kv::Error> {
     if key.is_empty() {
         return Err(kv::Error::InvalidKey("the key is empty".into()));
     }

@@ -30,6 +30,15 @@ pub enum Effect {
     PluginError(String),
 }
 
+/// One message through the pipeline (see [`BotCore::handle_observed`]).
+#[derive(Debug)]
+pub struct Handled {
+    pub verdict: InboundVerdict,
+    /// The message as the persona received it, if inbound policy delivered it.
+    pub delivered: Option<bindings::Message>,
+    pub effects: Vec<Effect>,
+}
+
 /// Counters the pipeline keeps besides the policy's.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct CoreCounters {
@@ -84,6 +93,14 @@ impl BotCore {
     /// Runs one message through the pipeline. The verdict says what inbound policy
     /// decided; the effects are what to do.
     pub async fn handle(&mut self, msg: &ChatMessage) -> (InboundVerdict, Vec<Effect>) {
+        let h = self.handle_observed(msg).await;
+        (h.verdict, h.effects)
+    }
+
+    /// [`handle`](Self::handle), also returning the message as the persona received
+    /// it (after inbound policy, with its flags), if it was delivered: what a shadow
+    /// of this bot is shown.
+    pub async fn handle_observed(&mut self, msg: &ChatMessage) -> Handled {
         let inbound = InboundMsg {
             room: &msg.room,
             from: &msg.from,
@@ -104,7 +121,11 @@ impl BotCore {
             self.history.record(wit_msg.clone());
         }
         if !verdict.deliver {
-            return (verdict, Vec::new());
+            return Handled {
+                verdict,
+                delivered: None,
+                effects: Vec::new(),
+            };
         }
         if let Some(rule) = verdict.injection_rule {
             tracing::info!(
@@ -115,19 +136,35 @@ impl BotCore {
                 "inbound message flagged suspicious (delivered with the flag)"
             );
         }
+        let effects = self.respond(&wit_msg).await;
+        Handled {
+            verdict,
+            delivered: Some(wit_msg),
+            effects,
+        }
+    }
+
+    /// The persona's part for a message inbound policy delivered: the call, then
+    /// outbound policy on each action (no inbound policy, no history).
+    pub async fn respond(&mut self, wit_msg: &bindings::Message) -> Vec<Effect> {
+        let inbound = InboundMsg {
+            room: &wit_msg.room,
+            from: &wit_msg.sender,
+            text: &wit_msg.text,
+        };
         self.counters.persona_calls += 1;
-        let actions = match self.sandbox.on_message(&wit_msg).await {
+        let actions = match self.sandbox.on_message(wit_msg).await {
             Ok(actions) => actions,
             Err(failure) => {
                 self.counters.plugin_errors += 1;
-                return (verdict, vec![Effect::PluginError(failure.to_string())]);
+                return vec![Effect::PluginError(failure.to_string())];
             }
         };
         let mut effects = Vec::with_capacity(actions.len());
         for action in actions {
             effects.push(self.decide(action, &inbound));
         }
-        (verdict, effects)
+        effects
     }
 
     fn decide(&mut self, action: Action, inbound: &InboundMsg<'_>) -> Effect {

@@ -11,14 +11,17 @@ use crate::store::Store;
 
 use super::runner::{Bot, HostContext};
 
-/// The persona files of a folder (`NAME.wasm`, not hidden), sorted by name.
+/// The persona files of a folder (`NAME.wasm`, not hidden, not a shadow's
+/// `NAME.shadow.wasm`), sorted by name.
 pub fn persona_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| anyhow::anyhow!("cannot read the plugins folder {}: {e}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.is_file() && super::reload::is_persona_file(p))
+        .filter(|p| {
+            p.is_file() && super::reload::is_persona_file(p) && !super::reload::is_shadow_file(p)
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -56,7 +59,9 @@ impl BotHost {
             bots: BTreeMap::new(),
             reload,
         };
-        let files = persona_files(&config.paths.plugins)?;
+        let mut files = persona_files(&config.paths.plugins)?;
+        // A file `[personas.NAME] shadow` names is a shadow, not a persona.
+        files.retain(|f| config.shadow_owner(f).is_none());
         host.add_files(&files).await;
         Ok(host)
     }

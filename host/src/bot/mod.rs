@@ -7,7 +7,9 @@
 //!   messages in order; bots run concurrently, so a slow persona delays only itself;
 //! - [`host`]: `roost run` — one bot per `DIR/*.wasm`;
 //! - [`reload`]: hot reload of `DIR` and the compile cache at start-up;
-//! - [`replay`]: `roost replay` — recorded chat through the pipeline, offline.
+//! - [`replay`]: `roost replay` — recorded chat through the pipeline, offline;
+//! - [`shadow`]: shadow personas — a new version that listens beside the live one,
+//!   never speaks, and is compared with it.
 
 pub mod caps;
 pub mod core;
@@ -16,5 +18,6 @@ pub mod host;
 pub mod reload;
 pub mod replay;
 pub mod runner;
+pub mod shadow;
 
 pub use runner::{Bot, HostContext};

@@ -105,6 +105,15 @@ pub fn is_persona_file(path: &Path) -> bool {
             .is_some_and(|n| !n.starts_with('.'))
 }
 
+/// Whether `path` names a shadow by its name: `NAME.shadow.wasm`.
+pub fn is_shadow_file(path: &Path) -> bool {
+    is_persona_file(path)
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".shadow.wasm"))
+}
+
 // -- the swap -------------------------------------------------------------------
 
 /// A new version of a running bot's persona, for its worker to install between two
@@ -346,6 +355,8 @@ pub struct ReloadState {
     /// The last content looked at, by label, accepted or not (rejected bytes are
     /// not tried twice).
     seen: HashMap<String, Seen>,
+    /// Content hash of the shadow each bot runs, by the bot's label.
+    shadows: HashMap<String, ContentHash>,
 }
 
 impl ReloadState {
@@ -371,6 +382,7 @@ impl ReloadState {
             stats: Arc::default(),
             running: HashMap::new(),
             seen: HashMap::new(),
+            shadows: HashMap::new(),
         }
     }
 
@@ -698,6 +710,16 @@ impl BotHost {
                 .keys()
                 .map(|label| dir.join(format!("{label}.wasm"))),
         );
+        let config = self.context.config.clone();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            paths.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| is_shadow_file(p)),
+            );
+        }
+        paths.extend(self.bots.keys().map(|label| config.shadow_file(label)));
         paths.retain(|p| {
             let stamp = std::fs::metadata(p).ok().map(|m| FileStamp::of(&m));
             let seen = self.reload.seen.get(&label_for(p)).and_then(|s| s.stamp);
@@ -712,7 +734,11 @@ impl BotHost {
         let debounce = Duration::from_millis(self.context.config.reload.debounce_ms);
         let mut ready = Vec::new();
         for path in paths {
+            let shadow_of = self.context.config.shadow_owner(&path);
             match settle(&path, debounce).await {
+                Settled::Gone if shadow_of.is_some() => {
+                    self.unshadow(shadow_of.as_deref().unwrap_or_default(), &path);
+                }
                 Settled::Gone => self.unload(&path).await,
                 Settled::Busy => tracing::info!(
                     file = %path.display(),
@@ -722,7 +748,10 @@ impl BotHost {
             }
         }
         for (path, bytes, stamp, at) in ready {
-            self.apply_file(&path, bytes, stamp, at).await;
+            match self.context.config.shadow_owner(&path) {
+                Some(owner) => self.apply_shadow(&owner, &path, bytes, stamp).await,
+                None => self.apply_file(&path, bytes, stamp, at).await,
+            }
         }
     }
 
@@ -731,6 +760,7 @@ impl BotHost {
         let label = label_for(path);
         self.reload.seen.remove(&label);
         self.reload.running.remove(&label);
+        self.reload.shadows.remove(&label);
         if let Some(bot) = self.bots.remove(&label) {
             let name = bot.manifest.name.clone();
             bot.stop().await;
@@ -870,9 +900,92 @@ impl BotHost {
         self.reload.stats.record(&label, "loaded", detail);
         self.bots.insert(label.clone(), bot);
         self.reload.running.insert(label.clone(), hash);
-        self.reload.seen.insert(label, Seen { hash, stamp });
+        self.reload.seen.insert(label.clone(), Seen { hash, stamp });
         ReloadStats::bump(&self.reload.stats.loaded);
+        self.attach_shadow(&label).await;
         Ok(())
+    }
+
+    /// Starts the shadow of bot `label` if its file is there.
+    async fn attach_shadow(&mut self, label: &str) {
+        let path = self.context.config.shadow_file(label);
+        let Ok(bytes) = tokio::fs::read(&path).await else {
+            return;
+        };
+        let stamp = std::fs::metadata(&path).ok().map(|m| FileStamp::of(&m));
+        self.reload.seen.remove(&label_for(&path));
+        match stamp {
+            Some(stamp) => self.apply_shadow(label, &path, bytes, stamp).await,
+            None => {
+                tracing::warn!(file = %path.display(), "shadow not started: cannot read its file")
+            }
+        }
+    }
+
+    /// A settled shadow file of bot `owner`: start it (or its new version), or
+    /// ignore it if nothing changed. A refused shadow changes nothing.
+    async fn apply_shadow(&mut self, owner: &str, path: &Path, bytes: Vec<u8>, stamp: FileStamp) {
+        let key = label_for(path);
+        let hash = content_hash(&bytes);
+        let stamp = Some(stamp);
+        if self.reload.shadows.get(owner) == Some(&hash) {
+            self.reload.seen.insert(key, Seen { hash, stamp });
+            ReloadStats::bump(&self.reload.stats.unchanged);
+            return;
+        }
+        if self.reload.seen.get(&key).is_some_and(|s| s.hash == hash) {
+            self.reload.seen.insert(key, Seen { hash, stamp });
+            return;
+        }
+        self.reload.seen.insert(key.clone(), Seen { hash, stamp });
+        if !self.bots.contains_key(owner) {
+            tracing::info!(file = %path.display(), bot = %owner, "shadow waits for its bot: no `{owner}` is running");
+            // Looked at again when the bot starts.
+            self.reload.seen.remove(&key);
+            return;
+        }
+        let started = match self.compile(path, bytes, stamp).await {
+            Ok(c) => match self.bots.get(owner) {
+                Some(bot) => bot
+                    .start_shadow(&self.context, c.component.clone())
+                    .await
+                    .map(|()| bot.shadow()),
+                None => Err(anyhow::anyhow!("no running bot for `{owner}`")),
+            },
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(board) => {
+                self.reload.shadows.insert(owner.to_string(), hash);
+                let version = board.running.map(|r| r.version).unwrap_or_default();
+                self.reload.stats.record(
+                    &key,
+                    "shadow",
+                    format!("version {version} listens beside `{owner}` (never speaks)"),
+                );
+                tracing::info!(file = %path.display(), bot = %owner, version = %version, "shadow loaded");
+            }
+            Err(e) => {
+                ReloadStats::bump(&self.reload.stats.rejected);
+                self.reload.stats.record(&key, "rejected", format!("{e:#}"));
+                tracing::warn!(file = %path.display(), bot = %owner, "shadow rejected: {e:#}");
+            }
+        }
+    }
+
+    /// The shadow file of bot `owner` is gone: stop its shadow.
+    fn unshadow(&mut self, owner: &str, path: &Path) {
+        self.reload.seen.remove(&label_for(path));
+        if self.reload.shadows.remove(owner).is_none() {
+            return;
+        }
+        if let Some(bot) = self.bots.get(owner) {
+            bot.stop_shadow();
+            self.reload
+                .stats
+                .record(&label_for(path), "shadow", "stopped: its file is gone");
+            tracing::info!(file = %path.display(), bot = %owner, "shadow stopped: its file is gone");
+        }
     }
 
     /// Describes the new version in a throwaway sandbox (no capability granted)

@@ -12,6 +12,10 @@
 //!
 //! Blank lines are ignored; lines that are neither are counted as malformed and
 //! reported with their line number, never fatal.
+//!
+//! `roost replay --plugin A.wasm --against B.wasm LOG` ([`compare`]) runs B as A's
+//! shadow over the log and prints, per message, the comparison a running shadow gets
+//! (see [`super::shadow`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +30,7 @@ use crate::protocol::{ChatMessage, parse_timestamp};
 
 use super::core::{BotCore, Effect};
 use super::history::{DEFAULT_PER_ROOM, History};
+use super::shadow::{Outcome, ShadowPair};
 
 /// The message a reply answered.
 #[derive(Debug, Clone, Serialize)]
@@ -127,6 +132,195 @@ fn parse_line(text: &str) -> Line {
     }
 }
 
+/// Loads `plugin` into a pipeline of its own on `time`, speaking as `name` (default:
+/// its manifest's name).
+async fn load_core(
+    runtime: &Runtime,
+    plugin: &Path,
+    policy_config: &PolicyConfig,
+    time: &ManualClock,
+    name: Option<&str>,
+) -> anyhow::Result<BotCore> {
+    crate::check::announce_compile(plugin);
+    let rt = runtime.clone();
+    let p = plugin.to_path_buf();
+    let component = Arc::new(tokio::task::spawn_blocking(move || rt.load_file(&p)).await??);
+    let ctx = PersonaContext::sandbox(&component.label);
+    let mut sandbox = Sandbox::new(runtime.clone(), component, ctx, Limits::default());
+    let m = sandbox.describe().await?;
+    manifest::validate(&m).map_err(|e| anyhow::anyhow!("{}: {e}", plugin.display()))?;
+    let name = name.unwrap_or(&m.name).to_string();
+    sandbox.context().set_bot_name(&name);
+    let policy = Policy::new(policy_config, BotIdentity::new(&name, &name), time.clock())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(BotCore::new(
+        sandbox,
+        policy,
+        m,
+        Arc::new(History::new(DEFAULT_PER_ROOM)),
+    ))
+}
+
+/// The log's lines: messages (with their line numbers), and the numbers of the
+/// skipped and malformed ones.
+struct Parsed {
+    lines: usize,
+    messages: Vec<(usize, ChatMessage)>,
+    skipped: u64,
+    malformed: Vec<usize>,
+}
+
+fn read_log(log: &Path) -> anyhow::Result<Parsed> {
+    let text = std::fs::read_to_string(log)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", log.display()))?;
+    let mut p = Parsed {
+        lines: 0,
+        messages: Vec::new(),
+        skipped: 0,
+        malformed: Vec::new(),
+    };
+    for (i, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        p.lines += 1;
+        match parse_line(raw) {
+            Line::Message(m) => p.messages.push((i + 1, m)),
+            Line::Skip => p.skipped += 1,
+            Line::Malformed => p.malformed.push(i + 1),
+        }
+    }
+    Ok(p)
+}
+
+/// What `roost replay --plugin A --against B` found: B run as A's shadow over the log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompareReport {
+    pub plugin: String,
+    pub against: String,
+    pub bot_name: String,
+    pub lines: usize,
+    /// Messages delivered to the persona (and so shown to the shadow).
+    pub compared: u64,
+    /// Counts by outcome (every outcome but `dropped`, which cannot happen offline).
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// Every message that was not `same`, in log order (`at_ms` is the message's time).
+    pub pairs: Vec<ShadowPair>,
+    pub skipped_lines: u64,
+    pub malformed_lines: Vec<usize>,
+}
+
+/// Replays `log` through `plugin` (live) and `against` (its shadow, shown what the
+/// live persona is shown) and compares them message by message, as a running
+/// shadow is compared.
+pub async fn compare(
+    runtime: &Runtime,
+    plugin: &Path,
+    against: &Path,
+    log: &Path,
+    policy_config: &PolicyConfig,
+) -> anyhow::Result<CompareReport> {
+    let parsed = read_log(log)?;
+    let time = ManualClock::new();
+    let mut live = load_core(runtime, plugin, policy_config, &time, None).await?;
+    let name = live.manifest.name.clone();
+    let mut shadow = load_core(runtime, against, policy_config, &time, Some(&name)).await?;
+    let mut report = CompareReport {
+        plugin: plugin.display().to_string(),
+        against: against.display().to_string(),
+        bot_name: name.clone(),
+        lines: parsed.lines,
+        outcomes: Outcome::ALL
+            .iter()
+            .filter(|o| **o != Outcome::Dropped)
+            .map(|o| (o.as_str().to_string(), 0))
+            .collect(),
+        skipped_lines: parsed.skipped,
+        malformed_lines: parsed.malformed,
+        ..Default::default()
+    };
+    let mut first_ts: Option<u64> = None;
+    for (_line, msg) in parsed.messages {
+        let base = *first_ts.get_or_insert(msg.timestamp_ms);
+        time.advance_to(Duration::from_millis(msg.timestamp_ms.saturating_sub(base)));
+        let handled = live.handle_observed(&msg).await;
+        let Some(delivered) = handled.delivered else {
+            continue;
+        };
+        let effects = shadow.respond(&delivered).await;
+        report.compared += 1;
+        let cmp = super::shadow::compare(&handled.effects, &effects);
+        *report
+            .outcomes
+            .entry(cmp.outcome.as_str().to_string())
+            .or_default() += 1;
+        if cmp.outcome != Outcome::Same {
+            let mut pair = ShadowPair::new(
+                &name,
+                &delivered,
+                &handled.effects,
+                &effects,
+                cmp,
+                &shadow.manifest.version,
+            );
+            pair.at_ms = msg.timestamp_ms;
+            report.pairs.push(pair);
+        }
+    }
+    Ok(report)
+}
+
+impl CompareReport {
+    /// Each differing message with both sides, then the counts.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let side = |acts: &[super::shadow::Act]| {
+            if acts.is_empty() {
+                "(nothing)".to_string()
+            } else {
+                acts.iter()
+                    .map(|a| one_line(&a.to_string(), 200))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            }
+        };
+        for p in &self.pairs {
+            let score = p
+                .similarity
+                .map(|x| format!(" (similarity {x:.2})"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{} #{} <{}> {}\n  {}{score}\n  live:   {}\n  shadow: {}\n",
+                clock_of(p.timestamp_ms),
+                p.room,
+                p.from,
+                one_line(&p.text, 160),
+                p.outcome,
+                side(&p.live),
+                side(&p.shadow),
+            ));
+            if let Some(d) = &p.detail {
+                out.push_str(&format!("  ({})\n", one_line(d, 200)));
+            }
+        }
+        let counts: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        out.push_str(&format!(
+            "\n{} lines, {} messages compared ({} against {}): {}; malformed lines {}\n",
+            self.lines,
+            self.compared,
+            self.against,
+            self.plugin,
+            counts.join(", "),
+            self.malformed_lines.len()
+        ));
+        out
+    }
+}
+
 /// Runs the replay; errors only for an unusable persona or unreadable log.
 pub async fn replay(
     runtime: &Runtime,
@@ -136,20 +330,9 @@ pub async fn replay(
 ) -> anyhow::Result<ReplayReport> {
     let text = std::fs::read_to_string(log)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", log.display()))?;
-    crate::check::announce_compile(plugin);
-    let rt = runtime.clone();
-    let p = plugin.to_path_buf();
-    let component = Arc::new(tokio::task::spawn_blocking(move || rt.load_file(&p)).await??);
-    let ctx = PersonaContext::sandbox(&component.label);
-    let mut sandbox = Sandbox::new(runtime.clone(), component, ctx, Limits::default());
-    let m = sandbox.describe().await?;
-    manifest::validate(&m).map_err(|e| anyhow::anyhow!("{}: {e}", plugin.display()))?;
-    let name = m.name.clone();
-    sandbox.context().set_bot_name(&name);
     let time = ManualClock::new();
-    let policy = Policy::new(policy_config, BotIdentity::new(&name, &name), time.clock())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut core = BotCore::new(sandbox, policy, m, Arc::new(History::new(DEFAULT_PER_ROOM)));
+    let mut core = load_core(runtime, plugin, policy_config, &time, None).await?;
+    let name = core.manifest.name.clone();
 
     let mut report = ReplayReport {
         plugin: plugin.display().to_string(),

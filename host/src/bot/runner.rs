@@ -16,6 +16,7 @@ use crate::store::Store;
 use super::caps::{HistoryCap, KvCap};
 use super::core::{BotCore, CoreCounters, Effect};
 use super::history::History;
+use super::shadow::{Shadow, ShadowBoard, ShadowSeams};
 
 /// What every bot of a host shares.
 #[derive(Clone)]
@@ -152,8 +153,19 @@ pub struct Bot {
     worker: JoinHandle<()>,
     probes: crate::telemetry::Probes,
     names: NameClaims,
-    /// Hot reload: new persona versions for the worker to install between messages.
-    swaps: tokio::sync::mpsc::UnboundedSender<super::reload::Swap>,
+    /// Hot reload: new persona versions (and shadows) for the worker to install
+    /// between messages.
+    swaps: tokio::sync::mpsc::UnboundedSender<WorkerCmd>,
+    /// What a shadow of this bot borrows from it.
+    seams: ShadowSeams,
+}
+
+/// What the worker installs between two messages.
+enum WorkerCmd {
+    /// A new version of the persona.
+    Swap(super::reload::Swap),
+    /// A new shadow, or none.
+    Shadow(Option<Shadow>),
 }
 
 impl Bot {
@@ -239,6 +251,13 @@ impl Bot {
         scfg.name = m.name.clone();
         scfg.description = m.description.clone();
         scfg.rooms = m.rooms.clone();
+        let seams = ShadowSeams {
+            label: label.clone(),
+            bot_name: m.name.clone(),
+            history: history.clone(),
+            rooms: membership.clone(),
+            board: Arc::new(ShadowBoard::default()),
+        };
         let (session, mut events) = match session::spawn_with(scfg, host.store.clone(), membership)
         {
             Ok(spawned) => spawned,
@@ -264,35 +283,54 @@ impl Bot {
         first.persona.installed(&core);
         let counters = Arc::new(Mutex::new(first));
         let (stop, mut stopped) = watch::channel(false);
-        let (swaps, mut swap_rx) = tokio::sync::mpsc::unbounded_channel::<super::reload::Swap>();
+        let (swaps, mut swap_rx) = tokio::sync::mpsc::unbounded_channel::<WorkerCmd>();
         let worker = {
             let session = session.clone();
             let counters = counters.clone();
             let label = label.clone();
             tokio::spawn(async move {
                 let mut identity = IdentityTracker::default();
+                let mut shadow: Option<Shadow> = None;
                 loop {
                     tokio::select! {
                         biased;
                         _ = async { stopped.wait_for(|s| *s).await.is_ok() } => break,
                         // A new version is installed between two messages, never
                         // during one (see `reload`).
-                        Some(swap) = swap_rx.recv() => {
-                            let effects = swap.install(&mut core);
-                            apply(&label, &session, &history, effects);
-                            let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
-                            c.reloads += 1;
-                            c.persona.installed(&core);
-                        }
+                        Some(cmd) = swap_rx.recv() => match cmd {
+                            WorkerCmd::Swap(swap) => {
+                                let effects = swap.install(&mut core);
+                                apply(&label, &session, &history, effects);
+                                let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
+                                c.reloads += 1;
+                                c.persona.installed(&core);
+                            }
+                            WorkerCmd::Shadow(new) => {
+                                if let (Some(s), Some((name, key))) = (&new, &identity.known) {
+                                    s.identity(name, key);
+                                }
+                                shadow = new;
+                            }
+                        },
                         event = events.recv() => {
                             let Some(event) = event else { break };
                             let SessionEvent::Message(msg) = event else {
-                                identity.on_event(event, &mut core);
+                                identity.on_event(event, &mut core, shadow.as_ref());
                                 continue;
                             };
-                            let (_verdict, effects) = core.handle(&msg).await;
+                            let handled = core.handle_observed(&msg).await;
+                            let effects = handled.effects;
                             let failed = failed_call(&effects);
+                            // The shadow sees the message only once the live reply is
+                            // in the outbox.
+                            let for_shadow = match (&shadow, handled.delivered) {
+                                (Some(_), Some(delivered)) => Some((delivered, effects.clone())),
+                                _ => None,
+                            };
                             apply(&label, &session, &history, effects);
+                            if let (Some(s), Some((delivered, live))) = (&shadow, for_shadow) {
+                                s.offer(delivered, live);
+                            }
                             let mut c = counters.lock().unwrap_or_else(|p| p.into_inner());
                             // (A call refused during quarantine is not a new failure.)
                             let failed = failed
@@ -314,6 +352,7 @@ impl Bot {
             crate::telemetry::BotProbe {
                 session: session.clone(),
                 counters: counters.clone(),
+                shadow: seams.board.clone(),
             },
         );
         Ok(Bot {
@@ -326,6 +365,7 @@ impl Bot {
             probes,
             names: host.names.clone(),
             swaps,
+            seams,
         })
     }
 
@@ -338,7 +378,37 @@ impl Bot {
     /// worker has stopped.
     #[must_use]
     pub fn swap(&self, swap: super::reload::Swap) -> bool {
-        self.swaps.send(swap).is_ok()
+        self.swaps.send(WorkerCmd::Swap(swap)).is_ok()
+    }
+
+    /// Starts `component` as this bot's shadow (see [`super::shadow`]), replacing
+    /// the one it has, if any (which stops after the message it is on).
+    pub async fn start_shadow(
+        &self,
+        host: &HostContext,
+        component: Arc<PersonaComponent>,
+    ) -> anyhow::Result<()> {
+        let mut seams = self.seams.clone();
+        if let Some(name) = self.session.status().name {
+            seams.bot_name = name;
+        }
+        let shadow = super::shadow::start(host, &seams, component).await?;
+        if self.swaps.send(WorkerCmd::Shadow(Some(shadow))).is_err() {
+            self.seams.board.stopped();
+            anyhow::bail!("the bot's worker has stopped");
+        }
+        Ok(())
+    }
+
+    /// Stops this bot's shadow, if it has one.
+    pub fn stop_shadow(&self) {
+        let _ = self.swaps.send(WorkerCmd::Shadow(None));
+        self.seams.board.stopped();
+    }
+
+    /// The bot's shadow outcomes and last differing pairs.
+    pub fn shadow(&self) -> super::shadow::BoardSnapshot {
+        self.seams.board.snapshot()
     }
 
     pub fn counters(&self) -> BotCounters {
@@ -390,17 +460,23 @@ fn apply(label: &str, session: &SessionHandle, history: &History, effects: Vec<E
 #[derive(Default)]
 struct IdentityTracker {
     name: Option<String>,
+    /// The last name and key, for a shadow started later.
+    known: Option<(String, crate::protocol::ApiKey)>,
 }
 
 impl IdentityTracker {
-    fn on_event(&mut self, event: SessionEvent, core: &mut BotCore) {
+    fn on_event(&mut self, event: SessionEvent, core: &mut BotCore, shadow: Option<&Shadow>) {
         match event {
             SessionEvent::Identity { name, key } => {
                 if self.name.as_deref() != Some(name.as_str()) {
                     core.set_network_name(&name);
-                    self.name = Some(name);
+                    self.name = Some(name.clone());
                 }
                 core.policy.add_known_secret(key.expose());
+                if let Some(s) = shadow {
+                    s.identity(&name, &key);
+                }
+                self.known = Some((name, key));
             }
             SessionEvent::Throttled { retry_after } => {
                 let pause = core.policy.on_server_throttle(retry_after);

@@ -68,6 +68,9 @@ pub struct PersonaContext {
     pub grants: Grants,
     /// Where the persona's log lines and its stdout/stderr go.
     pub log: Arc<LogSink>,
+    /// For a shadow: the label of the persona it shadows (its grants are that
+    /// persona's, and its LLM grant is `personas.NAME.shadow.llm`).
+    pub shadow_of: Option<String>,
 }
 
 impl PersonaContext {
@@ -88,6 +91,25 @@ impl PersonaContext {
             settings,
             grants,
             log: Arc::new(LogSink::new(label)),
+            shadow_of: None,
+        })
+    }
+
+    /// The context of the shadow `label` of persona `live` (see [`crate::bot::shadow`]).
+    pub fn new_shadow(
+        label: &str,
+        live: &str,
+        bot_name: &str,
+        settings: BTreeMap<String, String>,
+        grants: Grants,
+    ) -> Arc<Self> {
+        Arc::new(PersonaContext {
+            label: label.to_string(),
+            bot_name: RwLock::new(bot_name.to_string()),
+            settings,
+            grants,
+            log: Arc::new(LogSink::new(label)),
+            shadow_of: Some(live.to_string()),
         })
     }
 
@@ -107,9 +129,14 @@ impl PersonaContext {
 
     /// The typed refusal for an ungranted capability.
     pub fn denied(&self, capability: &str) -> Denied {
+        let config_key = match &self.shadow_of {
+            Some(live) if capability == "llm" => format!("personas.{live}.shadow.llm"),
+            Some(live) => format!("personas.{live}.{capability}.allow"),
+            None => format!("personas.{}.{capability}.allow", self.label),
+        };
         Denied {
             capability: capability.to_string(),
-            config_key: format!("personas.{}.{capability}.allow", self.label),
+            config_key,
         }
     }
 }

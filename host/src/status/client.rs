@@ -223,6 +223,57 @@ pub fn render(s: &HostStatus) -> String {
         out.push('\n');
         table(&mut out, &rows);
     }
+    for b in &s.bots {
+        let Some(sh) = &b.shadow else { continue };
+        let which = match &sh.running {
+            Some(v) => format!("version {} listening", v.version),
+            None => "stopped".into(),
+        };
+        let _ = writeln!(
+            out,
+            "\nshadow of {} ({which}): {}",
+            b.label,
+            super::shadow_counts(sh)
+        );
+        for p in sh.recent.iter().take(5) {
+            let score = p
+                .similarity
+                .map(|x| format!(" ({x:.2})"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {} UTC  {}{score}  #{} <{}> {}",
+                clock(p.at_ms),
+                p.outcome,
+                p.room,
+                p.from,
+                one_line(&p.text, 60)
+            );
+            let side = |acts: &[crate::bot::shadow::Act]| {
+                if acts.is_empty() {
+                    "(nothing)".to_string()
+                } else {
+                    one_line(
+                        &acts
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" | "),
+                        90,
+                    )
+                }
+            };
+            let _ = writeln!(out, "    live:   {}", side(&p.live));
+            match &p.detail {
+                Some(d) => {
+                    let _ = writeln!(out, "    shadow: {} ({})", side(&p.shadow), one_line(d, 60));
+                }
+                None => {
+                    let _ = writeln!(out, "    shadow: {}", side(&p.shadow));
+                }
+            }
+        }
+    }
     if let Some(r) = &s.reloads {
         let _ = writeln!(
             out,

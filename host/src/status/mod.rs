@@ -92,6 +92,24 @@ pub struct BotStatus {
     pub dropped: BTreeMap<String, u64>,
     /// Versions swapped in by hot reload.
     pub reloads: u64,
+    /// The bot's shadow, if it has or had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStatus>,
+}
+
+/// A bot's shadow (see [`crate::bot::shadow`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowStatus {
+    /// The shadow listening now; `None` once it stopped (promoted or removed).
+    pub running: Option<crate::bot::shadow::ShadowVersion>,
+    /// Messages compared, by outcome (every outcome, zeros included).
+    pub outcomes: BTreeMap<String, u64>,
+    /// The shadow's calls and failed calls.
+    pub calls: u64,
+    pub errors: u64,
+    pub quarantined: bool,
+    /// The last pairs that were not `same`, newest first.
+    pub recent: Vec<crate::bot::shadow::ShadowPair>,
 }
 
 /// Which persona a bot runs.
@@ -236,6 +254,34 @@ fn bot_status(b: &BotSnapshot, now: SystemTime) -> BotStatus {
         outbox_depth: s.outbox_depth as u64,
         dropped,
         reloads: c.reloads,
+        shadow: b.shadow.as_ref().map(|sh| ShadowStatus {
+            running: sh.running.clone(),
+            outcomes: sh
+                .outcomes
+                .iter()
+                .map(|(o, n)| (o.as_str().to_string(), *n))
+                .collect(),
+            calls: sh.calls,
+            errors: sh.errors,
+            quarantined: sh.quarantined,
+            recent: sh.recent.clone(),
+        }),
+    }
+}
+
+/// A shadow's counts worth showing: `same 12, different 3, ...` (zeros left out).
+pub fn shadow_counts(s: &ShadowStatus) -> String {
+    let counts: Vec<String> = crate::bot::shadow::Outcome::ALL
+        .iter()
+        .filter_map(|o| {
+            let n = s.outcomes.get(o.as_str()).copied().unwrap_or(0);
+            (n > 0).then(|| format!("{o} {n}"))
+        })
+        .collect();
+    if counts.is_empty() {
+        "nothing compared yet".into()
+    } else {
+        counts.join(", ")
     }
 }
 

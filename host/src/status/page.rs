@@ -101,6 +101,7 @@ pub fn render(s: &HostStatus) -> String {
         at = clock(s.generated_at_ms),
     );
     bots_table(&mut out, s);
+    shadows_section(&mut out, s);
     reloads_section(&mut out, s);
     out.push_str("</main>\n</body>\n</html>\n");
     out
@@ -231,6 +232,75 @@ fn bot_row(out: &mut String, b: &BotStatus, now_ms: u64) {
     );
 }
 
+/// The bots' shadows: counts, then the last differing pairs side by side.
+fn shadows_section(out: &mut String, s: &HostStatus) {
+    let shadows: Vec<(&BotStatus, &super::ShadowStatus)> = s
+        .bots
+        .iter()
+        .filter_map(|b| b.shadow.as_ref().map(|sh| (b, sh)))
+        .collect();
+    if shadows.is_empty() {
+        return;
+    }
+    out.push_str("<section id=\"shadows\">\n<h2>Shadows</h2>\n");
+    for (b, sh) in shadows {
+        let which = match &sh.running {
+            Some(v) => format!("version {} listening", v.version),
+            None => "stopped".into(),
+        };
+        let _ = writeln!(
+            out,
+            "<p><strong>{label}</strong> <span class=\"muted\">({which})</span>: {counts}</p>",
+            label = escape(&b.label),
+            which = escape(&which),
+            counts = escape(&super::shadow_counts(sh)),
+        );
+        if sh.recent.is_empty() {
+            continue;
+        }
+        out.push_str(
+            "<div class=\"scroll\"><table>\n<thead><tr><th>When (UTC)</th><th>Outcome</th>\
+             <th>Message</th><th>Live</th><th>Shadow</th></tr></thead>\n<tbody>\n",
+        );
+        for p in &sh.recent {
+            let side = |acts: &[crate::bot::shadow::Act]| {
+                if acts.is_empty() {
+                    "<span class=\"muted\">nothing</span>".to_string()
+                } else {
+                    acts.iter()
+                        .map(|a| escape(&a.to_string()))
+                        .collect::<Vec<_>>()
+                        .join("<br>")
+                }
+            };
+            let outcome = match p.similarity {
+                Some(x) => format!("{} ({x:.2})", p.outcome),
+                None => p.outcome.to_string(),
+            };
+            let detail = p
+                .detail
+                .as_deref()
+                .map(|d| format!("<br><small>{}</small>", escape(d)))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "<tr><td>{at}</td><td class=\"nowrap\">{outcome}</td>\
+                 <td class=\"err\">#{room} &lt;{from}&gt; {text}</td><td class=\"err\">{live}</td>\
+                 <td class=\"err\">{shadow}{detail}</td></tr>",
+                at = clock(p.at_ms),
+                outcome = escape(&outcome),
+                room = escape(&p.room),
+                from = escape(&p.from),
+                text = escape(&p.text),
+                live = side(&p.live),
+                shadow = side(&p.shadow),
+            );
+        }
+        out.push_str("</tbody>\n</table></div>\n");
+    }
+    out.push_str("</section>\n");
+}
+
 fn reloads_section(out: &mut String, s: &HostStatus) {
     out.push_str("<section id=\"reloads\">\n<h2>Recent reloads</h2>\n");
     let Some(r) = &s.reloads else {
@@ -314,6 +384,31 @@ mod tests {
                 outbox_depth: 0,
                 dropped: BTreeMap::from([("loop-guard".into(), 2), ("secret".into(), 0)]),
                 reloads: 1,
+                shadow: Some(super::super::ShadowStatus {
+                    running: None,
+                    outcomes: BTreeMap::from([("different".into(), 1), ("same".into(), 4)]),
+                    calls: 5,
+                    errors: 0,
+                    quarantined: false,
+                    recent: vec![crate::bot::shadow::ShadowPair {
+                        at_ms: 999_000,
+                        bot: "evil".into(),
+                        outcome: crate::bot::shadow::Outcome::Different,
+                        similarity: Some(0.5),
+                        room: "lobby".into(),
+                        from: "<img>".into(),
+                        text: "hi".into(),
+                        timestamp_ms: 1,
+                        live: vec![],
+                        shadow: vec![crate::bot::shadow::Act {
+                            kind: "say".into(),
+                            room: "lobby".into(),
+                            text: "<script>x</script>".into(),
+                        }],
+                        detail: None,
+                        shadow_version: "2".into(),
+                    }],
+                }),
             }],
             reloads: Some(Reloads {
                 loaded: 1,
@@ -345,5 +440,8 @@ mod tests {
         assert!(page.contains(&"ab".repeat(6)));
         assert!(page.contains("persona, 10 s ago"));
         assert!(page.contains("reloaded once"));
+        assert!(page.contains("same 4, different 1"));
+        assert!(page.contains("different (0.50)"));
+        assert!(page.contains("&lt;img&gt;") && page.contains("&lt;script&gt;x"));
     }
 }
