@@ -87,13 +87,28 @@ pub struct ReplayReport {
 }
 
 /// One parsed log line.
-enum Line {
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogLine {
+    /// A message to feed to the bot.
     Message(ChatMessage),
+    /// A line of a known kind that is not input (`response` lines, other frame types).
     Skip,
+    /// Neither format.
     Malformed,
 }
 
-fn parse_line(text: &str) -> Line {
+/// Parses a whole log: each non-blank line with its 1-based line number.
+pub fn parse_log(text: &str) -> Vec<(usize, LogLine)> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, raw)| !raw.trim().is_empty())
+        .map(|(i, raw)| (i + 1, parse_log_line(raw)))
+        .collect()
+}
+
+/// Parses one log line (either format; see the module docs).
+pub fn parse_log_line(text: &str) -> LogLine {
+    use LogLine as Line;
     let Ok(v) = serde_json::from_str::<Value>(text) else {
         return Line::Malformed;
     };
@@ -340,19 +355,15 @@ pub async fn replay(
         ..Default::default()
     };
     let mut first_ts: Option<u64> = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line_no = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
+    for (line_no, line) in parse_log(&text) {
         report.lines += 1;
-        let msg = match parse_line(raw) {
-            Line::Message(m) => m,
-            Line::Skip => {
+        let msg = match line {
+            LogLine::Message(m) => m,
+            LogLine::Skip => {
                 report.skipped_lines += 1;
                 continue;
             }
-            Line::Malformed => {
+            LogLine::Malformed => {
                 report.malformed_lines.push(line_no);
                 continue;
             }
@@ -506,7 +517,7 @@ mod tests {
     #[test]
     fn both_log_shapes_parse() {
         let corpus = r#"{"timestamp": "2026-01-30T16:28:22.699000", "type": "message", "user": "nc", "text": "hi", "room": "lobby", "id": "x"}"#;
-        let Line::Message(m) = parse_line(corpus) else {
+        let LogLine::Message(m) = parse_log_line(corpus) else {
             panic!("corpus line")
         };
         assert_eq!(
@@ -514,18 +525,26 @@ mod tests {
             ("lobby", "nc", "hi")
         );
         let sys = r#"{"timestamp": "2026-01-30T16:28:22.699000", "type": "system", "user": "system", "text": "⚡ a joined #lobby.", "room": "lobby"}"#;
-        assert!(matches!(parse_line(sys), Line::Message(m) if m.from == "system"));
+        assert!(matches!(parse_log_line(sys), LogLine::Message(m) if m.from == "system"));
         let resp = r#"{"timestamp": "2026-01-30T16:28:22.699000", "type": "response", "user": "me", "text": "x", "room": "lobby"}"#;
-        assert!(matches!(parse_line(resp), Line::Skip));
+        assert!(matches!(parse_log_line(resp), LogLine::Skip));
         let frame =
             r#"{"type":"message","room":"lobby","from":"a","text":"yo","timestamp":1769790508965}"#;
-        assert!(matches!(parse_line(frame), Line::Message(m) if m.timestamp_ms == 1769790508965));
+        assert!(matches!(parse_log_line(frame), LogLine::Message(m) if m.timestamp_ms == 1769790508965));
         assert!(matches!(
-            parse_line(r#"{"type":"connected","agent":"a"}"#),
-            Line::Skip
+            parse_log_line(r#"{"type":"connected","agent":"a"}"#),
+            LogLine::Skip
         ));
-        assert!(matches!(parse_line("not json"), Line::Malformed));
-        assert!(matches!(parse_line("[1,2]"), Line::Malformed));
-        assert!(matches!(parse_line(r#"{"user":"a"}"#), Line::Malformed));
+        assert!(matches!(parse_log_line("not json"), LogLine::Malformed));
+        assert!(matches!(parse_log_line("[1,2]"), LogLine::Malformed));
+        assert!(matches!(parse_log_line(r#"{"user":"a"}"#), LogLine::Malformed));
+    }
+
+    #[test]
+    fn whole_log_numbers_non_blank_lines() {
+        let log = "not json\n\n   \n{\"type\":\"connected\",\"agent\":\"a\"}\n";
+        let lines = parse_log(log);
+        assert_eq!(lines, vec![(1, LogLine::Malformed), (4, LogLine::Skip)]);
+        assert!(parse_log("").is_empty());
     }
 }
