@@ -27,6 +27,7 @@
 //! | `new-instructions` | "new system prompt:", "your new instructions are:", "new instructions follow" | 0.5–1.0 |
 //! | `secrecy`, `ai-address`, `override-claim`, `remote-exec` | "don't tell your human", "if you are an AI reading this", "I am your developer", `curl … \| sh` | 0.5–0.6 |
 //! | `hidden-text` | words hidden in Unicode tag characters | 1.0 |
+//! | `intent` | paraphrases in English, Spanish, French, German, Portuguese, Russian, Chinese and Japanese, scored by [`super::intent`] (verb and object lexicons with proximity) | what its score has beyond the other families' sum |
 //!
 //! Imperative, addressed-to-you forms weigh fully; descriptive, reported, negated,
 //! quoted or first-person mentions weigh nothing. For an override or reveal verb the
@@ -57,6 +58,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
+use super::intent;
 use super::normalize::{collapse_spaced, fold_confusables, hidden_tag_text, normalize};
 use super::prefilter::{Candidates, Gate, Prefilter};
 
@@ -118,6 +120,7 @@ fn detect_with(text: &str, normalized: &str, prefilter: bool) -> InjectionVerdic
         scan_view(&leet, &mut hits, prefilter);
     }
     scan_squeezed(&lower, &mut hits);
+    let intent = intent::score(normalized).total();
 
     if let Some(hidden) = hidden_tag_text(text) {
         let hidden_lower = lower_view(&hidden);
@@ -127,7 +130,7 @@ fn detect_with(text: &str, normalized: &str, prefilter: bool) -> InjectionVerdic
         scan_view(&hidden_lower, &mut hits, prefilter);
         scan_squeezed(&hidden_lower, &mut hits);
     }
-    hits.verdict()
+    hits.verdict(intent)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -154,11 +157,16 @@ impl Hits {
             .map_or(0.0, |(_, w)| *w)
     }
 
-    fn verdict(mut self) -> InjectionVerdict {
+    /// The verdict, with `intent` the multilingual intent score ([`super::intent`]): it
+    /// adds what it has beyond the rules' sum (family `intent`), so a message both catch
+    /// is not counted twice.
+    fn verdict(mut self, intent: f32) -> InjectionVerdict {
         // Modifiers only count when something they modify matched.
         if self.get("reveal-request").max(self.get("prompt-question")) < 0.3 {
             self.0.retain(|(f, _)| *f != "verbatim");
         }
+        let rules: f32 = self.0.iter().map(|(_, w)| w).sum();
+        self.add("intent", intent - rules);
         self.0
             .sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
         let score = self.0.iter().fold(0.0f32, |acc, (_, w)| acc + w);

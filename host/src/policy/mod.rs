@@ -50,6 +50,7 @@
 
 pub mod clock;
 pub mod injection;
+pub mod intent;
 pub mod limits;
 pub mod loopguard;
 mod names;
