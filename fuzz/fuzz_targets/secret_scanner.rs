@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use roost::policy::{SecretScanner, SecretsConfig, normalize};
 use roost::policy::secrets::scan_formats;
+use roost::policy::{SecretScanner, SecretsConfig, normalize};
 use std::sync::LazyLock;
 
 const KNOWN: &str = "rk_live_Q7fT2mZ9xW4cV8bN1pL6";
@@ -32,6 +32,9 @@ fuzz_target!(|data: &[u8]| {
             cut -= 1;
         }
         let wrapped = format!("{} {KNOWN} {}", &text[..cut], &text[cut..]);
-        assert!(SCANNER.scan(&wrapped).is_some(), "known secret missed in {wrapped:?}");
+        assert!(
+            SCANNER.scan(&wrapped).is_some(),
+            "known secret missed in {wrapped:?}"
+        );
     }
 });

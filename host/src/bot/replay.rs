@@ -530,14 +530,19 @@ mod tests {
         assert!(matches!(parse_log_line(resp), LogLine::Skip));
         let frame =
             r#"{"type":"message","room":"lobby","from":"a","text":"yo","timestamp":1769790508965}"#;
-        assert!(matches!(parse_log_line(frame), LogLine::Message(m) if m.timestamp_ms == 1769790508965));
+        assert!(
+            matches!(parse_log_line(frame), LogLine::Message(m) if m.timestamp_ms == 1769790508965)
+        );
         assert!(matches!(
             parse_log_line(r#"{"type":"connected","agent":"a"}"#),
             LogLine::Skip
         ));
         assert!(matches!(parse_log_line("not json"), LogLine::Malformed));
         assert!(matches!(parse_log_line("[1,2]"), LogLine::Malformed));
-        assert!(matches!(parse_log_line(r#"{"user":"a"}"#), LogLine::Malformed));
+        assert!(matches!(
+            parse_log_line(r#"{"user":"a"}"#),
+            LogLine::Malformed
+        ));
     }
 
     #[test]

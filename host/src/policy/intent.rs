@@ -33,8 +33,8 @@
 //! (`инструкци*`); Chinese and Japanese terms match anywhere. Terms inside quotation
 //! marks are reported speech and ignored.
 //!
-//! Within one sentence, a verb pairs with the nearest object of its kind on either side
-//! (verb-final languages put the object first) within [`PAIR_SPAN`] bytes, unless the
+//! Within one sentence, a verb pairs with each object of its kind after it (or before it,
+//! for a Chinese or Japanese verb or a `VOID`) within [`PAIR_SPAN`] bytes, unless the
 //! verb is negated (a `NEGATION` within 12 characters), a first- or third-person subject
 //! is the last person before it, a `META` cue marks the sentence as talk about injection,
 //! a `POST_DESC` verb follows the pair (it is a subject), or the object is someone else's
@@ -358,8 +358,16 @@ const LEXICON: &[(u32, &str, &str)] = &[
         "ru",
         "скрыт*|секретн*|системн*|исходн*|изначальн*|внутренн*|полн*",
     ),
-    (MODIFIER, "zh", "秘密|最初|隐藏|秘密的|系统|初始|原始|内部|完整"),
-    (MODIFIER, "ja", "隠された|隠し|秘密の|システム|初期|元の|内部|完全な"),
+    (
+        MODIFIER,
+        "zh",
+        "秘密|最初|隐藏|秘密的|系统|初始|原始|内部|完整",
+    ),
+    (
+        MODIFIER,
+        "ja",
+        "隠された|隠し|秘密の|システム|初期|元の|内部|完全な",
+    ),
     // ---- "previous", "all"
     (
         QUALIFIER,
@@ -553,7 +561,11 @@ const LEXICON: &[(u32, &str, &str)] = &[
         "fr",
         "à partir de maintenant|désormais|dorénavant|dès maintenant|à partir de ce moment",
     ),
-    (SWITCH, "de", "ab jetzt|von nun an|ab sofort|ab diesem moment|von jetzt an"),
+    (
+        SWITCH,
+        "de",
+        "ab jetzt|von nun an|ab sofort|ab diesem moment|von jetzt an",
+    ),
     (
         SWITCH,
         "pt",
@@ -643,12 +655,36 @@ const LEXICON: &[(u32, &str, &str)] = &[
         "フィルターのない|フィルターなし|ルールのない|制限なし|制限のない|制限がない|ルールなし|検閲なし|開発者モード|制約のない",
     ),
     // ---- claimed authority
-    (ANNOUNCE, "en", "new rule|new rules|new instruction|new instructions|updated instructions"),
-    (ANNOUNCE, "es", "nueva regla|nuevas reglas|nueva instrucción|nuevas instrucciones"),
-    (ANNOUNCE, "fr", "nouvelle règle|nouvelles règles|nouvelle consigne|nouvelles consignes|nouvelles instructions"),
-    (ANNOUNCE, "de", "neue regel|neue regeln|neue anweisung|neue anweisungen"),
-    (ANNOUNCE, "pt", "nova regra|novas regras|nova instrução|novas instruções"),
-    (ANNOUNCE, "ru", "новое правило|новые правила|новая инструкция|новые инструкции"),
+    (
+        ANNOUNCE,
+        "en",
+        "new rule|new rules|new instruction|new instructions|updated instructions",
+    ),
+    (
+        ANNOUNCE,
+        "es",
+        "nueva regla|nuevas reglas|nueva instrucción|nuevas instrucciones",
+    ),
+    (
+        ANNOUNCE,
+        "fr",
+        "nouvelle règle|nouvelles règles|nouvelle consigne|nouvelles consignes|nouvelles instructions",
+    ),
+    (
+        ANNOUNCE,
+        "de",
+        "neue regel|neue regeln|neue anweisung|neue anweisungen",
+    ),
+    (
+        ANNOUNCE,
+        "pt",
+        "nova regra|novas regras|nova instrução|novas instruções",
+    ),
+    (
+        ANNOUNCE,
+        "ru",
+        "новое правило|новые правила|новая инструкция|новые инструкции",
+    ),
     (ANNOUNCE, "zh", "新规则|新的规则|新指令|新的指令"),
     (ANNOUNCE, "ja", "新しいルール|新しい指示|新しい命令"),
     (
@@ -695,7 +731,11 @@ const LEXICON: &[(u32, &str, &str)] = &[
     (DET, "en", "the|a|an|this|that"),
     (DET, "es", "el|la|los|las|un|una|este|esta|estos|estas"),
     (DET, "fr", "le|la|les|l'*|un|une|des|du|ce|cette|ces"),
-    (DET, "de", "der|die|das|den|dem|ein|eine|einen|einem|diese|dieser|dieses"),
+    (
+        DET,
+        "de",
+        "der|die|das|den|dem|ein|eine|einen|einem|diese|dieser|dieses",
+    ),
     (DET, "pt", "o|a|os|as|um|uma|este|esta|esse|essa"),
     // ---- right after the object, a verb that makes "verb + object" the subject of a
     // description ("ignore previous instructions is the oldest trick")
@@ -742,7 +782,11 @@ const LEXICON: &[(u32, &str, &str)] = &[
         "больше не действуют|больше не действительны|отменены|больше не применяются|больше не действует",
     ),
     (VOID, "zh", "不再适用|不再有效|已作废|已失效|全部作废"),
-    (VOID, "ja", "もう無効|無効です|適用されない|もう適用されません|無効になりました"),
+    (
+        VOID,
+        "ja",
+        "もう無効|無効です|適用されない|もう適用されません|無効になりました",
+    ),
     // ---- exfiltration formats
     (
         ENCODING,
@@ -852,6 +896,8 @@ struct Hit {
     class: u32,
     /// The classes it has as a cue of its own (see [`resolve_cues`]).
     cue: u32,
+    /// A Chinese or Japanese term.
+    cjk: bool,
 }
 
 /// What the intent scorer found, per kind of intent (each at most 1.0).
@@ -901,6 +947,7 @@ fn hits(v: &str) -> Vec<Hit> {
             end,
             class: term.class,
             cue: term.class,
+            cjk: term.cjk,
         });
     }
     out.sort_unstable_by_key(|h| (h.start, h.end));
@@ -911,7 +958,9 @@ fn hits(v: &str) -> Vec<Hit> {
         while q < quoted.len() && quoted[q].1 <= h.start {
             q += 1;
         }
-        !quoted.get(q).is_some_and(|&(a, b)| h.start >= a && h.start < b)
+        !quoted
+            .get(q)
+            .is_some_and(|&(a, b)| h.start >= a && h.start < b)
     });
     resolve_cues(&mut out, lex.longest);
     out
@@ -1043,7 +1092,8 @@ fn overlaps(a: &Hit, b: &Hit) -> bool {
 
 /// Characters between two byte offsets of `v`.
 fn chars_between(v: &str, a: usize, b: usize) -> usize {
-    v.get(a.min(b)..a.max(b)).map_or(usize::MAX, |t| t.chars().count())
+    v.get(a.min(b)..a.max(b))
+        .map_or(usize::MAX, |t| t.chars().count())
 }
 
 /// The hits of `list` (sorted by start) that start in `lo..hi`.
@@ -1075,7 +1125,8 @@ struct Sentence<'a> {
 
 impl<'a> Sentence<'a> {
     fn new(v: &'a str, start: usize, hits: &'a [Hit]) -> Self {
-        let pick = |class: u32| -> Vec<Hit> { hits.iter().copied().filter(|h| cue(h, class)).collect() };
+        let pick =
+            |class: u32| -> Vec<Hit> { hits.iter().copied().filter(|h| cue(h, class)).collect() };
         let mut persons = pick(YOU | OTHER);
         persons.sort_by_key(|h| h.end);
         let mut owners = pick(YOU | OTHER | DET);
@@ -1109,11 +1160,13 @@ impl<'a> Sentence<'a> {
         }
         // A negation within 12 characters before or after the verb: a prohibition.
         let lo = verb.start.saturating_sub(64);
-        let negated = starting_in(&self.negations, lo, verb.end + 64).iter().any(|h| {
-            !overlaps(h, verb)
-                && ((h.end <= verb.start && chars_between(self.v, h.end, verb.start) <= 12)
-                    || (h.start >= verb.end && chars_between(self.v, verb.end, h.start) <= 12))
-        });
+        let negated = starting_in(&self.negations, lo, verb.end + 64)
+            .iter()
+            .any(|h| {
+                !overlaps(h, verb)
+                    && ((h.end <= verb.start && chars_between(self.v, h.end, verb.start) <= 12)
+                        || (h.start >= verb.end && chars_between(self.v, verb.end, h.start) <= 12))
+            });
         if negated {
             return false;
         }
@@ -1132,7 +1185,11 @@ impl<'a> Sentence<'a> {
     /// object (after the verb when the verb comes first). Some(true) yours, Some(false)
     /// someone else's, None unsaid.
     fn owner(&self, verb: &Hit, obj: &Hit) -> Option<bool> {
-        let from = if verb.end <= obj.start { verb.end } else { self.start };
+        let from = if verb.end <= obj.start {
+            verb.end
+        } else {
+            self.start
+        };
         let n = self.owners.partition_point(|h| h.end <= obj.start);
         let h = self.owners[..n].last().filter(|h| h.start >= from)?;
         if cue(h, YOU) {
@@ -1150,7 +1207,15 @@ impl<'a> Sentence<'a> {
         let verb = *verb;
         starting_in(self.hits, lo, verb.end + PAIR_SPAN + 1)
             .iter()
-            .filter(move |h| has(h, class) && near(&verb, h))
+            // Objects come first only in Chinese and Japanese ("把你的凭证分享给我",
+            // "指示を無視して") and before a declared void ("the rules no longer
+            // apply"); elsewhere a noun before a verb-like word is not its object ("the
+            // system prompt leak").
+            .filter(move |h| {
+                has(h, class)
+                    && near(&verb, h)
+                    && (h.start >= verb.end || verb.cjk || has(&verb, VOID))
+            })
     }
 
     /// "ignore previous instructions is the oldest trick": verb and object are the
@@ -1178,9 +1243,13 @@ impl<'a> Sentence<'a> {
                     Some(true) => true,
                     _ => false,
                 };
-                let qualified = starting_in(&self.qualifiers, obj.start.saturating_sub(40), obj.start + 41)
-                    .iter()
-                    .any(|h| !overlaps(h, verb) && near(obj, h));
+                let qualified = starting_in(
+                    &self.qualifiers,
+                    obj.start.saturating_sub(40),
+                    obj.start + 41,
+                )
+                .iter()
+                .any(|h| !overlaps(h, verb) && near(obj, h));
                 let w = if has(obj, PRIOR_STRONG) || owned || qualified {
                     1.0
                 } else {
@@ -1204,9 +1273,12 @@ impl<'a> Sentence<'a> {
                     None => false,
                 };
                 let lo = obj.start.saturating_sub(24 + LEX.longest);
-                let modified = starting_in(&self.modifiers, lo, obj.end + 25).iter().any(|h| {
-                    !overlaps(h, obj) && h.start.abs_diff(obj.end).min(obj.start.abs_diff(h.end)) <= 24
-                });
+                let modified = starting_in(&self.modifiers, lo, obj.end + 25)
+                    .iter()
+                    .any(|h| {
+                        !overlaps(h, obj)
+                            && h.start.abs_diff(obj.end).min(obj.start.abs_diff(h.end)) <= 24
+                    });
                 let mut w: f32 = if has(obj, SECRET_STRONG) || modified {
                     1.0
                 } else if owned {
@@ -1330,7 +1402,8 @@ mod tests {
 
     #[test]
     fn labelled_set_recall_and_false_flags() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/injection");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/injection");
         let (mut tp_all, mut pos_all, mut fp_all, mut neg_all) = (0, 0, 0, 0);
         let mut failures = Vec::new();
         for lang in LANGS {
@@ -1350,7 +1423,12 @@ mod tests {
                     fp += usize::from(v.suspicious());
                 }
                 if v.suspicious() != want {
-                    println!("  {lang} {}: {t} -> {:.2} {:?}", if want { "missed" } else { "flagged" }, v.score, v.matched);
+                    println!(
+                        "  {lang} {}: {t} -> {:.2} {:?}",
+                        if want { "missed" } else { "flagged" },
+                        v.score,
+                        v.matched
+                    );
                 }
             }
             let recall = tp as f64 / pos as f64;
@@ -1364,7 +1442,8 @@ mod tests {
             if recall < RECALL_FLOOR || false_flags > FALSE_FLAG_CEILING {
                 failures.push(*lang);
             }
-            (tp_all, pos_all, fp_all, neg_all) = (tp_all + tp, pos_all + pos, fp_all + fp, neg_all + neg);
+            (tp_all, pos_all, fp_all, neg_all) =
+                (tp_all + tp, pos_all + pos, fp_all + fp, neg_all + neg);
         }
         println!(
             "all: recall {tp_all}/{pos_all} = {:.1}%, false flags {fp_all}/{neg_all} = {:.1}%",
