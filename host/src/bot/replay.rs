@@ -194,15 +194,12 @@ fn read_log(log: &Path) -> anyhow::Result<Parsed> {
         skipped: 0,
         malformed: Vec::new(),
     };
-    for (i, raw) in text.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
-        }
+    for (line_no, line) in parse_log(&text) {
         p.lines += 1;
-        match parse_line(raw) {
-            Line::Message(m) => p.messages.push((i + 1, m)),
-            Line::Skip => p.skipped += 1,
-            Line::Malformed => p.malformed.push(i + 1),
+        match line {
+            LogLine::Message(m) => p.messages.push((line_no, m)),
+            LogLine::Skip => p.skipped += 1,
+            LogLine::Malformed => p.malformed.push(line_no),
         }
     }
     Ok(p)
