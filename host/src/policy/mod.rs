@@ -57,8 +57,10 @@ mod names;
 pub mod normalize;
 pub mod outbound;
 mod prefilter;
+pub mod reshape;
 pub mod secrets;
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
@@ -86,6 +88,9 @@ use outbound::base_name;
 /// [policy.secrets]
 /// high_entropy = true       # block long random-looking tokens of no known format
 /// entropy_min_len = 24
+/// known_fragment_len = 12   # block this many characters in a row of a held key
+/// window_messages = 8       # scan a reply together with the bot's last N in the room
+/// window_chars = 4000       # ... and at most this many characters of them
 ///
 /// [policy.limits]
 /// bot_per_minute = 20       # hard ceiling over any 60 s, all rooms
@@ -144,6 +149,15 @@ impl PolicyConfig {
         }
         if self.loop_guard.max_exchanges == 0 {
             return out_of_range("loop_guard.max_exchanges", "at least 1");
+        }
+        if !(secrets::MIN_KNOWN_SECRET_LEN..=256).contains(&self.secrets.known_fragment_len) {
+            return out_of_range("secrets.known_fragment_len", "between 8 and 256");
+        }
+        if self.secrets.window_messages > 64 {
+            return out_of_range("secrets.window_messages", "at most 64");
+        }
+        if self.secrets.window_chars > 64_000 {
+            return out_of_range("secrets.window_chars", "at most 64000");
         }
         if !(self.loop_guard.repeat_similarity > 0.0 && self.loop_guard.repeat_similarity <= 1.0) {
             return out_of_range("loop_guard.repeat_similarity", "in (0, 1]");
@@ -420,7 +434,14 @@ pub struct Policy {
     loop_guard: LoopGuard,
     clock: Clock,
     counters: PolicyCounters,
+    /// The bot's last sent messages per room (newest last), for the secret scan of
+    /// the next reply (see [`SecretsConfig::window_messages`]).
+    recent: HashMap<String, VecDeque<String>>,
 }
+
+/// Rooms whose recent messages a policy remembers at most (the least recently used
+/// room is forgotten first).
+const MAX_RECENT_ROOMS: usize = 64;
 
 impl Policy {
     /// A policy for the bot `identity`, on `clock`. Validates `config`.
@@ -444,6 +465,7 @@ impl Policy {
             identity,
             clock,
             counters: PolicyCounters::default(),
+            recent: HashMap::new(),
         })
     }
 
@@ -451,6 +473,12 @@ impl Policy {
     /// containing it are blocked. Returns `false` for secrets too short to scan for.
     pub fn add_known_secret(&self, secret: &str) -> bool {
         self.scanner.add_known_secret(secret)
+    }
+
+    /// Uses `known` (e.g. one set for every bot of a host, so each bot's chat key is
+    /// known to all) instead of this policy's own known secrets.
+    pub fn share_known_secrets(&mut self, known: KnownSecrets) {
+        self.scanner = SecretScanner::with_known(self.config.secrets.clone(), known);
     }
 
     /// The network assigned a (new) name, e.g. with a suffix after a 409.
@@ -592,7 +620,12 @@ impl Policy {
         text: &str,
         in_reply_to: Option<&InboundMsg<'_>>,
     ) -> OutboundVerdict {
-        if let Some(f) = self.scanner.scan(text) {
+        let recent: Vec<&str> = self
+            .recent
+            .get(room)
+            .map(|r| r.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        if let Some(f) = self.scanner.scan_after(&recent, text) {
             return OutboundVerdict::Drop(DropReason::Secret {
                 kind: f.kind,
                 rule: f.rule,
@@ -631,11 +664,37 @@ impl Policy {
             self.counters.paced += 1;
         }
         self.loop_guard.record(room, partner, &out.text, now);
+        self.remember_sent(room, &out.text);
         OutboundVerdict::Send(Outgoing {
             text: out.text,
             edits: out.edits,
             delay,
         })
+    }
+
+    /// Keeps `text` in the room's window of recent messages, bounded by
+    /// `window_messages` and `window_chars`.
+    fn remember_sent(&mut self, room: &str, text: &str) {
+        let cfg = &self.config.secrets;
+        if cfg.window_messages == 0 {
+            return;
+        }
+        if !self.recent.contains_key(room) && self.recent.len() >= MAX_RECENT_ROOMS {
+            // Forget a room (any: a bot in more rooms than this is rare).
+            if let Some(k) = self.recent.keys().next().cloned() {
+                self.recent.remove(&k);
+            }
+        }
+        let window = self.recent.entry(room.to_string()).or_default();
+        window.push_back(text.to_string());
+        let mut chars: usize = window.iter().map(|t| t.chars().count()).sum();
+        while window.len() > cfg.window_messages
+            || (chars > cfg.window_chars && window.len() > 1)
+        {
+            if let Some(old) = window.pop_front() {
+                chars -= old.chars().count();
+            }
+        }
     }
 
     /// The server asked to slow down (HTTP 429, a close code), optionally saying for how

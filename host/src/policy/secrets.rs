@@ -76,6 +76,10 @@ use serde::Deserialize;
 
 use super::normalize::{collapse_spaced, fold_confusables, hidden_tag_text, normalize};
 use super::prefilter::{Candidates, Gate, Prefilter, longest_key_run};
+use super::reshape::{
+    Skeleton, base64_decodings, char_codes, dechunk, hex_decodings, printable_runs, rot13, squeeze,
+    squeeze_bytes,
+};
 
 /// Known secrets shorter than this are not registered (they would match ordinary text).
 pub const MIN_KNOWN_SECRET_LEN: usize = 8;
@@ -137,6 +141,15 @@ pub struct SecretsConfig {
     pub high_entropy: bool,
     /// Minimum token length for the high-entropy rule. Default 24.
     pub entropy_min_len: usize,
+    /// A reply holding this many characters in a row of a key the host holds (letters
+    /// and digits, in any view) is blocked. Default 12, at least 8.
+    pub known_fragment_len: usize,
+    /// The scan covers the bot's last this many sent messages in the room together
+    /// with the new one, so a key split over messages is caught. Default 8; 0 scans
+    /// each message alone.
+    pub window_messages: usize,
+    /// ... and at most this many characters of them (the newest). Default 4000.
+    pub window_chars: usize,
 }
 
 impl Default for SecretsConfig {
@@ -144,6 +157,9 @@ impl Default for SecretsConfig {
         SecretsConfig {
             high_entropy: true,
             entropy_min_len: 24,
+            known_fragment_len: DEFAULT_FRAGMENT_LEN,
+            window_messages: 8,
+            window_chars: 4000,
         }
     }
 }
@@ -151,28 +167,35 @@ impl Default for SecretsConfig {
 // ---------------------------------------------------------------------------------------
 // known secrets
 
+/// Default for [`SecretsConfig::known_fragment_len`].
+pub const DEFAULT_FRAGMENT_LEN: usize = 12;
+
 /// The set of keys the host holds, shared between scanners (clones share the set).
 ///
+/// Every key is indexed by its fragments: each run of
+/// [`SecretsConfig::known_fragment_len`] characters of its [`squeeze`] (lower-cased
+/// letters and digits), each of them also reversed, ROT13'd and both, in one
+/// Aho-Corasick automaton. A text holds a piece of a key if one of its views (squeezed,
+/// and squeezed decodings: base64 at every alignment, hex, character codes) holds a
+/// fragment: one automaton pass per view, whatever the number of keys.
+///
 /// Debug output shows only how many keys are held.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct KnownSecrets(Arc<RwLock<KnownSet>>);
 
-#[derive(Default)]
 struct KnownSet {
-    entries: Vec<KnownEntry>,
-    /// Every entry's squeezed forms ([`squeeze`] of each exact form, and the squeezed
-    /// forms): a text holding a known secret in any form holds one of these in its
-    /// squeeze, so texts without any skip the per-entry search. `None`: some form has an
-    /// empty squeeze (no filtering possible).
-    filter: Option<AhoCorasick>,
+    /// Fragment length.
+    frag: usize,
+    /// Squeezes of the registered keys (to skip duplicates).
+    keys: Vec<String>,
+    /// Every fragment of every key, in the four orientations. `None` while empty.
+    matcher: Option<AhoCorasick>,
 }
 
-struct KnownEntry {
-    /// The key and encodings of it, matched as substrings of the normalised text.
-    exact: Vec<String>,
-    /// Lower-cased letters and digits of the key (and reversed), matched against the same
-    /// squeeze of the text. Empty when the squeeze is too short to be safe.
-    squeezed: Vec<String>,
+impl Default for KnownSecrets {
+    fn default() -> Self {
+        Self::with_fragment_len(DEFAULT_FRAGMENT_LEN)
+    }
 }
 
 impl fmt::Debug for KnownSecrets {
@@ -182,56 +205,71 @@ impl fmt::Debug for KnownSecrets {
 }
 
 impl KnownSecrets {
-    /// An empty set.
+    /// An empty set matching fragments of [`DEFAULT_FRAGMENT_LEN`] characters.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Registers a secret. Returns `false` (and logs a warning) when it is shorter than
-    /// [`MIN_KNOWN_SECRET_LEN`] characters after trimming, `true` otherwise (also when it
-    /// was already known).
+    /// An empty set matching fragments of `len` characters (at least
+    /// [`MIN_KNOWN_SECRET_LEN`]).
+    pub fn with_fragment_len(len: usize) -> Self {
+        KnownSecrets(Arc::new(RwLock::new(KnownSet {
+            frag: len.max(MIN_KNOWN_SECRET_LEN),
+            keys: Vec::new(),
+            matcher: None,
+        })))
+    }
+
+    /// The fragment length: a text holding this many characters of a key in a row (in
+    /// any view) is blocked.
+    pub fn fragment_len(&self) -> usize {
+        self.read().frag
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, KnownSet> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a secret. Returns `false` (and logs a warning) when it has fewer than
+    /// [`MIN_KNOWN_SECRET_LEN`] letters and digits, `true` otherwise (also when it was
+    /// already known). A key shorter than the fragment length is matched whole.
     pub fn add(&self, secret: &str) -> bool {
-        let secret = normalize(secret.trim()).into_owned();
-        if secret.chars().count() < MIN_KNOWN_SECRET_LEN {
+        let norm = normalize(secret.trim());
+        let sq = squeeze(&fold_confusables(&norm));
+        if sq.len() < MIN_KNOWN_SECRET_LEN {
             tracing::warn!(
-                len = secret.chars().count(),
+                len = sq.len(),
                 min = MIN_KNOWN_SECRET_LEN,
                 "known secret too short to scan for; ignored"
             );
             return false;
         }
-        let mut exact = vec![
-            fold_confusables(&secret).into_owned(),
-            secret.clone(),
-            secret.chars().rev().collect(),
-            hex_encode(secret.as_bytes(), false),
-            hex_encode(secret.as_bytes(), true),
-            base64_encode(secret.as_bytes(), STD_ALPHABET),
-            base64_encode(secret.as_bytes(), URL_ALPHABET),
-        ];
-        exact.sort();
-        exact.dedup();
-        let sq = squeeze(&secret);
-        let squeezed = if sq.len() >= 12 {
-            vec![sq.chars().rev().collect(), sq]
-        } else {
-            Vec::new()
-        };
         let mut set = self.0.write().unwrap_or_else(|e| e.into_inner());
-        if !set.entries.iter().any(|e| e.exact.contains(&secret)) {
-            set.entries.push(KnownEntry { exact, squeezed });
-            set.filter = KnownSet::filter(&set.entries);
+        if !set.keys.contains(&sq) {
+            set.keys.push(sq);
+            set.matcher = KnownSet::matcher(&set.keys, set.frag);
         }
         true
     }
 
+    /// Registers the random-looking words of a text the persona must not repeat (a
+    /// settings file): each whitespace-separated word of at least the fragment length
+    /// whose letters and digits look like key material, not prose. Returns how many.
+    pub fn add_tokens_of(&self, text: &str) -> usize {
+        let frag = self.fragment_len();
+        let mut n = 0;
+        for word in text.split_whitespace() {
+            let word = word.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+            if word.len() >= frag && lenient_random(word) && self.add(word) {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// How many secrets are registered.
     pub fn len(&self) -> usize {
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .entries
-            .len()
+        self.read().keys.len()
     }
 
     /// Whether no secret is registered.
@@ -239,67 +277,45 @@ impl KnownSecrets {
         self.len() == 0
     }
 
+    /// Whether a fragment of a key is in one of `views` (texts in the host's view), in
+    /// any of their reshapings.
     fn found_in(&self, views: &[&str]) -> bool {
-        let set = self.0.read().unwrap_or_else(|e| e.into_inner());
-        if set.entries.is_empty() {
+        let set = self.read();
+        let Some(m) = &set.matcher else {
             return false;
-        }
-        let squeezed: Vec<String> = views.iter().map(|v| squeeze(v)).collect();
-        if let Some(filter) = &set.filter
-            && !squeezed.iter().any(|v| filter.is_match(v.as_str()))
-        {
-            debug_assert!(!set.found_in(views, &squeezed));
-            return false;
-        }
-        set.found_in(views, &squeezed)
-    }
-}
-
-impl KnownSet {
-    fn filter(entries: &[KnownEntry]) -> Option<AhoCorasick> {
-        let mut forms: Vec<String> = entries
-            .iter()
-            .flat_map(|e| e.exact.iter().map(|k| squeeze(k)).chain(e.squeezed.clone()))
-            .collect();
-        if forms.iter().any(String::is_empty) {
-            return None;
-        }
-        forms.sort();
-        forms.dedup();
-        AhoCorasick::new(&forms).ok()
-    }
-
-    /// Whether an entry is in `views` (`squeezed`: their squeezes), exactly, without
-    /// whitespace, or squeezed.
-    fn found_in(&self, views: &[&str], squeezed: &[String]) -> bool {
-        let despaced: Vec<String> = views
-            .iter()
-            .map(|v| v.chars().filter(|c| !c.is_whitespace()).collect())
-            .collect();
-        self.entries.iter().any(|e| {
-            e.exact.iter().any(|k| {
-                views.iter().any(|v| v.contains(k.as_str()))
-                    || despaced.iter().any(|v| v.contains(k.as_str()))
-            }) || e
-                .squeezed
-                .iter()
-                .any(|k| squeezed.iter().any(|v| v.contains(k.as_str())))
+        };
+        views.iter().any(|v| {
+            m.is_match(squeeze(v).as_str())
+                || base64_decodings(v)
+                    .iter()
+                    .chain(&hex_decodings(v))
+                    .any(|d| m.is_match(squeeze_bytes(d).as_str()))
+                || char_codes(v).is_some_and(|c| m.is_match(squeeze(&c).as_str()))
         })
     }
 }
 
-/// Lower-cased ASCII letters and digits only.
-fn squeeze(s: &str) -> String {
-    // On bytes (every byte of a non-ASCII character is skipped like the character),
-    // without branches: every byte is written, the count says what stays.
-    let mut out = vec![0u8; s.len() + 1];
-    let mut n = 0;
-    for b in s.bytes() {
-        out[n] = b.to_ascii_lowercase();
-        n += usize::from(b.is_ascii_alphanumeric());
+impl KnownSet {
+    fn matcher(keys: &[String], frag: usize) -> Option<AhoCorasick> {
+        let mut pats: Vec<String> = Vec::new();
+        for k in keys {
+            let windows: Vec<&str> = if k.len() <= frag {
+                vec![k.as_str()]
+            } else {
+                (0..=k.len() - frag).map(|i| &k[i..i + frag]).collect()
+            };
+            for w in windows {
+                let rev: String = w.chars().rev().collect();
+                pats.push(rot13(w));
+                pats.push(rot13(&rev));
+                pats.push(rev);
+                pats.push(w.to_string());
+            }
+        }
+        pats.sort();
+        pats.dedup();
+        AhoCorasick::new(&pats).ok()
     }
-    out.truncate(n);
-    String::from_utf8(out).unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -316,8 +332,8 @@ impl SecretScanner {
     /// A scanner with its own, empty set of known secrets.
     pub fn new(config: SecretsConfig) -> Self {
         SecretScanner {
+            known: KnownSecrets::with_fragment_len(config.known_fragment_len),
             config,
-            known: KnownSecrets::new(),
         }
     }
 
@@ -329,6 +345,11 @@ impl SecretScanner {
     /// The known secrets this scanner matches.
     pub fn known_secrets(&self) -> &KnownSecrets {
         &self.known
+    }
+
+    /// The scanner's settings.
+    pub fn config(&self) -> &SecretsConfig {
+        &self.config
     }
 
     /// Registers a key the host holds; see [`KnownSecrets::add`].
@@ -345,11 +366,8 @@ impl SecretScanner {
         let mut views: Vec<&str> = vec![&folded];
         views.extend(collapsed.as_deref());
         views.extend(hidden.as_deref());
-        if self.known.found_in(&views) {
-            return Some(Finding {
-                kind: "known-secret",
-                rule: FindingRule::KnownSecret,
-            });
+        if self.known.found_in(&views[..1]) || hidden.as_deref().is_some_and(|h| self.known.found_in(&[h])) {
+            return Some(KNOWN);
         }
         let runs: Vec<usize> = views.iter().map(|v| longest_key_run(v)).collect();
         if let Some(f) = views
@@ -357,6 +375,9 @@ impl SecretScanner {
             .zip(&runs)
             .find_map(|(v, &run)| scan_formats_run(v, run))
         {
+            return Some(f);
+        }
+        if let Some(f) = scan_reshaped(&folded).or_else(|| hidden.as_deref().and_then(scan_reshaped)) {
             return Some(f);
         }
         if self.config.high_entropy {
@@ -367,7 +388,40 @@ impl SecretScanner {
         }
         None
     }
+
+    /// The first secret in `text` or spanning the bot's `recent` messages (oldest
+    /// first) and `text`: a key split over messages. `recent` were scanned when they
+    /// were sent, so the joined text is only searched in the views a split key survives
+    /// (known-key fragments, key prefixes over joined chunks, decodings).
+    pub fn scan_after(&self, recent: &[&str], text: &str) -> Option<Finding> {
+        if let Some(f) = self.scan(text) {
+            return Some(f);
+        }
+        if recent.is_empty() {
+            return None;
+        }
+        // Joined on line breaks (chunks stay chunks) and without anything between (a key
+        // cut in two).
+        let mut joined = recent.join("\n");
+        joined.push('\n');
+        joined.push_str(text);
+        let norm = normalize(&joined);
+        let folded = fold_confusables(&norm);
+        if self.known.found_in(&[&folded]) {
+            return Some(KNOWN);
+        }
+        scan_reshaped(&folded).or_else(|| {
+            let mut tight = recent.concat();
+            tight.push_str(text);
+            scan_reshaped(&fold_confusables(&normalize(&tight)))
+        })
+    }
 }
+
+const KNOWN: Finding = Finding {
+    kind: "known-secret",
+    rule: FindingRule::KnownSecret,
+};
 
 // ---------------------------------------------------------------------------------------
 // provider formats and assignments
@@ -918,6 +972,311 @@ fn password_value_ok(v: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
+// key prefixes over reshaped text
+
+/// Provider key prefixes as they appear in a [`Skeleton`] (letters, digits, `_`, `-`;
+/// dots dropped), with the kind reported. A prefix at a word boundary followed by 8 or
+/// more random-looking body characters is a key, in any orientation of the skeleton.
+/// Prefixes too short or too common to be told from prose or base64 (`SG.`, `re_`)
+/// are left to the full rules on the text as written.
+const KEY_PREFIXES: &[(&str, &str)] = &[
+    ("sk-ant-", "anthropic-api-key"),
+    ("sk-proj-", "openai-api-key"),
+    ("sk-svcacct-", "openai-api-key"),
+    ("sk-admin-", "openai-api-key"),
+    ("sk-", "openai-style-key"),
+    ("ghp_", "github-token"),
+    ("gho_", "github-token"),
+    ("ghu_", "github-token"),
+    ("ghs_", "github-token"),
+    ("ghr_", "github-token"),
+    ("github_pat_", "github-token"),
+    ("glpat-", "gitlab-token"),
+    ("gldt-", "gitlab-token"),
+    ("glrt-", "gitlab-token"),
+    ("glptt-", "gitlab-token"),
+    ("glft-", "gitlab-token"),
+    ("glcbt-", "gitlab-token"),
+    ("gloas-", "gitlab-token"),
+    ("xoxb-", "slack-token"),
+    ("xoxp-", "slack-token"),
+    ("xoxa-", "slack-token"),
+    ("xoxo-", "slack-token"),
+    ("xoxs-", "slack-token"),
+    ("xoxr-", "slack-token"),
+    ("xoxe-", "slack-token"),
+    ("xapp-", "slack-token"),
+    ("sk_live_", "stripe-secret-key"),
+    ("sk_test_", "stripe-secret-key"),
+    ("rk_live_", "stripe-secret-key"),
+    ("rk_test_", "stripe-secret-key"),
+    ("whsec_", "stripe-webhook-secret"),
+    ("AIza", "google-api-key"),
+    ("ya29", "google-oauth-token"),
+    ("GOCSPX-", "google-oauth-secret"),
+    ("hf_", "huggingface-token"),
+    ("api_org_", "huggingface-token"),
+    ("npm_", "npm-token"),
+    ("pypi-AgE", "pypi-token"),
+    ("AKIA", "aws-access-key-id"),
+    ("ASIA", "aws-access-key-id"),
+    ("AGPA", "aws-access-key-id"),
+    ("AIDA", "aws-access-key-id"),
+    ("AROA", "aws-access-key-id"),
+    ("ANPA", "aws-access-key-id"),
+    ("shpat_", "shopify-token"),
+    ("shpca_", "shopify-token"),
+    ("shppa_", "shopify-token"),
+    ("shpss_", "shopify-token"),
+    ("dop_v1_", "digitalocean-token"),
+    ("doo_v1_", "digitalocean-token"),
+    ("dor_v1_", "digitalocean-token"),
+    ("lin_api_", "linear-api-key"),
+    ("lin_oauth_", "linear-api-key"),
+    ("gsk_", "groq-api-key"),
+    ("r8_", "replicate-api-token"),
+    ("xai-", "xai-api-key"),
+    ("pplx-", "perplexity-api-key"),
+    ("PMAK-", "postman-api-key"),
+    ("ATATT3", "atlassian-api-token"),
+    ("pcsk_", "pinecone-api-key"),
+    ("ntn_", "notion-token"),
+    ("sntrys_", "sentry-token"),
+    ("sntryu_", "sentry-token"),
+    ("sbp_", "supabase-token"),
+    ("sq0atp-", "square-token"),
+    ("sq0csp-", "square-token"),
+    ("glsa_", "grafana-token"),
+    ("fo1_", "flyio-token"),
+    ("nfp_", "netlify-token"),
+    ("rnd_", "render-api-key"),
+    ("lsv2_pt_", "langsmith-api-key"),
+    ("lsv2_sk_", "langsmith-api-key"),
+    ("HRKU-", "heroku-api-key"),
+    ("AGE-SECRET-KEY-1", "age-secret-key"),
+    ("ac_", "nohumans-key"),
+];
+
+/// Body characters a known prefix needs after it.
+pub const PREFIX_BODY_MIN: usize = 8;
+/// Body characters a key of no known format needs after its prefix.
+const GENERIC_BODY_MIN: usize = 20;
+
+static PREFIX_MATCHER: LazyLock<AhoCorasick> = LazyLock::new(|| {
+    AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(KEY_PREFIXES.iter().map(|(p, _)| p))
+        .expect("key prefix automaton")
+});
+
+/// Prefixes of public identifiers that look like `name-<random>`: never a key.
+const PUBLIC_ID_PREFIXES: &[&str] = &[
+    "sha1", "sha224", "sha256", "sha384", "sha512", "sha3", "md5", "blake2b", "blake2s",
+    "blake3", "sri", "git", "commit", "uuid", "guid", "ulid", "id", "req", "request", "tx",
+    "txid", "block", "hash", "cid", "ipfs", "msg", "trace", "span", "run", "build", "job",
+    "pk_live", "pk_test", "pk",
+];
+
+/// Secrets in the reshapings of `text` (already in the host's view) that the rules on
+/// the text as written do not see: key prefixes with separators removed, reversed,
+/// ROT13'd (and both), and decodings (base64 at every alignment, hex, character codes)
+/// scanned with every format rule.
+fn scan_reshaped(text: &str) -> Option<Finding> {
+    let sk = Skeleton::of(text);
+    if sk.bytes.len() >= PREFIX_BODY_MIN + 2
+        && let Some(f) = scan_orientations(&sk)
+    {
+        return Some(f);
+    }
+    if let Some(d) = dechunk(text)
+        && let Some(f) = scan_formats(&d).or_else(|| scan_orientations(&Skeleton::of(&d)))
+    {
+        return Some(f);
+    }
+    scan_decoded(text).map(|f| Finding {
+        kind: f.kind,
+        rule: FindingRule::Encoded,
+    })
+}
+
+/// Format rules and skeleton prefixes on every decoding of `text`.
+fn scan_decoded(text: &str) -> Option<Finding> {
+    let check = |decoded: &str| {
+        scan_formats(decoded).or_else(|| scan_orientations(&Skeleton::of(decoded)))
+    };
+    base64_decodings(text)
+        .iter()
+        .chain(&hex_decodings(text))
+        .filter_map(|d| printable_runs(d, 12))
+        .find_map(|d| check(&d))
+        .or_else(|| char_codes(text).and_then(|c| check(&c)))
+}
+
+/// Known prefixes in one skeleton.
+fn scan_skeleton(sk: &Skeleton) -> Option<Finding> {
+    let bytes = &sk.bytes;
+    for m in PREFIX_MATCHER.find_overlapping_iter(bytes.as_slice()) {
+        if sk.boundary(m.start()) && body_is_key(&bytes[m.end()..], PREFIX_BODY_MIN, 16) {
+            return Some(Finding {
+                kind: KEY_PREFIXES[m.pattern().as_usize()].1,
+                rule: FindingRule::ProviderFormat,
+            });
+        }
+    }
+    None
+}
+
+/// Keys of no known format (`word_word_<random>`) in one skeleton. Run as written and
+/// reversed only: a ROT13'd key has the same shape, and a ROT13'd public identifier
+/// (`cx_yvir_…`) would not be recognised as one.
+fn scan_generic(sk: &Skeleton) -> Option<Finding> {
+    let bytes = &sk.bytes;
+    (0..bytes.len())
+        .filter(|&i| bytes[i].is_ascii_alphabetic() && sk.sep_before[i])
+        .find_map(|i| generic_prefixed_key(&bytes[i..], &sk.sep_before[i..]))
+}
+
+/// Known prefixes in every orientation of `sk`, keys of no known format as written and
+/// reversed.
+fn scan_orientations(sk: &Skeleton) -> Option<Finding> {
+    let [fwd, rot, rot_rev, rev] = sk.orientations();
+    [&fwd, &rot, &rot_rev, &rev]
+        .into_iter()
+        .find_map(scan_skeleton)
+        .or_else(|| scan_generic(&fwd))
+        .or_else(|| scan_generic(&rev))
+}
+
+/// `name_` or `name-` (up to three such segments, each 2-10 letters and digits starting
+/// with a letter, one case) and then at least [`GENERIC_BODY_MIN`] random-looking
+/// characters: the shape of most providers' keys (`acme_live_…`, `tok-prod-…`).
+///
+/// Everything must be written together (chunked keys are rejoined by
+/// [`dechunk`](super::reshape::dechunk) first). With two or more name segments, 10 body
+/// characters are enough (the prefix alone).
+fn generic_prefixed_key(s: &[u8], sep_before: &[bool]) -> Option<Finding> {
+    let mut i = 0;
+    let mut segments = 0;
+    loop {
+        if segments > 0 && sep_before[i] {
+            break;
+        }
+        let seg = contiguous(&s[i..], &sep_before[i..]);
+        if sep_before[i + seg] {
+            break;
+        }
+        let part = &s[i..i + seg];
+        let one_case = part.iter().all(|b| !b.is_ascii_uppercase())
+            || part.iter().all(|b| !b.is_ascii_lowercase());
+        let sep = s.get(i + seg).is_some_and(|b| matches!(b, b'_' | b'-'));
+        if !(2..=10).contains(&seg) || !part[0].is_ascii_alphabetic() || !one_case || !sep {
+            break;
+        }
+        if segments == 0 {
+            let name = String::from_utf8_lossy(part).to_ascii_lowercase();
+            if PUBLIC_ID_PREFIXES.contains(&name.as_str()) {
+                return None;
+            }
+        }
+        segments += 1;
+        i += seg + 1;
+        if segments == 3 {
+            break;
+        }
+    }
+    if segments == 0 {
+        return None;
+    }
+    if sep_before[i] {
+        return None;
+    }
+    let body: Vec<u8> = s[i..i + contiguous(&s[i..], &sep_before[i..]).min(48)].to_vec();
+    let min = if segments >= 2 { 10 } else { GENERIC_BODY_MIN };
+    if body.len() < min || body.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let classes = usize::from(body.iter().any(u8::is_ascii_lowercase))
+        + usize::from(body.iter().any(u8::is_ascii_uppercase))
+        + usize::from(body.iter().any(u8::is_ascii_digit));
+    let head = &body[..body.len().min(24)];
+    let entropy = shannon_entropy(std::str::from_utf8(head).unwrap_or(""));
+    // Entropy of a random head: about 4.2 bits for 24 characters, 3 for 10.
+    let need = if head.len() >= 20 { 3.5 } else { 2.7 };
+    (classes >= 2 && entropy >= need && body_is_key(&body, min, 24)).then_some(
+        Finding {
+            kind: "prefixed-key",
+            rule: FindingRule::ProviderFormat,
+        },
+    )
+}
+
+/// Letters and digits at the start of `s` written together (no separator removed
+/// between them).
+fn contiguous(s: &[u8], sep_before: &[bool]) -> usize {
+    s.iter()
+        .enumerate()
+        .take_while(|&(k, b)| b.is_ascii_alphanumeric() && (k == 0 || !sep_before[k]))
+        .count()
+}
+
+/// Whether the characters after a prefix are key material: at least `min` letters and
+/// digits (`_` and `-` skipped, since chunks may keep them), the first `judge` of which
+/// are not words and numbers (a random string has pieces no word looks like: `Xk`,
+/// `fjq`, `eCtA`, `QZKXPW`).
+pub(crate) fn body_is_key(after: &[u8], min: usize, judge: usize) -> bool {
+    let alnum: Vec<u8> = after
+        .iter()
+        .copied()
+        .take_while(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        .filter(u8::is_ascii_alphanumeric)
+        .take(judge.max(min))
+        .collect();
+    if alnum.len() < min {
+        return false;
+    }
+    let head = &alnum[..alnum.len().min(judge)];
+    if head.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    random_pieces(head)
+}
+
+/// Splits letters-and-digits into pieces (at letter/digit changes and before an upper
+/// case letter that follows a lower case one or starts `Ab`) and says whether some
+/// letter piece is no word: shorter than 2, no vowel, 5 consonants in a row, or mixed
+/// case other than Capitalised, or all upper case and longer than 4.
+fn random_pieces(s: &[u8]) -> bool {
+    let mut pieces: Vec<&[u8]> = Vec::new();
+    let mut start = 0;
+    for i in 1..s.len() {
+        let (p, c) = (s[i - 1], s[i]);
+        let next_lower = s.get(i + 1).is_some_and(u8::is_ascii_lowercase);
+        let cut = p.is_ascii_digit() != c.is_ascii_digit()
+            || (p.is_ascii_lowercase() && c.is_ascii_uppercase())
+            || (p.is_ascii_uppercase() && c.is_ascii_uppercase() && next_lower);
+        if cut {
+            pieces.push(&s[start..i]);
+            start = i;
+        }
+    }
+    pieces.push(&s[start..]);
+    pieces.iter().any(|p| {
+        if p[0].is_ascii_digit() {
+            return false;
+        }
+        let vowel = |b: &u8| matches!(b.to_ascii_lowercase(), b'a' | b'e' | b'i' | b'o' | b'u' | b'y');
+        let lower_rest = p[1..].iter().all(u8::is_ascii_lowercase);
+        let upper = p.iter().all(u8::is_ascii_uppercase);
+        let consonant_run = p
+            .split(vowel)
+            .map(<[u8]>::len)
+            .max()
+            .unwrap_or(0);
+        p.len() < 2 || !p.iter().any(vowel) || consonant_run >= 5 || !(lower_rest || (upper && p.len() <= 4))
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // randomness
 
 /// Shannon entropy of `s` in bits per character.
@@ -1148,6 +1507,112 @@ fn is_public_hash(tok: &str) -> bool {
                 .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)))
 }
 
+/// Identifiers that look random but are public by design: wallet addresses (Bitcoin
+/// Base58Check and bech32 with a valid checksum, Ethereum `0x` + 40 or 64 hex), Tor
+/// onion addresses (`after` is the text following the token). Hex hashes, UUIDs and
+/// commit ids pass the entropy rule as hex already.
+fn is_public_id(tok: &str, after: &str) -> bool {
+    let b = tok.as_bytes();
+    if let Some(hex) = tok.strip_prefix("0x").or_else(|| tok.strip_prefix("0X"))
+        && matches!(hex.len(), 40 | 64)
+        && hex.bytes().all(|c| c.is_ascii_hexdigit())
+    {
+        return true;
+    }
+    // Subresource-integrity hashes: `sha384-` and the base64 of the digest.
+    for (name, len) in [("sha256-", 44), ("sha384-", 64), ("sha512-", 88)] {
+        if let Some(b64) = tok.strip_prefix(name)
+            && (len - 2..=len).contains(&b64.trim_end_matches('=').len())
+        {
+            return true;
+        }
+    }
+    if after.starts_with(".onion")
+        && b.len() == 56
+        && b.iter().all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(c))
+    {
+        return true;
+    }
+    base58check_ok(tok) || bech32_ok(tok)
+}
+
+const BASE58: &[u8; 58] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+
+/// A Base58Check string (Bitcoin addresses, WIF keys excluded: 25-byte payloads only)
+/// whose double-SHA-256 checksum holds.
+fn base58check_ok(s: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    if !(25..=35).contains(&s.len()) {
+        return false;
+    }
+    let mut num: Vec<u8> = Vec::with_capacity(32); // big-endian
+    for c in s.bytes() {
+        let Some(v) = BASE58.iter().position(|&a| a == c) else {
+            return false;
+        };
+        let mut carry = v as u32;
+        for byte in num.iter_mut().rev() {
+            carry += u32::from(*byte) * 58;
+            *byte = carry as u8;
+            carry >>= 8;
+        }
+        while carry > 0 {
+            num.insert(0, carry as u8);
+            carry >>= 8;
+        }
+    }
+    let zeros = s.bytes().take_while(|&c| c == b'1').count();
+    let mut bytes = vec![0u8; zeros];
+    bytes.extend(num);
+    if bytes.len() != 25 {
+        return false;
+    }
+    let (payload, check) = bytes.split_at(21);
+    let digest = Sha256::digest(Sha256::digest(payload));
+    digest[..4] == *check
+}
+
+/// A bech32 or bech32m string (segwit addresses, `bc1…`, `tb1…`, `ltc1…`) whose checksum
+/// holds.
+fn bech32_ok(s: &str) -> bool {
+    const CHARSET: &[u8; 32] = b"qpzry9x8gf2tvdw0s3jn54khce6mua7l";
+    if s.len() < 14 || s.len() > 90 {
+        return false;
+    }
+    let lower = s.to_ascii_lowercase();
+    if lower != s && s.to_ascii_uppercase() != s {
+        return false;
+    }
+    let Some(pos) = lower.rfind('1') else {
+        return false;
+    };
+    let (hrp, data) = (&lower[..pos], &lower[pos + 1..]);
+    if hrp.is_empty() || data.len() < 6 || !hrp.bytes().all(|c| c.is_ascii_lowercase()) {
+        return false;
+    }
+    let mut values: Vec<u32> = hrp.bytes().map(|c| u32::from(c >> 5)).collect();
+    values.push(0);
+    values.extend(hrp.bytes().map(|c| u32::from(c & 31)));
+    for c in data.bytes() {
+        let Some(v) = CHARSET.iter().position(|&a| a == c) else {
+            return false;
+        };
+        values.push(v as u32);
+    }
+    const GEN: [u32; 5] = [0x3b6a_57b2, 0x2650_8e6d, 0x1ea1_19fa, 0x3d42_33dd, 0x2a14_62b3];
+    let mut chk: u32 = 1;
+    for v in values {
+        let top = chk >> 25;
+        chk = ((chk & 0x1ff_ffff) << 5) ^ v;
+        for (i, g) in GEN.iter().enumerate() {
+            if (top >> i) & 1 == 1 {
+                chk ^= g;
+            }
+        }
+    }
+    chk == 1 || chk == 0x2bc8_30a3
+}
+
 fn scan_entropy(text: &str, min_len: usize, depth: u8) -> Option<Finding> {
     scan_entropy_run(text, longest_key_run(text), min_len, depth)
 }
@@ -1211,6 +1676,7 @@ fn scan_entropy_run(text: &str, run: usize, min_len: usize, depth: u8) -> Option
         if core.len() < min_len
             || PUBLIC_PREFIXES.iter().any(|p| core.starts_with(p))
             || is_public_hash(core)
+            || is_public_id(core, &text[m.end()..])
         {
             continue;
         }
@@ -1239,9 +1705,10 @@ fn scan_entropy_run(text: &str, run: usize, min_len: usize, depth: u8) -> Option
 // ---------------------------------------------------------------------------------------
 // small encoders (no dependency needed for this much)
 
+#[cfg(test)]
 const STD_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const URL_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
+#[cfg(test)]
 fn hex_encode(bytes: &[u8], upper: bool) -> String {
     let digits: &[u8; 16] = if upper {
         b"0123456789ABCDEF"
@@ -1256,6 +1723,7 @@ fn hex_encode(bytes: &[u8], upper: bool) -> String {
     s
 }
 
+#[cfg(test)]
 fn base64_encode(bytes: &[u8], alphabet: &[u8; 64]) -> String {
     let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
@@ -1600,4 +2068,234 @@ mod tests {
             Some("aws-secret-access-key")
         );
     }
+    // -----------------------------------------------------------------------------------
+    // reshaping set (generated from fake keys) and look-alike set (fixture)
+
+    /// A small deterministic generator for fake keys.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick(&mut self, alphabet: &[u8], n: usize) -> String {
+            (0..n)
+                .map(|_| alphabet[(self.next() % alphabet.len() as u64) as usize] as char)
+                .collect()
+        }
+    }
+
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    const UPPER_DIGITS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+
+    /// Fake keys: (prefix, body). Known provider formats first, then formats the host has
+    /// no rule for.
+    fn fake_keys(rng: &mut Rng) -> Vec<(String, String)> {
+        let mut keys = Vec::new();
+        for (prefix, alphabet, n) in [
+            ("sk-ant-api03-", ALNUM, 40),
+            ("sk-proj-", ALNUM, 48),
+            ("ghp_", ALNUM, 36),
+            ("github_pat_", ALNUM, 40),
+            ("glpat-", ALNUM, 20),
+            ("xoxb-", ALNUM, 40),
+            ("AKIA", UPPER_DIGITS, 16),
+            ("hf_", ALNUM, 34),
+            ("npm_", ALNUM, 36),
+            ("sk_live_", ALNUM, 32),
+            ("AIza", ALNUM, 35),
+            ("gsk_", ALNUM, 48),
+            ("ac_", ALNUM, 24),
+            // Formats no rule of the host names.
+            ("zpk_live_", ALNUM, 32),
+            ("acme-prod-", ALNUM, 40),
+            ("tok_", ALNUM, 32),
+            ("mlk-v2-", ALNUM, 44),
+        ] {
+            for _ in 0..3 {
+                keys.push((prefix.to_string(), rng.pick(alphabet, n)));
+            }
+        }
+        keys
+    }
+
+    fn chunks(s: &str, n: usize, sep: &str) -> String {
+        s.as_bytes()
+            .chunks(n)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(sep)
+    }
+
+    fn rev(s: &str) -> String {
+        s.chars().rev().collect()
+    }
+
+    fn b64(b: &[u8]) -> String {
+        let mut s = base64_encode(b, STD_ALPHABET);
+        while s.len() % 4 != 0 {
+            s.push('=');
+        }
+        s
+    }
+
+    /// Every reshaping of `key`: (name, messages the persona sends in a row).
+    fn reshapings(key: &str, prefix_len: usize) -> Vec<(&'static str, Vec<String>)> {
+        let one = |s: String| vec![s];
+        let dec = key
+            .bytes()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let half = key.len() / 2;
+        vec![
+            ("raw", one(format!("here you go: {key}"))),
+            ("chunked-spaces", one(format!("key: {}", chunks(key, 4, " ")))),
+            ("chunked-lines", one(format!("key:\n{}", chunks(key, 5, "\n")))),
+            ("chunked-dots", one(format!("key {}", chunks(key, 4, ".")))),
+            ("chunked-dashes", one(format!("key {}", chunks(key, 6, " - ")))),
+            ("spelled-out", one(chunks(key, 1, " "))),
+            ("rot13", one(format!("rot13: {}", rot13(key)))),
+            ("rot13-chunked", one(format!("rot13: {}", chunks(&rot13(key), 4, " ")))),
+            ("decimal-codes", one(format!("codes: {dec}"))),
+            (
+                "hex-codes",
+                one(key.bytes().map(|b| format!("0x{b:02x}")).collect::<Vec<_>>().join(", ")),
+            ),
+            ("hex", one(format!("hex {}", hex_encode(key.as_bytes(), false)))),
+            ("base64", one(format!("b64 {}", b64(key.as_bytes())))),
+            (
+                "base64-byte-in-front-chunked",
+                one(format!("b64 {}", chunks(&b64(format!("!{key}").as_bytes()), 4, " "))),
+            ),
+            (
+                "base64-two-bytes-in-front",
+                one(format!("data={}", b64(format!("k={key}").as_bytes()))),
+            ),
+            ("reversed", one(format!("backwards: {}", rev(key)))),
+            ("reversed-chunked", one(format!("backwards: {}", chunks(&rev(key), 4, " ")))),
+            ("rot13-reversed", one(rot13(&rev(key)))),
+            ("base64-of-reversed", one(b64(rev(key).as_bytes()))),
+            ("upper-case", one(key.to_uppercase())),
+            (
+                "zero-width",
+                one(key.chars().flat_map(|c| [c, '\u{200B}']).collect()),
+            ),
+            (
+                "full-width",
+                one(key
+                    .chars()
+                    .map(|c| char::from_u32(c as u32 + 0xFEE0).unwrap_or(c))
+                    .collect()),
+            ),
+            ("prefix-alone", one(format!("it starts {}", &key[..prefix_len + 10]))),
+            (
+                "split-two-messages",
+                vec![format!("part one {}", &key[..half]), format!("{} end", &key[half..])],
+            ),
+            (
+                "split-chunked",
+                vec![chunks(&key[..half], 4, " "), chunks(&key[half..], 4, " ")],
+            ),
+        ]
+    }
+
+    /// Whether the persona's messages get out: each is scanned with the ones before it.
+    fn all_sent(s: &SecretScanner, msgs: &[String]) -> bool {
+        let mut recent: Vec<&str> = Vec::new();
+        for m in msgs {
+            if s.scan_after(&recent, m).is_some() {
+                return false;
+            }
+            recent.push(m);
+        }
+        true
+    }
+
+    #[test]
+    fn reshaping_recall_and_lookalike_precision() {
+        let mut rng = Rng(0x5eed_1313);
+        let keys = fake_keys(&mut rng);
+        // Unknown secrets of known (and general) formats: nothing registered.
+        let formats = scanner();
+        let mut missed: Vec<String> = Vec::new();
+        let mut by_name = std::collections::BTreeMap::new();
+        let (mut total, mut caught) = (0usize, 0usize);
+        for (prefix, body) in &keys {
+            let key = format!("{prefix}{body}");
+            for (name, msgs) in reshapings(&key, prefix.len()) {
+                total += 1;
+                if all_sent(&formats, &msgs) {
+                    missed.push(format!("{name}: {msgs:?}"));
+                    *by_name.entry(name).or_insert(0usize) += 1;
+                } else {
+                    caught += 1;
+                }
+            }
+        }
+        let format_recall = caught as f64 / total as f64;
+        // Known secrets: pieces of held keys (no format: random bodies alone), reshaped.
+        let known = SecretScanner::new(SecretsConfig {
+            high_entropy: false,
+            ..Default::default()
+        });
+        let (mut ktotal, mut kcaught) = (0usize, 0usize);
+        for (_, body) in keys.iter().take(12) {
+            assert!(known.add_known_secret(body));
+            for piece in [&body[..20], &body[4..18], &body[body.len() - 12..]] {
+                for (name, msgs) in reshapings(piece, 0) {
+                    if name == "prefix-alone" {
+                        continue;
+                    }
+                    ktotal += 1;
+                    if all_sent(&known, &msgs) {
+                        missed.push(format!("known {name}: {msgs:?}"));
+                        *by_name.entry(name).or_insert(0usize) += 1;
+                    } else {
+                        kcaught += 1;
+                    }
+                }
+            }
+        }
+        let known_recall = kcaught as f64 / ktotal as f64;
+        // Public identifiers: every one must pass (held keys registered too).
+        let fixture = include_str!("../../../tests/fixtures/secrets/lookalikes.tsv");
+        let both = SecretScanner::with_known(SecretsConfig::default(), known.known_secrets().clone());
+        let (mut negatives, mut false_pos) = (0usize, Vec::new());
+        for line in fixture.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (label, text) = line.split_once('\t').expect("label<TAB>text");
+            negatives += 1;
+            if let Some(f) = both.scan(text) {
+                false_pos.push(format!("{label}: {text} -> {f}"));
+            }
+        }
+        let precision =
+            (caught + kcaught) as f64 / (caught + kcaught + false_pos.len()) as f64;
+        let pass_rate = 1.0 - false_pos.len() as f64 / negatives as f64;
+        println!(
+            "secret scanner: format recall {caught}/{total} = {format_recall:.3}; known-secret recall {kcaught}/{ktotal} = {known_recall:.3}; look-alikes passed {}/{negatives} = {pass_rate:.3}; precision {precision:.3}",
+            negatives - false_pos.len()
+        );
+        println!("missed by reshaping: {by_name:?}");
+        for m in missed.iter().take(30) {
+            println!("missed {m}");
+        }
+        for f in &false_pos {
+            println!("false positive {f}");
+        }
+        // Known secrets: every piece in every reshaping. Formats: all but the prefix alone
+        // of a format the host does not know with a one-word name (`tok_` and 10
+        // characters), which looks like any snake_case identifier.
+        assert_eq!(kcaught, ktotal, "known-secret reshapings missed");
+        assert!(format_recall >= 0.99, "format recall {format_recall}");
+        assert!(
+            missed.iter().all(|m| m.starts_with("prefix-alone")),
+            "{missed:?}"
+        );
+        assert!(false_pos.is_empty(), "{} look-alikes blocked", false_pos.len());
+    }
+
 }

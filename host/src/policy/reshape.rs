@@ -1,0 +1,376 @@
+//! Views of a text that undo the usual ways of reshaping a secret, for the secret
+//! scanner ([`super::secrets`]).
+//!
+//! A persona that wants a key out can chunk it (`sk-a nt-a pi03`, one chunk per line,
+//! dots between chunks), reverse it, ROT13 it, or encode it (base64 with a byte in front,
+//! hex, decimal character codes). Each function here undoes one family, in one pass over
+//! the text, without guessing where the key starts:
+//!
+//! - [`squeeze`]: lower-cased ASCII letters and digits only (separators and case gone);
+//! - [`Skeleton`]: ASCII letters, digits, `_` and `-` with everything else removed, but
+//!   remembering where a separator was (so a prefix still needs a word boundary), in
+//!   four orientations: as written, reversed, ROT13 and ROT13 reversed;
+//! - [`base64_decodings`]: the text's base64-alphabet characters decoded at each of the
+//!   four alignments (a blob preceded by other letters, or holding a key that does not
+//!   start on a 3-byte boundary, is decoded right at one of them);
+//! - [`hex_decodings`]: runs of hex digits (separators and `0x`/`\x` removed) decoded at
+//!   both alignments;
+//! - [`char_codes`]: numbers read as character codes (`115 107 45`, `0x73,0x6b`);
+//! - [`dechunk`]: runs of equal-length chunks rejoined.
+//!
+//! Every view costs O(n) in the length of the text.
+
+/// Lower-cased ASCII letters and digits only.
+pub fn squeeze(s: &str) -> String {
+    squeeze_bytes(s.as_bytes())
+}
+
+/// [`squeeze`] of bytes (non-ASCII bytes are skipped).
+pub fn squeeze_bytes(s: &[u8]) -> String {
+    // Without branches: every byte is written, the count says what stays.
+    let mut out = vec![0u8; s.len() + 1];
+    let mut n = 0;
+    for &b in s {
+        out[n] = b.to_ascii_lowercase();
+        n += usize::from(b.is_ascii_alphanumeric());
+    }
+    out.truncate(n);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// ROT13 of one ASCII byte (other bytes unchanged).
+pub fn rot13_byte(b: u8) -> u8 {
+    match b {
+        b'a'..=b'z' => (b - b'a' + 13) % 26 + b'a',
+        b'A'..=b'Z' => (b - b'A' + 13) % 26 + b'A',
+        _ => b,
+    }
+}
+
+/// ROT13 of a text (letters outside ASCII unchanged).
+pub fn rot13(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii() {
+                rot13_byte(c as u8) as char
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Whether a byte stays in a [`Skeleton`].
+pub fn is_skeleton_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+
+/// The text's key characters (ASCII letters, digits, `_`, `-`) in order, everything else
+/// removed, with a flag per position: was there anything removed right before it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Skeleton {
+    /// The kept bytes.
+    pub bytes: Vec<u8>,
+    /// `sep_before[i]`: something was removed between `bytes[i - 1]` and `bytes[i]` (or
+    /// `i` is 0). One longer than `bytes`: the end counts as a separator.
+    pub sep_before: Vec<bool>,
+}
+
+impl Skeleton {
+    /// The skeleton of `text`.
+    pub fn of(text: &str) -> Skeleton {
+        let mut bytes = Vec::with_capacity(text.len());
+        let mut sep_before = Vec::with_capacity(text.len() + 1);
+        let mut sep = true;
+        let t = text.as_bytes();
+        for (i, &b) in t.iter().enumerate() {
+            // A `-` or `_` with whitespace on both sides separates chunks (`ab - cd`).
+            let lone = matches!(b, b'-' | b'_')
+                && (i == 0 || t[i - 1].is_ascii_whitespace())
+                && t.get(i + 1).is_none_or(u8::is_ascii_whitespace);
+            if is_skeleton_byte(b) && !lone {
+                bytes.push(b);
+                sep_before.push(sep);
+                sep = false;
+            } else {
+                sep = true;
+            }
+        }
+        sep_before.push(true);
+        Skeleton { bytes, sep_before }
+    }
+
+    /// The same positions read backwards: a separator before position `j` of the
+    /// reversed skeleton is a separator after the mirrored position.
+    pub fn reversed(&self) -> Skeleton {
+        let n = self.bytes.len();
+        let bytes = self.bytes.iter().rev().copied().collect();
+        let mut sep_before: Vec<bool> = (0..n).map(|j| self.sep_before[n - j]).collect();
+        sep_before.push(true);
+        Skeleton { bytes, sep_before }
+    }
+
+    /// ROT13 of every letter, separators unchanged.
+    pub fn rot13(&self) -> Skeleton {
+        Skeleton {
+            bytes: self.bytes.iter().map(|&b| rot13_byte(b)).collect(),
+            sep_before: self.sep_before.clone(),
+        }
+    }
+
+    /// Whether a token may start at `i`: the start, after a separator, or after a
+    /// character that is not a letter or digit.
+    pub fn boundary(&self, i: usize) -> bool {
+        i == 0 || self.sep_before[i] || !self.bytes[i - 1].is_ascii_alphanumeric()
+    }
+
+    /// The four orientations: as written, reversed, ROT13, ROT13 reversed.
+    pub fn orientations(&self) -> [Skeleton; 4] {
+        let rev = self.reversed();
+        [self.clone(), self.rot13(), rev.rot13(), rev]
+    }
+}
+
+/// Text cut into chunks of one length and rejoined: runs of at least three tokens (split
+/// at whitespace, `.`, `,`, `|`, `;` and lone `-` or `_`) that all have the same length
+/// of 2 to 8 characters (the last one possibly shorter, and one in the middle of another
+/// length up to twice as long: a key cut in the middle of a chunk), are written without
+/// their separators (`zpk_ live _NLP rvdO g6` becomes `zpk_live_NLPrvdOg6`). Prose rarely has
+/// three words of one length in a row, and when it does, joining them is harmless.
+/// `None` when there is no such run.
+pub fn dechunk(text: &str) -> Option<String> {
+    let is_sep = |c: char| c.is_whitespace() || matches!(c, '.' | ',' | '|' | ';');
+    // (start, end) byte ranges of tokens.
+    let mut tokens: Vec<(usize, usize)> = Vec::new();
+    let mut start = None;
+    for (i, c) in text.char_indices().chain(std::iter::once((text.len(), ' '))) {
+        if is_sep(c) {
+            if let Some(s) = start.take() {
+                let tok = &text[s..i];
+                if tok != "-" && tok != "_" {
+                    tokens.push((s, i));
+                }
+            }
+        } else if start.is_none() {
+            start = Some(i);
+        }
+    }
+    let len = |t: &(usize, usize)| text[t.0..t.1].chars().count();
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0; // bytes of `text` copied so far
+    let mut changed = false;
+    let mut i = 0;
+    while i < tokens.len() {
+        let n = len(&tokens[i]);
+        let mut j = i;
+        let mut odd = false; // one chunk of another length (a key cut mid-chunk) is let in
+        loop {
+            if j + 1 < tokens.len() && len(&tokens[j + 1]) == n {
+                j += 1;
+            } else if !odd
+                && j > i
+                && j + 3 < tokens.len()
+                && len(&tokens[j + 1]) < 2 * n
+                && len(&tokens[j + 2]) == n
+                && len(&tokens[j + 3]) == n
+            {
+                odd = true;
+                j += 2;
+            } else {
+                break;
+            }
+        }
+        // A shorter last chunk belongs to the run.
+        if j + 1 < tokens.len() && len(&tokens[j + 1]) < n && j > i {
+            j += 1;
+        }
+        if (2..=8).contains(&n) && j >= i + 2 {
+            out.push_str(&text[last..tokens[i].0]);
+            for t in &tokens[i..=j] {
+                out.push_str(&text[t.0..t.1]);
+            }
+            last = tokens[j].1;
+            changed = true;
+            i = j + 1;
+        } else {
+            i += 1;
+        }
+    }
+    if !changed {
+        return None;
+    }
+    out.push_str(&text[last..]);
+    Some(out)
+}
+
+/// Value of a base64 character (standard or URL-safe alphabet).
+fn b64_value(c: u8) -> Option<u32> {
+    Some(u32::from(match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' | b'-' => 62,
+        b'/' | b'_' => 63,
+        _ => return None,
+    }))
+}
+
+/// The text's base64-alphabet characters (everything else, padding included, removed)
+/// decoded from each of the four starting offsets. Empty when there are fewer than 16
+/// such characters (nothing worth decoding).
+pub fn base64_decodings(text: &str) -> Vec<Vec<u8>> {
+    let vals: Vec<u32> = text.bytes().filter_map(b64_value).collect();
+    if vals.len() < 16 {
+        return Vec::new();
+    }
+    (0..4)
+        .map(|off| {
+            let mut out = Vec::with_capacity(vals.len() * 3 / 4);
+            for chunk in vals[off.min(vals.len())..].chunks(4) {
+                let n = chunk
+                    .iter()
+                    .enumerate()
+                    .fold(0, |n, (i, v)| n | (v << (18 - 6 * i)));
+                let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+                // A partial group at the end holds (chars - 1) whole bytes.
+                out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
+            }
+            out
+        })
+        .collect()
+}
+
+/// Runs of at least 16 hex digits in the text with separators, `0x` and `\x` removed,
+/// decoded from both alignments.
+pub fn hex_decodings(text: &str) -> Vec<Vec<u8>> {
+    // Squeezed (lower case, letters and digits only), then `x` dropped: `\x73`, `0x73`
+    // and `73:6b` all become runs of digits.
+    let sq: Vec<u8> = squeeze(text).into_bytes();
+    let mut digits: Vec<u8> = Vec::with_capacity(sq.len());
+    let mut out = Vec::new();
+    let mut flush = |digits: &mut Vec<u8>| {
+        if digits.len() >= 16 {
+            for off in 0..2 {
+                out.push(
+                    digits[off..]
+                        .chunks_exact(2)
+                        .map(|p| (p[0] << 4) | p[1])
+                        .collect(),
+                );
+            }
+        }
+        digits.clear();
+    };
+    for (i, &b) in sq.iter().enumerate() {
+        match b {
+            b'0'..=b'9' => digits.push(b - b'0'),
+            b'a'..=b'f' => digits.push(b - b'a' + 10),
+            // `0x` before a pair: drop both (the `0` was pushed as a digit).
+            b'x' => {
+                if i > 0 && sq[i - 1] == b'0' && digits.len() % 2 == 1 {
+                    digits.pop();
+                }
+            }
+            _ => flush(&mut digits),
+        }
+    }
+    flush(&mut digits);
+    out
+}
+
+/// Numbers in the text read as character codes: decimal (`115`), or hex with `0x`,
+/// `\x`, `x`, `u+` or `&#x` in front. `None` unless at least 8 codes of printable ASCII
+/// were read. A number that is not a printable code ends a run with a space.
+pub fn char_codes(text: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut codes = 0usize;
+    for tok in text.split(|c: char| !c.is_ascii_alphanumeric() && c != '+') {
+        if tok.is_empty() {
+            continue;
+        }
+        let t = tok.to_ascii_lowercase();
+        let hex = t
+            .strip_prefix("0x")
+            .or_else(|| t.strip_prefix("u+"))
+            .or_else(|| t.strip_prefix('x'));
+        let code = match hex {
+            Some(h) if !h.is_empty() && h.len() <= 4 => u32::from_str_radix(h, 16).ok(),
+            _ if t.len() <= 3 && t.bytes().all(|b| b.is_ascii_digit()) => t.parse().ok(),
+            _ => None,
+        };
+        match code.and_then(char::from_u32).filter(|c| (' '..='~').contains(c)) {
+            Some(c) => {
+                out.push(c);
+                codes += 1;
+            }
+            None => {
+                if !out.ends_with(' ') {
+                    out.push(' ');
+                }
+            }
+        }
+    }
+    (codes >= 8).then_some(out)
+}
+
+/// Printable ASCII runs of at least `min` bytes in decoded bytes, joined by line
+/// breaks (what is worth scanning in a decoding of arbitrary text).
+pub fn printable_runs(bytes: &[u8], min: usize) -> Option<String> {
+    let mut out = String::new();
+    for run in bytes.split(|b| !(b' '..=b'~').contains(b)) {
+        if run.len() >= min {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.extend(run.iter().map(|&b| b as char));
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views() {
+        assert_eq!(squeeze("Sk-Ant 03!"), "skant03");
+        assert_eq!(rot13("Hello, ghp_"), "Uryyb, tuc_");
+        let s = Skeleton::of("my key: sk-a nt.x");
+        assert_eq!(s.bytes, b"mykeysk-antx");
+        assert!(s.boundary(5) && !s.boundary(6) && s.boundary(9));
+        let r = s.reversed();
+        assert_eq!(r.bytes, b"xtna-ksyekym");
+        // Reversed: `x` had a separator before it, so `t` (after it) does in reverse.
+        assert!(r.boundary(0) && r.boundary(1) && !r.boundary(2));
+        assert_eq!(r.reversed(), s);
+        let enc = "c2stYW50LWFwaTAzLWVDdEEwM2Fa"; // base64 of sk-ant-api03-eCtA03aZ
+        let spaced: String = enc
+            .as_bytes()
+            .chunks(4)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let d = base64_decodings(&format!("b64: {spaced}"));
+        assert!(
+            d.iter()
+                .any(|v| String::from_utf8_lossy(v).contains("sk-ant-api03-eCtA03aZ"))
+        );
+        let h = hex_decodings("0x73 0x6b 0x2d 0x61 0x6e 0x74 0x2d 0x61 0x70 0x69");
+        assert!(h.iter().any(|v| v == b"sk-ant-api"), "{h:?}");
+        let h = hex_decodings("736b2d616e742d617069303312");
+        assert!(h.iter().any(|v| v.starts_with(b"sk-ant-api03")));
+        assert_eq!(
+            char_codes("115 107 45 97 110 116 45 97 112 105").as_deref(),
+            Some("sk-ant-api")
+        );
+        assert_eq!(char_codes("I have 3 cats and 2 dogs"), None);
+        assert_eq!(
+            dechunk("key: zpk_ live _NLP rvdO g6 and more").as_deref(),
+            Some("key:zpk_live_NLPrvdOg6 and more")
+        );
+        assert_eq!(dechunk("ab - cdef - ghij - kl").as_deref(), Some("ab - cdefghijkl"));
+        assert_eq!(dechunk("hello there, friend"), None);
+        assert_eq!(printable_runs(b"\x01abc\x02defghij", 4).as_deref(), Some("defghij"));
+    }
+}
