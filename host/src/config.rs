@@ -292,6 +292,11 @@ pub struct PersonaSection {
     /// UTF-8 and at most [`MAX_SETTING_FILE_BYTES`]; a key may not also be in
     /// `settings`. Like `settings`, never secrets: the persona can read every byte.
     pub settings_files: BTreeMap<String, PathBuf>,
+    /// Which settings were read from `settings_files` (filled by
+    /// [`Config::resolve_setting_files`]): their random-looking words become known
+    /// secrets the persona may not say.
+    #[serde(skip)]
+    pub settings_from_files: std::collections::BTreeSet<String>,
     pub limits: LimitsOverride,
     pub kv: KvGrant,
     pub history: HistoryGrant,
@@ -507,6 +512,7 @@ impl Config {
                 };
                 let text =
                     read_setting_file(&path).map_err(|e| ConfigError(format!("{what}: {e}")))?;
+                persona.settings_from_files.insert(key.clone());
                 persona.settings.insert(key, text);
             }
         }

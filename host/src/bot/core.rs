@@ -173,6 +173,9 @@ impl BotCore {
                 if let Err(e) = RoomName::check(&out.room) {
                     return self.refuse(format!("say: {e}"));
                 }
+                if let Err(reason) = self.policy.check_room(&out.room) {
+                    return self.refuse(format!("say: the room name contains a secret ({reason})"));
+                }
                 match self.policy.outbound(&out.room, &out.text, Some(inbound)) {
                     OutboundVerdict::Send(o) => {
                         if !o.delay.is_zero() {
@@ -210,12 +213,23 @@ impl BotCore {
                     }
                 }
             }
+            // Room names are public: scanned like replies (the name stays out of the log).
             Action::Join(room) => match RoomName::new(room) {
-                Ok(room) => Effect::Join(room),
+                Ok(room) => match self.policy.check_room(room.as_str()) {
+                    Ok(()) => Effect::Join(room),
+                    Err(reason) => {
+                        self.refuse(format!("join: the room name contains a secret ({reason})"))
+                    }
+                },
                 Err(e) => self.refuse(format!("join: {e}")),
             },
             Action::Leave(room) => match RoomName::new(room) {
-                Ok(room) => Effect::Leave(room),
+                Ok(room) => match self.policy.check_room(room.as_str()) {
+                    Ok(()) => Effect::Leave(room),
+                    Err(reason) => {
+                        self.refuse(format!("leave: the room name contains a secret ({reason})"))
+                    }
+                },
                 Err(e) => self.refuse(format!("leave: {e}")),
             },
         }

@@ -45,6 +45,7 @@ impl BotHost {
         let store = Store::open_with(&config.paths.state, config.store.synchronous)?;
         // Reads every provider key once (environment or file); a missing key stops here.
         let llm = Arc::new(crate::llm::LlmHub::from_config(&config.llm)?);
+        let known = HostContext::known_secrets_of(&config, &llm);
         let context = HostContext {
             runtime,
             store,
@@ -52,6 +53,7 @@ impl BotHost {
             probes: crate::telemetry::Probes::default(),
             llm,
             names: Default::default(),
+            known,
         };
         let reload = super::reload::ReloadState::new(&context);
         let mut host = BotHost {

@@ -1015,7 +1015,7 @@ impl BotHost {
         if let Some(r) = &cfg.rooms {
             m.rooms = r.clone();
         }
-        manifest::validate(&m)?;
+        manifest::validate_with(&m, &self.context.scanner())?;
         Ok(m)
     }
 

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::plugin::bindings::Manifest;
 use crate::plugin::{Grants, PersonaComponent, PersonaContext, Runtime, Sandbox, manifest};
-use crate::policy::{BotIdentity, Clock, Policy};
+use crate::policy::{BotIdentity, Clock, KnownSecrets, Policy, SecretScanner};
 use crate::session::{self, Membership, SessionEvent, SessionHandle, SessionStatus};
 use crate::store::Store;
 
@@ -30,9 +30,35 @@ pub struct HostContext {
     pub llm: Arc<crate::llm::LlmHub>,
     /// Which persona (file label) holds which network name in this host.
     pub names: NameClaims,
+    /// Every key the host holds, shared by every bot's secret scanner: the LLM
+    /// provider keys, each bot's chat key (added when its session reports it), and the
+    /// random-looking words of settings files.
+    pub known: KnownSecrets,
 }
 
 impl HostContext {
+    /// The known secrets of a host: every LLM provider key and the random-looking words
+    /// of every persona's settings files.
+    pub fn known_secrets_of(config: &Config, llm: &crate::llm::LlmHub) -> KnownSecrets {
+        let known = KnownSecrets::with_fragment_len(config.policy.secrets.known_fragment_len);
+        for key in llm.known_secrets() {
+            known.add(secrecy::ExposeSecret::expose_secret(&key));
+        }
+        for p in config.personas.values() {
+            for key in &p.settings_from_files {
+                if let Some(v) = p.settings.get(key) {
+                    known.add_tokens_of(v);
+                }
+            }
+        }
+        known
+    }
+
+    /// A scanner on the host's known secrets, with the configured settings.
+    pub fn scanner(&self) -> SecretScanner {
+        SecretScanner::with_known(self.config.policy.secrets.clone(), self.known.clone())
+    }
+
     /// The server URL as identities are stored under it (normalised as the session
     /// normalises it).
     pub fn server_base(&self) -> String {
@@ -224,7 +250,8 @@ impl Bot {
         if let Some(r) = &cfg.rooms {
             m.rooms = r.clone();
         }
-        manifest::validate(&m).map_err(|e| anyhow::anyhow!("persona `{label}`: {e}"))?;
+        manifest::validate_with(&m, &host.scanner())
+            .map_err(|e| anyhow::anyhow!("persona `{label}`: {e}"))?;
         sandbox.context().set_bot_name(&m.name);
         let mut scfg = host.config.session_config();
         // The identity (key, outbox, recovery positions) belongs to the file label,
@@ -267,16 +294,16 @@ impl Bot {
             }
         };
 
-        let policy = Policy::new(
+        let mut policy = Policy::new(
             &host.config.policy,
             BotIdentity::new(m.name.clone(), m.name.clone()),
             Clock::real(),
         )?;
-        // Replies containing a key the host holds are blocked: every LLM provider key
-        // here, the bot's own chat key once the session reports it.
-        for key in host.llm.known_secrets() {
-            policy.add_known_secret(secrecy::ExposeSecret::expose_secret(&key));
-        }
+        // Replies containing a piece of a key the host holds are blocked: every LLM
+        // provider key, every bot's chat key once its session reports it. The persona's
+        // log lines go through the same scanner.
+        policy.share_known_secrets(host.known.clone());
+        sandbox.context().log.set_scanner(policy.scanner().clone());
         let mut core = BotCore::new(sandbox, policy, m.clone(), history.clone());
 
         let mut first = BotCounters::default();

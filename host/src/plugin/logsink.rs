@@ -2,11 +2,13 @@
 //! host's `tracing` log: every line carries the persona's name, control characters
 //! are escaped so a guest can't forge log lines, long lines are cut, and a token
 //! bucket keeps a chatty persona from flooding the log (suppressed lines are counted
-//! and reported once logging resumes).
+//! and reported once logging resumes). A line the secret scanner objects to (the
+//! bot's scanner once it runs, so keys the host holds too) is replaced by a notice
+//! naming only the kind of secret: logs are read by people and shown by `roost dev`.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::bindings::log::Level;
+use crate::policy::{SecretScanner, SecretsConfig};
 
 /// Longest line written to the host log; longer lines are cut with `…`.
 pub const MAX_LINE_CHARS: usize = 2_000;
@@ -37,6 +40,9 @@ pub struct LogSink {
     bucket: Mutex<Bucket>,
     /// Lines dropped by the rate limit since the sink was made.
     pub suppressed_total: AtomicU64,
+    /// Lines withheld because they held a secret.
+    pub withheld_total: AtomicU64,
+    scanner: RwLock<SecretScanner>,
 }
 
 impl LogSink {
@@ -49,7 +55,14 @@ impl LogSink {
                 suppressed: 0,
             }),
             suppressed_total: AtomicU64::new(0),
+            withheld_total: AtomicU64::new(0),
+            scanner: RwLock::new(SecretScanner::new(SecretsConfig::default())),
         }
+    }
+
+    /// Scans lines with `scanner` from now on (the bot's, which knows the host's keys).
+    pub fn set_scanner(&self, scanner: SecretScanner) {
+        *self.scanner.write().unwrap_or_else(|p| p.into_inner()) = scanner;
     }
 
     /// Write one line at `level`, if the rate limit allows.
@@ -66,7 +79,18 @@ impl LogSink {
                 "persona log rate limit: {resumed_after} lines suppressed"
             );
         }
-        let text = sanitize(text);
+        let finding = self
+            .scanner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .scan(text);
+        let text = match finding {
+            Some(f) => {
+                self.withheld_total.fetch_add(1, Ordering::Relaxed);
+                format!("[log line withheld: it holds a secret ({})]", f.kind)
+            }
+            None => sanitize(text),
+        };
         tap(persona, level, &text);
         match level {
             Level::Trace => tracing::trace!(target: "persona", persona, "{text}"),
@@ -260,6 +284,39 @@ mod tests {
         };
         assert_eq!(line.level, Level::Warn);
         assert_eq!(line.text, "careful\\nnow");
+    }
+
+    #[tokio::test]
+    async fn lines_holding_a_secret_are_withheld() {
+        let mut lines = subscribe();
+        let sink = LogSink::new("leaky-persona");
+        let scanner = SecretScanner::new(SecretsConfig::default());
+        scanner.add_known_secret("Zq8vP2rT9wLx4Kb7Nm3Q");
+        sink.set_scanner(scanner);
+        // A provider format, reshaped; a piece of a key the host holds; plain text.
+        sink.line(
+            Level::Info,
+            "debug: 5c0Y aXMF Dysa ZhlluPWD mW5P y9FW KM6y uhnr _phg",
+        );
+        sink.line(Level::Info, "got T9wLx4Kb7Nm3 from the llm");
+        sink.line(Level::Info, "all good");
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            match lines.recv().await {
+                Ok(line) if line.persona == "leaky-persona" => got.push(line.text),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                "[log line withheld: it holds a secret (github-token)]",
+                "[log line withheld: it holds a secret (known-secret)]",
+                "all good",
+            ]
+        );
+        assert_eq!(sink.withheld_total.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

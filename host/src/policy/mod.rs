@@ -672,6 +672,19 @@ impl Policy {
         })
     }
 
+    /// Whether the persona may use a room name (join, leave, say in): room names are
+    /// public, so they are scanned like replies. A refusal is counted as a blocked
+    /// secret.
+    pub fn check_room(&mut self, room: &str) -> Result<(), Finding> {
+        match self.scanner.scan(room) {
+            None => Ok(()),
+            Some(f) => {
+                self.counters.blocked += 1;
+                Err(f)
+            }
+        }
+    }
+
     /// Keeps `text` in the room's window of recent messages, bounded by
     /// `window_messages` and `window_chars`.
     fn remember_sent(&mut self, room: &str, text: &str) {
@@ -688,9 +701,7 @@ impl Policy {
         let window = self.recent.entry(room.to_string()).or_default();
         window.push_back(text.to_string());
         let mut chars: usize = window.iter().map(|t| t.chars().count()).sum();
-        while window.len() > cfg.window_messages
-            || (chars > cfg.window_chars && window.len() > 1)
-        {
+        while window.len() > cfg.window_messages || (chars > cfg.window_chars && window.len() > 1) {
             if let Some(old) = window.pop_front() {
                 chars -= old.chars().count();
             }

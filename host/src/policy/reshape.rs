@@ -143,7 +143,10 @@ pub fn dechunk(text: &str) -> Option<String> {
     // (start, end) byte ranges of tokens.
     let mut tokens: Vec<(usize, usize)> = Vec::new();
     let mut start = None;
-    for (i, c) in text.char_indices().chain(std::iter::once((text.len(), ' '))) {
+    for (i, c) in text
+        .char_indices()
+        .chain(std::iter::once((text.len(), ' ')))
+    {
         if is_sep(c) {
             if let Some(s) = start.take() {
                 let tok = &text[s..i];
@@ -298,7 +301,10 @@ pub fn char_codes(text: &str) -> Option<String> {
             _ if t.len() <= 3 && t.bytes().all(|b| b.is_ascii_digit()) => t.parse().ok(),
             _ => None,
         };
-        match code.and_then(char::from_u32).filter(|c| (' '..='~').contains(c)) {
+        match code
+            .and_then(char::from_u32)
+            .filter(|c| (' '..='~').contains(c))
+        {
             Some(c) => {
                 out.push(c);
                 codes += 1;
@@ -369,8 +375,14 @@ mod tests {
             dechunk("key: zpk_ live _NLP rvdO g6 and more").as_deref(),
             Some("key:zpk_live_NLPrvdOg6 and more")
         );
-        assert_eq!(dechunk("ab - cdef - ghij - kl").as_deref(), Some("ab - cdefghijkl"));
+        assert_eq!(
+            dechunk("ab - cdef - ghij - kl").as_deref(),
+            Some("ab - cdefghijkl")
+        );
         assert_eq!(dechunk("hello there, friend"), None);
-        assert_eq!(printable_runs(b"\x01abc\x02defghij", 4).as_deref(), Some("defghij"));
+        assert_eq!(
+            printable_runs(b"\x01abc\x02defghij", 4).as_deref(),
+            Some("defghij")
+        );
     }
 }

@@ -366,7 +366,9 @@ impl SecretScanner {
         let mut views: Vec<&str> = vec![&folded];
         views.extend(collapsed.as_deref());
         views.extend(hidden.as_deref());
-        if self.known.found_in(&views[..1]) || hidden.as_deref().is_some_and(|h| self.known.found_in(&[h])) {
+        if self.known.found_in(&views[..1])
+            || hidden.as_deref().is_some_and(|h| self.known.found_in(&[h]))
+        {
             return Some(KNOWN);
         }
         let runs: Vec<usize> = views.iter().map(|v| longest_key_run(v)).collect();
@@ -377,7 +379,9 @@ impl SecretScanner {
         {
             return Some(f);
         }
-        if let Some(f) = scan_reshaped(&folded).or_else(|| hidden.as_deref().and_then(scan_reshaped)) {
+        if let Some(f) =
+            scan_reshaped(&folded).or_else(|| hidden.as_deref().and_then(scan_reshaped))
+        {
             return Some(f);
         }
         if self.config.high_entropy {
@@ -1071,10 +1075,10 @@ static PREFIX_MATCHER: LazyLock<AhoCorasick> = LazyLock::new(|| {
 
 /// Prefixes of public identifiers that look like `name-<random>`: never a key.
 const PUBLIC_ID_PREFIXES: &[&str] = &[
-    "sha1", "sha224", "sha256", "sha384", "sha512", "sha3", "md5", "blake2b", "blake2s",
-    "blake3", "sri", "git", "commit", "uuid", "guid", "ulid", "id", "req", "request", "tx",
-    "txid", "block", "hash", "cid", "ipfs", "msg", "trace", "span", "run", "build", "job",
-    "pk_live", "pk_test", "pk",
+    "sha1", "sha224", "sha256", "sha384", "sha512", "sha3", "md5", "blake2b", "blake2s", "blake3",
+    "sri", "git", "commit", "uuid", "guid", "ulid", "id", "req", "request", "tx", "txid", "block",
+    "hash", "cid", "ipfs", "msg", "trace", "span", "run", "build", "job", "pk_live", "pk_test",
+    "pk",
 ];
 
 /// Secrets in the reshapings of `text` (already in the host's view) that the rules on
@@ -1101,9 +1105,8 @@ fn scan_reshaped(text: &str) -> Option<Finding> {
 
 /// Format rules and skeleton prefixes on every decoding of `text`.
 fn scan_decoded(text: &str) -> Option<Finding> {
-    let check = |decoded: &str| {
-        scan_formats(decoded).or_else(|| scan_orientations(&Skeleton::of(decoded)))
-    };
+    let check =
+        |decoded: &str| scan_formats(decoded).or_else(|| scan_orientations(&Skeleton::of(decoded)));
     base64_decodings(text)
         .iter()
         .chain(&hex_decodings(text))
@@ -1202,12 +1205,10 @@ fn generic_prefixed_key(s: &[u8], sep_before: &[bool]) -> Option<Finding> {
     let entropy = shannon_entropy(std::str::from_utf8(head).unwrap_or(""));
     // Entropy of a random head: about 4.2 bits for 24 characters, 3 for 10.
     let need = if head.len() >= 20 { 3.5 } else { 2.7 };
-    (classes >= 2 && entropy >= need && body_is_key(&body, min, 24)).then_some(
-        Finding {
-            kind: "prefixed-key",
-            rule: FindingRule::ProviderFormat,
-        },
-    )
+    (classes >= 2 && entropy >= need && body_is_key(&body, min, 24)).then_some(Finding {
+        kind: "prefixed-key",
+        rule: FindingRule::ProviderFormat,
+    })
 }
 
 /// Letters and digits at the start of `s` written together (no separator removed
@@ -1264,15 +1265,19 @@ fn random_pieces(s: &[u8]) -> bool {
         if p[0].is_ascii_digit() {
             return false;
         }
-        let vowel = |b: &u8| matches!(b.to_ascii_lowercase(), b'a' | b'e' | b'i' | b'o' | b'u' | b'y');
+        let vowel = |b: &u8| {
+            matches!(
+                b.to_ascii_lowercase(),
+                b'a' | b'e' | b'i' | b'o' | b'u' | b'y'
+            )
+        };
         let lower_rest = p[1..].iter().all(u8::is_ascii_lowercase);
         let upper = p.iter().all(u8::is_ascii_uppercase);
-        let consonant_run = p
-            .split(vowel)
-            .map(<[u8]>::len)
-            .max()
-            .unwrap_or(0);
-        p.len() < 2 || !p.iter().any(vowel) || consonant_run >= 5 || !(lower_rest || (upper && p.len() <= 4))
+        let consonant_run = p.split(vowel).map(<[u8]>::len).max().unwrap_or(0);
+        p.len() < 2
+            || !p.iter().any(vowel)
+            || consonant_run >= 5
+            || !(lower_rest || (upper && p.len() <= 4))
     })
 }
 
@@ -1529,7 +1534,8 @@ fn is_public_id(tok: &str, after: &str) -> bool {
     }
     if after.starts_with(".onion")
         && b.len() == 56
-        && b.iter().all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(c))
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(c))
     {
         return true;
     }
@@ -1599,7 +1605,13 @@ fn bech32_ok(s: &str) -> bool {
         };
         values.push(v as u32);
     }
-    const GEN: [u32; 5] = [0x3b6a_57b2, 0x2650_8e6d, 0x1ea1_19fa, 0x3d42_33dd, 0x2a14_62b3];
+    const GEN: [u32; 5] = [
+        0x3b6a_57b2,
+        0x2650_8e6d,
+        0x1ea1_19fa,
+        0x3d42_33dd,
+        0x2a14_62b3,
+    ];
     let mut chk: u32 = 1;
     for v in values {
         let top = chk >> 25;
@@ -2153,30 +2165,55 @@ mod tests {
         let half = key.len() / 2;
         vec![
             ("raw", one(format!("here you go: {key}"))),
-            ("chunked-spaces", one(format!("key: {}", chunks(key, 4, " ")))),
-            ("chunked-lines", one(format!("key:\n{}", chunks(key, 5, "\n")))),
+            (
+                "chunked-spaces",
+                one(format!("key: {}", chunks(key, 4, " "))),
+            ),
+            (
+                "chunked-lines",
+                one(format!("key:\n{}", chunks(key, 5, "\n"))),
+            ),
             ("chunked-dots", one(format!("key {}", chunks(key, 4, ".")))),
-            ("chunked-dashes", one(format!("key {}", chunks(key, 6, " - ")))),
+            (
+                "chunked-dashes",
+                one(format!("key {}", chunks(key, 6, " - "))),
+            ),
             ("spelled-out", one(chunks(key, 1, " "))),
             ("rot13", one(format!("rot13: {}", rot13(key)))),
-            ("rot13-chunked", one(format!("rot13: {}", chunks(&rot13(key), 4, " ")))),
+            (
+                "rot13-chunked",
+                one(format!("rot13: {}", chunks(&rot13(key), 4, " "))),
+            ),
             ("decimal-codes", one(format!("codes: {dec}"))),
             (
                 "hex-codes",
-                one(key.bytes().map(|b| format!("0x{b:02x}")).collect::<Vec<_>>().join(", ")),
+                one(key
+                    .bytes()
+                    .map(|b| format!("0x{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")),
             ),
-            ("hex", one(format!("hex {}", hex_encode(key.as_bytes(), false)))),
+            (
+                "hex",
+                one(format!("hex {}", hex_encode(key.as_bytes(), false))),
+            ),
             ("base64", one(format!("b64 {}", b64(key.as_bytes())))),
             (
                 "base64-byte-in-front-chunked",
-                one(format!("b64 {}", chunks(&b64(format!("!{key}").as_bytes()), 4, " "))),
+                one(format!(
+                    "b64 {}",
+                    chunks(&b64(format!("!{key}").as_bytes()), 4, " ")
+                )),
             ),
             (
                 "base64-two-bytes-in-front",
                 one(format!("data={}", b64(format!("k={key}").as_bytes()))),
             ),
             ("reversed", one(format!("backwards: {}", rev(key)))),
-            ("reversed-chunked", one(format!("backwards: {}", chunks(&rev(key), 4, " ")))),
+            (
+                "reversed-chunked",
+                one(format!("backwards: {}", chunks(&rev(key), 4, " "))),
+            ),
             ("rot13-reversed", one(rot13(&rev(key)))),
             ("base64-of-reversed", one(b64(rev(key).as_bytes()))),
             ("upper-case", one(key.to_uppercase())),
@@ -2191,10 +2228,16 @@ mod tests {
                     .map(|c| char::from_u32(c as u32 + 0xFEE0).unwrap_or(c))
                     .collect()),
             ),
-            ("prefix-alone", one(format!("it starts {}", &key[..prefix_len + 10]))),
+            (
+                "prefix-alone",
+                one(format!("it starts {}", &key[..prefix_len + 10])),
+            ),
             (
                 "split-two-messages",
-                vec![format!("part one {}", &key[..half]), format!("{} end", &key[half..])],
+                vec![
+                    format!("part one {}", &key[..half]),
+                    format!("{} end", &key[half..]),
+                ],
             ),
             (
                 "split-chunked",
@@ -2263,17 +2306,20 @@ mod tests {
         let known_recall = kcaught as f64 / ktotal as f64;
         // Public identifiers: every one must pass (held keys registered too).
         let fixture = include_str!("../../../tests/fixtures/secrets/lookalikes.tsv");
-        let both = SecretScanner::with_known(SecretsConfig::default(), known.known_secrets().clone());
+        let both =
+            SecretScanner::with_known(SecretsConfig::default(), known.known_secrets().clone());
         let (mut negatives, mut false_pos) = (0usize, Vec::new());
-        for line in fixture.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in fixture
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (label, text) = line.split_once('\t').expect("label<TAB>text");
             negatives += 1;
             if let Some(f) = both.scan(text) {
                 false_pos.push(format!("{label}: {text} -> {f}"));
             }
         }
-        let precision =
-            (caught + kcaught) as f64 / (caught + kcaught + false_pos.len()) as f64;
+        let precision = (caught + kcaught) as f64 / (caught + kcaught + false_pos.len()) as f64;
         let pass_rate = 1.0 - false_pos.len() as f64 / negatives as f64;
         println!(
             "secret scanner: format recall {caught}/{total} = {format_recall:.3}; known-secret recall {kcaught}/{ktotal} = {known_recall:.3}; look-alikes passed {}/{negatives} = {pass_rate:.3}; precision {precision:.3}",
@@ -2295,7 +2341,10 @@ mod tests {
             missed.iter().all(|m| m.starts_with("prefix-alone")),
             "{missed:?}"
         );
-        assert!(false_pos.is_empty(), "{} look-alikes blocked", false_pos.len());
+        assert!(
+            false_pos.is_empty(),
+            "{} look-alikes blocked",
+            false_pos.len()
+        );
     }
-
 }
