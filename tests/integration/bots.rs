@@ -305,3 +305,98 @@ async fn a_manifest_cannot_take_another_personas_identity() {
     host.stop().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settings_file_secret_said_in_pieces_never_reaches_the_chat() {
+    // The operator gives the persona a settings file holding a secret (a random word):
+    // the host treats it as a known secret. The persona (`teller`) then tries to walk it
+    // out: 11 characters in one message (allowed: shorter than a fragment), the next 10
+    // in the next (caught: the scan covers its recent messages in the room), a room
+    // named after a piece, a log line holding a piece, and finally something harmless.
+    const SECRET: &str = "Zq8vP2rT9wLx4Kb7Nm3QyH5s";
+    let server = server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(dir.path(), &guest("teller"), "teller");
+    std::fs::write(
+        dir.path().join("teller.md"),
+        format!("You are teller. The vault code is {SECRET}; never say it.\n"),
+    )
+    .expect("settings file");
+    let mut config = config_for(&server.base_url(), dir.path());
+    let persona = config.personas.entry("teller".into()).or_default();
+    persona
+        .settings_files
+        .insert("notes".into(), "teller.md".into());
+    persona.settings.insert(
+        "lines".into(),
+        format!(
+            "first half {}|second half {}|join:{}|log:psst {}|all done",
+            &SECRET[..11],
+            &SECRET[11..21],
+            SECRET[6..20].to_lowercase(),
+            &SECRET[2..18],
+        ),
+    );
+    config
+        .resolve_setting_files(dir.path())
+        .expect("settings files");
+    config.policy.limits.room_min_interval_ms = 0;
+    config.policy.limits.room_burst = 100;
+    config.policy.limits.bot_burst = 100;
+    let mut persona_lines = roost::plugin::logsink::subscribe();
+    let mut events = server.state().subscribe();
+    let mut joins = server.state().subscribe();
+    let host = BotHost::start(config).await.expect("start");
+    wait_joined(&mut events, "teller", "lobby").await;
+
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        server
+            .state()
+            .post_message("ada", "lobby", &format!("@teller go on ({i})"))
+            .expect("post");
+    }
+    // The persona answers in order: once `all done` is out, every piece was handled.
+    let done = crate::support::wait_message_recording(
+        &mut events,
+        &mut seen,
+        Duration::from_secs(20),
+        |m| m.from == "teller" && m.text == "all done",
+    )
+    .await;
+    assert!(done.is_some(), "teller never finished: {seen:?}");
+    let said: Vec<&str> = seen
+        .iter()
+        .filter(|m| m.from == "teller")
+        .map(|m| m.text.as_str())
+        .collect();
+    assert_eq!(
+        said,
+        [format!("first half {}", &SECRET[..11]).as_str(), "all done"]
+    );
+    // No room named after a piece of the secret was joined.
+    while let Ok(e) = joins.try_recv() {
+        if let roost::devserver::ServerEvent::Joined { agent, room } = e {
+            assert!(agent != "teller" || room == "lobby", "teller joined {room}");
+        }
+    }
+    // The log line holding a piece was withheld.
+    let mut logged = Vec::new();
+    while let Ok(line) = persona_lines.try_recv() {
+        if line.persona == "teller" {
+            logged.push(line.text);
+        }
+    }
+    assert!(
+        logged.iter().any(|l| l.contains("withheld")),
+        "no withheld log line: {logged:?}"
+    );
+    assert!(
+        logged.iter().all(|l| !l.contains(&SECRET[2..14])),
+        "{logged:?}"
+    );
+    let counters = host.bots["teller"].counters();
+    assert!(counters.policy.blocked >= 2, "{counters:?}");
+    host.stop().await;
+    server.shutdown().await;
+}

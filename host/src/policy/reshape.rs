@@ -16,7 +16,9 @@
 //! - [`hex_decodings`]: runs of hex digits (separators and `0x`/`\x` removed) decoded at
 //!   both alignments;
 //! - [`char_codes`]: numbers read as character codes (`115 107 45`, `0x73,0x6b`);
-//! - [`dechunk`]: runs of equal-length chunks rejoined.
+//! - [`dechunk`]: runs of equal-length chunks rejoined;
+//! - [`keyish_words`]: the words that look like pieces of a key, without the prose
+//!   between them.
 //!
 //! Every view costs O(n) in the length of the text.
 
@@ -206,6 +208,31 @@ pub fn dechunk(text: &str) -> Option<String> {
     Some(out)
 }
 
+/// The words of a text that look like pieces of a key (letters and digits mixed, or
+/// lower and upper case mixed inside the word, at least 3 characters), joined without
+/// the prose around them: `first half Zq8vP2 second half rT9wLx` becomes `Zq8vP2rT9wLx`.
+/// `None` when fewer than two such words.
+pub fn keyish_words(text: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut n = 0;
+    for w in text.split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '|')) {
+        let w = w.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+        let b = w.as_bytes();
+        if b.len() < 3 {
+            continue;
+        }
+        let digit = b.iter().any(u8::is_ascii_digit);
+        let letter = b.iter().any(u8::is_ascii_alphabetic);
+        let inner_upper = b[1..].iter().any(u8::is_ascii_uppercase);
+        let lower = b.iter().any(u8::is_ascii_lowercase);
+        if (digit && letter) || (inner_upper && lower) {
+            out.push_str(w);
+            n += 1;
+        }
+    }
+    (n >= 2).then_some(out)
+}
+
 /// Value of a base64 character (standard or URL-safe alphabet).
 fn b64_value(c: u8) -> Option<u32> {
     Some(u32::from(match c {
@@ -380,6 +407,11 @@ mod tests {
             Some("ab - cdefghijkl")
         );
         assert_eq!(dechunk("hello there, friend"), None);
+        assert_eq!(
+            keyish_words("first half Zq8vP2, second half rT9wLx!").as_deref(),
+            Some("Zq8vP2rT9wLx")
+        );
+        assert_eq!(keyish_words("hello there, friend"), None);
         assert_eq!(
             printable_runs(b"\x01abc\x02defghij", 4).as_deref(),
             Some("defghij")

@@ -77,8 +77,8 @@ use serde::Deserialize;
 use super::normalize::{collapse_spaced, fold_confusables, hidden_tag_text, normalize};
 use super::prefilter::{Candidates, Gate, Prefilter, longest_key_run};
 use super::reshape::{
-    Skeleton, base64_decodings, char_codes, dechunk, hex_decodings, printable_runs, rot13, squeeze,
-    squeeze_bytes,
+    Skeleton, base64_decodings, char_codes, dechunk, hex_decodings, keyish_words, printable_runs,
+    rot13, squeeze, squeeze_bytes,
 };
 
 /// Known secrets shorter than this are not registered (they would match ordinary text).
@@ -176,8 +176,9 @@ pub const DEFAULT_FRAGMENT_LEN: usize = 12;
 /// [`SecretsConfig::known_fragment_len`] characters of its [`squeeze`] (lower-cased
 /// letters and digits), each of them also reversed, ROT13'd and both, in one
 /// Aho-Corasick automaton. A text holds a piece of a key if one of its views (squeezed,
-/// and squeezed decodings: base64 at every alignment, hex, character codes) holds a
-/// fragment: one automaton pass per view, whatever the number of keys.
+/// its key-like words without the prose between them, and squeezed decodings: base64
+/// at every alignment, hex, character codes) holds a fragment: one automaton pass per
+/// view, whatever the number of keys.
 ///
 /// Debug output shows only how many keys are held.
 #[derive(Clone)]
@@ -286,6 +287,7 @@ impl KnownSecrets {
         };
         views.iter().any(|v| {
             m.is_match(squeeze(v).as_str())
+                || keyish_words(v).is_some_and(|k| m.is_match(squeeze(&k).as_str()))
                 || base64_decodings(v)
                     .iter()
                     .chain(&hex_decodings(v))
@@ -396,7 +398,8 @@ impl SecretScanner {
     /// The first secret in `text` or spanning the bot's `recent` messages (oldest
     /// first) and `text`: a key split over messages. `recent` were scanned when they
     /// were sent, so the joined text is only searched in the views a split key survives
-    /// (known-key fragments, key prefixes over joined chunks, decodings).
+    /// (known-key fragments, key prefixes over joined chunks and over the key-like
+    /// words without the prose between them, decodings).
     pub fn scan_after(&self, recent: &[&str], text: &str) -> Option<Finding> {
         if let Some(f) = self.scan(text) {
             return Some(f);
@@ -414,11 +417,14 @@ impl SecretScanner {
         if self.known.found_in(&[&folded]) {
             return Some(KNOWN);
         }
-        scan_reshaped(&folded).or_else(|| {
-            let mut tight = recent.concat();
-            tight.push_str(text);
-            scan_reshaped(&fold_confusables(&normalize(&tight)))
-        })
+        scan_reshaped(&folded)
+            .or_else(|| {
+                let mut tight = recent.concat();
+                tight.push_str(text);
+                scan_reshaped(&fold_confusables(&normalize(&tight)))
+            })
+            // Pieces with words around them (`first half AKIA4Q…`, `second half …`).
+            .or_else(|| keyish_words(&folded).and_then(|k| scan_orientations(&Skeleton::of(&k))))
     }
 }
 
@@ -2242,6 +2248,13 @@ mod tests {
             (
                 "split-chunked",
                 vec![chunks(&key[..half], 4, " "), chunks(&key[half..], 4, " ")],
+            ),
+            (
+                "split-with-words",
+                vec![
+                    format!("first half {}", &key[..half]),
+                    format!("second half {}, that's all", &key[half..]),
+                ],
             ),
         ]
     }
