@@ -537,4 +537,39 @@ mod tests {
             assert_eq!(collapse_spaced(t).is_some(), full, "{t:?}");
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn normalize_is_idempotent_and_drops_invisibles(text in "\\PC{0,80}|[\\u{200B}-\\u{200F}\\u{202A}-\\u{202E}\\u{FEFF}a-zＡ-Ｚ ]{0,40}") {
+                let once = normalize(&text).into_owned();
+                let twice = normalize(&once).into_owned();
+                prop_assert_eq!(twice, once.clone());
+                prop_assert!(!once.chars().any(is_invisible));
+                prop_assert!(!once.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')));
+            }
+
+            #[test]
+            fn printable_ascii_is_untouched(text in "[ -~]{0,120}") {
+                prop_assert!(matches!(normalize(&text), Cow::Borrowed(t) if t == text));
+            }
+
+            #[test]
+            fn collapsing_only_removes(text in "\\PC{0,80}|([a-z0-9] ){3,12}[a-z0-9]") {
+                if let Some(c) = collapse_spaced(&text) {
+                    prop_assert!(c.chars().count() <= text.chars().count());
+                    let kept = |s: &str| s.chars().filter(|c| !c.is_whitespace()).count();
+                    prop_assert!(kept(&c) <= kept(&text));
+                }
+                let folded = fold_confusables(&text).into_owned();
+                let refolded = fold_confusables(&folded).into_owned();
+                prop_assert_eq!(refolded, folded);
+            }
+        }
+    }
 }

@@ -417,4 +417,50 @@ mod tests {
             Some("defghij")
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(96))]
+
+            #[test]
+            fn skeleton_orientations_undo_themselves(text in "\\PC{0,80}") {
+                let s = Skeleton::of(&text);
+                prop_assert_eq!(&s.reversed().reversed(), &s);
+                prop_assert_eq!(&s.rot13().rot13(), &s);
+                prop_assert_eq!(s.sep_before.len(), s.bytes.len() + 1);
+                prop_assert!(s.bytes.iter().all(|&b| is_skeleton_byte(b)));
+            }
+
+            #[test]
+            fn base64_decodes_at_every_alignment(
+                bytes in proptest::collection::vec(any::<u8>(), 12..60),
+                lead in "[A-Za-z0-9]{0,3}",
+            ) {
+                let mut enc = String::new();
+                for c in bytes.chunks(3) {
+                    let n = c.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+                    for i in 0..c.len() + 1 {
+                        enc.push(char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[((n >> (18 - 6 * i)) & 63) as usize]));
+                    }
+                }
+                let text = format!("{lead}{enc}");
+                prop_assert!(base64_decodings(&text).iter().any(|d| d.starts_with(&bytes)));
+            }
+
+            #[test]
+            fn views_never_panic(text in "\\PC{0,120}") {
+                let _ = hex_decodings(&text);
+                let _ = char_codes(&text);
+                let _ = keyish_words(&text);
+                if let Some(d) = dechunk(&text) {
+                    prop_assert!(d.len() <= text.len());
+                }
+                prop_assert_eq!(rot13(&rot13(&text)), text.clone());
+                prop_assert!(squeeze(&text).bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+            }
+        }
+    }
 }

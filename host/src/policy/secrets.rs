@@ -381,8 +381,9 @@ impl SecretScanner {
         {
             return Some(f);
         }
-        if let Some(f) =
-            scan_reshaped(&folded).or_else(|| hidden.as_deref().and_then(scan_reshaped))
+        if let Some(f) = scan_reshaped(&folded)
+            .or_else(|| collapsed.as_deref().and_then(scan_reshaped))
+            .or_else(|| hidden.as_deref().and_then(scan_reshaped))
         {
             return Some(f);
         }
@@ -404,6 +405,21 @@ impl SecretScanner {
         if let Some(f) = self.scan(text) {
             return Some(f);
         }
+        if recent.is_empty() {
+            return None;
+        }
+        // Only what the new text completes counts: the earlier messages went out, and
+        // what they hold together (a chance pattern) must not silence the bot.
+        let found = self.scan_joined(recent, text)?;
+        let (last, before) = recent.split_last()?;
+        match self.scan_joined(before, last) {
+            Some(_) if !before.is_empty() => None,
+            _ => Some(found),
+        }
+    }
+
+    /// The views of `recent` and `text` joined in which a split key survives.
+    fn scan_joined(&self, recent: &[&str], text: &str) -> Option<Finding> {
         if recent.is_empty() {
             return None;
         }
@@ -1125,7 +1141,10 @@ fn scan_decoded(text: &str) -> Option<Finding> {
 fn scan_skeleton(sk: &Skeleton) -> Option<Finding> {
     let bytes = &sk.bytes;
     for m in PREFIX_MATCHER.find_overlapping_iter(bytes.as_slice()) {
-        if sk.boundary(m.start()) && body_is_key(&bytes[m.end()..], PREFIX_BODY_MIN, 16) {
+        if sk.boundary(m.start())
+            && chunks_ok(&sk.sep_before[m.end()..], 16)
+            && body_is_key(&bytes[m.end()..], PREFIX_BODY_MIN, 16)
+        {
             return Some(Finding {
                 kind: KEY_PREFIXES[m.pattern().as_usize()].1,
                 rule: FindingRule::ProviderFormat,
@@ -1217,6 +1236,20 @@ fn generic_prefixed_key(s: &[u8], sep_before: &[bool]) -> Option<Finding> {
     })
 }
 
+/// Whether the first `n` characters of a body read like chunks of a key: every chunk
+/// (between removed separators) but the first (it may continue the prefix's) and the
+/// last has at least 3 characters. Words run together (`v2 ghp …`) do not.
+fn chunks_ok(sep_before: &[bool], n: usize) -> bool {
+    let n = n.min(sep_before.len().saturating_sub(1));
+    let mut starts = vec![0];
+    starts.extend((1..n).filter(|&i| sep_before[i]));
+    let first_is_own = sep_before.first().copied().unwrap_or(false);
+    starts
+        .windows(2)
+        .enumerate()
+        .all(|(k, w)| (k == 0 && !first_is_own) || w[1] - w[0] >= 3)
+}
+
 /// Letters and digits at the start of `s` written together (no separator removed
 /// between them).
 fn contiguous(s: &[u8], sep_before: &[bool]) -> usize {
@@ -1250,7 +1283,8 @@ pub(crate) fn body_is_key(after: &[u8], min: usize, judge: usize) -> bool {
 
 /// Splits letters-and-digits into pieces (at letter/digit changes and before an upper
 /// case letter that follows a lower case one or starts `Ab`) and says whether some
-/// letter piece is no word: shorter than 2, no vowel, 5 consonants in a row, or mixed
+/// letter piece is no word: shorter than 2, no vowel, 5 consonants in a row (in a piece
+/// of at most 8; longer ones are words a skeleton ran together), or mixed
 /// case other than Capitalised, or all upper case and longer than 4.
 fn random_pieces(s: &[u8]) -> bool {
     let mut pieces: Vec<&[u8]> = Vec::new();
@@ -1282,7 +1316,7 @@ fn random_pieces(s: &[u8]) -> bool {
         let consonant_run = p.split(vowel).map(<[u8]>::len).max().unwrap_or(0);
         p.len() < 2
             || !p.iter().any(vowel)
-            || consonant_run >= 5
+            || (consonant_run >= 5 && p.len() <= 8)
             || !(lower_rest || (upper && p.len() <= 4))
     })
 }
@@ -2359,5 +2393,187 @@ mod tests {
             "{} look-alikes blocked",
             false_pos.len()
         );
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Everyday words: sentences of them are never a secret.
+        const WORDS: &[&str] = &[
+            "the",
+            "a",
+            "key",
+            "token",
+            "secret",
+            "is",
+            "my",
+            "your",
+            "api",
+            "sk",
+            "ghp",
+            "akia",
+            "rotate",
+            "never",
+            "paste",
+            "here",
+            "hash",
+            "commit",
+            "bot",
+            "room",
+            "lobby",
+            "hello",
+            "there",
+            "what",
+            "do",
+            "you",
+            "think",
+            "about",
+            "sourdough",
+            "philosophy",
+            "prefix",
+            "github",
+            "anthropic",
+            "openai",
+            "live",
+            "test",
+            "prod",
+            "v2",
+            "2024",
+            "ok",
+            "lol",
+            "agent",
+            "model",
+            "llm",
+            "kv",
+            "store",
+            "-",
+            "_",
+            ".",
+            ",",
+            "?",
+            "!",
+            "ship",
+            "small",
+            "changes",
+            "every",
+            "day",
+            "AKIA",
+            "sk-",
+            "ghp_",
+            "xoxb-",
+            "sk-ant-",
+            "is",
+            "how",
+            "keys",
+            "start",
+            "with",
+        ];
+
+        fn sentence() -> impl Strategy<Value = String> {
+            proptest::collection::vec(proptest::sample::select(WORDS), 1..24)
+                .prop_map(|w| w.join(" "))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn scanning_never_panics(
+                text in "\\PC{0,200}",
+                recent in proptest::collection::vec("\\PC{0,60}", 0..4),
+            ) {
+                let s = SecretScanner::new(SecretsConfig::default());
+                s.add_known_secret("Zq8vP2rT9wLx4Kb7Nm3Q");
+                let recent: Vec<&str> = recent.iter().map(String::as_str).collect();
+                let _ = s.scan_after(&recent, &text);
+            }
+
+            #[test]
+            fn prose_passes(text in sentence()) {
+                let s = SecretScanner::new(SecretsConfig::default());
+                s.add_known_secret("Zq8vP2rT9wLx4Kb7Nm3Q");
+                prop_assert_eq!(s.scan(&text), None, "{}", text);
+            }
+
+            #[test]
+            fn every_fragment_of_a_held_key_is_found(
+                key in "[A-Za-z0-9]{16,40}",
+                start in 0usize..28,
+                before in sentence(),
+                after in sentence(),
+                chunk in 1usize..8,
+            ) {
+                let s = SecretScanner::new(SecretsConfig { high_entropy: false, ..Default::default() });
+                prop_assume!(s.add_known_secret(&key));
+                let start = start.min(key.len() - 12);
+                let piece = &key[start..start + 12];
+                let chunked: String = piece
+                    .as_bytes()
+                    .chunks(chunk)
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                for t in [piece.to_string(), chunked, piece.chars().rev().collect(), rot13(piece)] {
+                    let text = format!("{before} {t} {after}");
+                    prop_assert!(s.scan(&text).is_some(), "{}", text);
+                }
+            }
+
+            #[test]
+            fn prefixed_keys_are_found_chunked(
+                prefix in proptest::sample::select(&["ghp_", "sk-ant-api03-", "xoxb-", "glpat-", "hf_", "npm_", "acme_live_"][..]),
+                body in "[A-Za-z0-9]{36}",
+                chunk in 3usize..8,
+            ) {
+                // A random body that reads like words is no key: skip the rare draws.
+                prop_assume!(body_is_key(body.as_bytes(), 8, 16));
+                let key = format!("{prefix}{body}");
+                let chunked: String = key
+                    .as_bytes()
+                    .chunks(chunk)
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let s = SecretScanner::new(SecretsConfig::default());
+                for t in [key.clone(), chunked, rot13(&key), key.chars().rev().collect()] {
+                    prop_assert!(s.scan(&format!("here: {t}")).is_some(), "{}", t);
+                }
+            }
+
+            #[test]
+            fn hashes_and_uuids_pass(
+                hex in "[0-9a-f]{64}",
+                len in proptest::sample::select(&[7usize, 12, 32, 40, 64][..]),
+                upper in any::<bool>(),
+            ) {
+                let h = if upper { hex[..len].to_uppercase() } else { hex[..len].to_string() };
+                let uuid = format!("{}-{}-4{}-a{}-{}", &hex[..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32]);
+                let s = SecretScanner::new(SecretsConfig::default());
+                prop_assert_eq!(s.scan(&format!("sha {h} and id {uuid}")), None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_of_random_ids_never_blocks_the_bot() {
+        // Replies with random words (ids, nonces) pile up in the window: whatever they
+        // happen to spell together must not block the next reply.
+        let s = scanner();
+        let mut rng = Rng(7);
+        let mut recent: Vec<String> = Vec::new();
+        for i in 0..300u64 {
+            let text = format!(
+                "reply {i:x} to agent-{}: {}",
+                rng.next() % 40,
+                rng.pick(&ALNUM[..52], 12)
+            );
+            let r: Vec<&str> = recent.iter().map(String::as_str).collect();
+            assert_eq!(s.scan_after(&r, &text), None, "{r:?} + {text}");
+            recent.push(text);
+            if recent.len() > 8 {
+                recent.remove(0);
+            }
+        }
     }
 }
