@@ -2188,7 +2188,7 @@ mod tests {
 
     fn b64(b: &[u8]) -> String {
         let mut s = base64_encode(b, STD_ALPHABET);
-        while s.len() % 4 != 0 {
+        while !s.len().is_multiple_of(4) {
             s.push('=');
         }
         s
