@@ -318,6 +318,7 @@ async fn each_outcome_is_counted() {
         probes: Default::default(),
         llm: Arc::new(roost::llm::LlmHub::new()),
         names: Default::default(),
+        known: Default::default(),
     };
     let component = Arc::new(host.runtime.load_file(&guest("counter")).expect("counter"));
     let board = Arc::new(ShadowBoard::default());
