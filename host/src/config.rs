@@ -195,6 +195,7 @@ impl Default for ReloadSection {
 pub struct LimitsOverride {
     pub memory_bytes: Option<u64>,
     pub cpu_per_call_ms: Option<u64>,
+    pub host_per_call_ms: Option<u64>,
     pub wall_per_call_ms: Option<u64>,
     pub table_elements: Option<usize>,
     pub instances: Option<usize>,
@@ -202,6 +203,8 @@ pub struct LimitsOverride {
     pub memories: Option<usize>,
     pub reply_bytes: Option<usize>,
     pub actions: Option<usize>,
+    pub quarantine_window: Option<u32>,
+    pub quarantine_failure_ratio: Option<f64>,
 }
 
 impl LimitsOverride {
@@ -212,6 +215,9 @@ impl LimitsOverride {
         }
         if let Some(v) = self.cpu_per_call_ms {
             l.cpu_per_call = Duration::from_millis(v);
+        }
+        if let Some(v) = self.host_per_call_ms {
+            l.host_per_call = Duration::from_millis(v);
         }
         if let Some(v) = self.wall_per_call_ms {
             l.wall_per_call = Duration::from_millis(v);
@@ -233,6 +239,12 @@ impl LimitsOverride {
         }
         if let Some(v) = self.actions {
             l.actions = v;
+        }
+        if let Some(v) = self.quarantine_window {
+            l.quarantine_window = v;
+        }
+        if let Some(v) = self.quarantine_failure_ratio {
+            l.quarantine_failure_ratio = v;
         }
         l
     }
@@ -570,6 +582,19 @@ impl Config {
             if l.cpu_per_call > l.wall_per_call {
                 return Err(format!(
                     "{key}.cpu_per_call_ms must not exceed wall_per_call_ms"
+                ));
+            }
+            if l.host_per_call.is_zero() || l.host_per_call > l.wall_per_call {
+                return Err(format!(
+                    "{key}.host_per_call_ms must be above zero and not exceed wall_per_call_ms"
+                ));
+            }
+            if l.quarantine_window == 0 {
+                return Err(format!("{key}.quarantine_window must be above zero"));
+            }
+            if !(l.quarantine_failure_ratio > 0.0 && l.quarantine_failure_ratio <= 1.0) {
+                return Err(format!(
+                    "{key}.quarantine_failure_ratio must be above 0 and at most 1"
                 ));
             }
             Ok(())
