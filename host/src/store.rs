@@ -1414,6 +1414,64 @@ mod tests {
 }
 
 // ---------------------------------------------------------------------------------------
+// LLM token budgets (see `llm::budget`)
+
+impl Store {
+    /// A persona's stored budget buckets `(wall-clock ms, tokens)` from `since_ms` on.
+    pub fn llm_budget_load(
+        &self,
+        persona: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, u64)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT bucket_ms, tokens FROM llm_budget
+                 WHERE persona = ?1 AND bucket_ms >= ?2 ORDER BY bucket_ms",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![persona, since_ms], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Sets the tokens of one budget bucket (a bucket of 0 tokens is removed) and
+    /// removes the persona's buckets older than `forget_before_ms`.
+    pub fn llm_budget_save(
+        &self,
+        persona: &str,
+        bucket_ms: i64,
+        tokens: u64,
+        forget_before_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        if tokens == 0 {
+            tx.execute(
+                "DELETE FROM llm_budget WHERE persona = ?1 AND bucket_ms = ?2",
+                params![persona, bucket_ms],
+            )
+        } else {
+            tx.execute(
+                "INSERT INTO llm_budget (persona, bucket_ms, tokens) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (persona, bucket_ms) DO UPDATE SET tokens = excluded.tokens",
+                params![persona, bucket_ms, tokens.min(i64::MAX as u64) as i64],
+            )
+        }
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "DELETE FROM llm_budget WHERE persona = ?1 AND bucket_ms < ?2",
+            params![persona, forget_before_ms],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // per-persona key/value data (the `kv` capability)
 
 /// Size limits of one persona's key/value namespace. Sizes count the key's UTF-8 bytes

@@ -44,7 +44,8 @@ impl BotHost {
         let runtime = Runtime::new(config.runtime_config())?;
         let store = Store::open_with(&config.paths.state, config.store.synchronous)?;
         // Reads every provider key once (environment or file); a missing key stops here.
-        let llm = Arc::new(crate::llm::LlmHub::from_config(&config.llm)?);
+        // Token budgets persist in the store: a restart does not refill them.
+        let llm = Arc::new(crate::llm::LlmHub::from_config(&config.llm)?.with_store(store.clone()));
         let context = HostContext {
             runtime,
             store,
