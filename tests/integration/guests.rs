@@ -20,7 +20,8 @@
 //! (sandbox probes, JSON report), `hoarder` (calls every host function, JSON report),
 //! `counter` (well-behaved, `N: TEXT`, no ping), `echo-v2` (a changed `echo` named
 //! `echo`, in `lobby` and `builders`, that answers `v2: TEXT`, for hot reload; no
-//! ping), `notebook` (`set K V` / `get K` over kv, `ask Q` over llm, for shadows), `kvloop` (calls `kv.set` forever: host time), `wrong-world` and `future-version` (refused at load).
+//! ping), `notebook` (`set K V` / `get K` over kv, `ask Q` over llm, for shadows), `kvloop` (calls `kv.set` forever: host time), `roomhopper` (joins
+//! rooms on request), `wrong-world` and `future-version` (refused at load).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,7 @@ pub const GUESTS: &[&str] = &[
     "echo-v2",
     "notebook",
     "kvloop",
+    "roomhopper",
 ];
 
 /// Every example persona in `plugins/`.

@@ -40,6 +40,9 @@ impl BotHost {
     /// file. A persona that fails to load or start is logged (one line) and
     /// skipped; the others run.
     pub async fn start(config: Config) -> anyhow::Result<BotHost> {
+        config
+            .check_server_transport()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let config = Arc::new(config);
         let runtime = Runtime::new(config.runtime_config())?;
         let store = Store::open_with(&config.paths.state, config.store.synchronous)?;

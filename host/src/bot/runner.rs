@@ -277,7 +277,13 @@ impl Bot {
         for key in host.llm.known_secrets() {
             policy.add_known_secret(secrecy::ExposeSecret::expose_secret(&key));
         }
-        let mut core = BotCore::new(sandbox, policy, m.clone(), history.clone());
+        let mut core = BotCore::new(
+            sandbox,
+            policy,
+            m.clone(),
+            history.clone(),
+            session.membership().clone(),
+        );
 
         let mut first = BotCounters::default();
         first.persona.installed(&core);

@@ -47,6 +47,12 @@ pub struct Limits {
     pub reply_bytes: usize,
     /// Actions a call may return (default 16).
     pub actions: usize,
+    /// `join` and `leave` actions together a bot may take in any minute (default 4);
+    /// more are refused (see [`crate::bot::rooms`]).
+    pub joins_per_minute: u32,
+    /// Rooms a bot may be in, its manifest's included (default 16); a `join` beyond
+    /// is refused.
+    pub max_rooms: usize,
     /// Quarantine looks at this many of the persona's latest calls (default 10).
     pub quarantine_window: u32,
     /// ...and quarantines it when at least this share of them failed (default 0.5:
@@ -67,6 +73,8 @@ impl Default for Limits {
             memories: 4,
             reply_bytes: 64 << 10,
             actions: 16,
+            joins_per_minute: 4,
+            max_rooms: 16,
             quarantine_window: 10,
             quarantine_failure_ratio: 0.5,
         }

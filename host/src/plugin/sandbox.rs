@@ -214,6 +214,11 @@ impl Sandbox {
         &self.component
     }
 
+    /// The limits this sandbox enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     pub fn stats(&self) -> &SandboxStats {
         &self.stats
     }
