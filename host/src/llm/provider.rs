@@ -347,7 +347,7 @@ mod tests {
         // (typically 20-40), where characters / 4 guessed 5.
         let cjk = ChatRequest::new(vec![(
             Role::User,
-            "東京の天気はどうですか今日は晴れですね。".repeat(1),
+            "東京の天気はどうですか今日は晴れですね。".to_string(),
         )]);
         assert_eq!(cjk.input_chars(), 20);
         assert_eq!(
