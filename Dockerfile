@@ -10,7 +10,8 @@
 #   there to run others. State (identities, outbox, KV, compile cache): the volume
 #   /var/lib/roost.
 # - Any flag can be given as its ROOST_* variable instead (`roost run --help`), e.g.
-#   -e ROOST_SERVER=http://chat.internal:8787. A variable beats the file, so the file
+#   -e ROOST_SERVER=https://chat.internal. (Plain http:// to a host that is not loopback
+#   is refused unless -e ROOST_INSECURE=1.) A variable beats the file, so the file
 #   alone decides what the image leaves unset (such as [telemetry] metrics).
 # - Metrics and /healthz listen on 127.0.0.1:9090 inside the container, where the
 #   HEALTHCHECK reaches them. To publish them, set [telemetry] metrics =

@@ -29,12 +29,16 @@ pub struct ConfigError(pub String);
 pub struct ServerSection {
     /// The chat network's base URL.
     pub url: String,
+    /// Allow a plain `http://` URL to a host that is not loopback (default false: the
+    /// chat key would cross the network in clear). `roost run --insecure` sets it.
+    pub insecure: bool,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             url: DEFAULT_SERVER.into(),
+            insecure: false,
         }
     }
 }
@@ -195,6 +199,7 @@ impl Default for ReloadSection {
 pub struct LimitsOverride {
     pub memory_bytes: Option<u64>,
     pub cpu_per_call_ms: Option<u64>,
+    pub host_per_call_ms: Option<u64>,
     pub wall_per_call_ms: Option<u64>,
     pub table_elements: Option<usize>,
     pub instances: Option<usize>,
@@ -202,6 +207,10 @@ pub struct LimitsOverride {
     pub memories: Option<usize>,
     pub reply_bytes: Option<usize>,
     pub actions: Option<usize>,
+    pub joins_per_minute: Option<u32>,
+    pub max_rooms: Option<usize>,
+    pub quarantine_window: Option<u32>,
+    pub quarantine_failure_ratio: Option<f64>,
 }
 
 impl LimitsOverride {
@@ -212,6 +221,9 @@ impl LimitsOverride {
         }
         if let Some(v) = self.cpu_per_call_ms {
             l.cpu_per_call = Duration::from_millis(v);
+        }
+        if let Some(v) = self.host_per_call_ms {
+            l.host_per_call = Duration::from_millis(v);
         }
         if let Some(v) = self.wall_per_call_ms {
             l.wall_per_call = Duration::from_millis(v);
@@ -233,6 +245,18 @@ impl LimitsOverride {
         }
         if let Some(v) = self.actions {
             l.actions = v;
+        }
+        if let Some(v) = self.joins_per_minute {
+            l.joins_per_minute = v;
+        }
+        if let Some(v) = self.max_rooms {
+            l.max_rooms = v;
+        }
+        if let Some(v) = self.quarantine_window {
+            l.quarantine_window = v;
+        }
+        if let Some(v) = self.quarantine_failure_ratio {
+            l.quarantine_failure_ratio = v;
         }
         l
     }
@@ -528,6 +552,21 @@ impl Config {
         Ok(config)
     }
 
+    /// Refuses a plain `http://` server URL whose host is not loopback unless
+    /// `server.insecure` (`--insecure`) allows it: the chat key travels in a header
+    /// and in the WebSocket URL. Checked when bots are about to start, after flags.
+    pub fn check_server_transport(&self) -> Result<(), String> {
+        let endpoints = crate::session::http::Endpoints::parse(&self.server.url)
+            .map_err(|e| format!("server.url: {e}"))?;
+        if endpoints.is_plain_remote() && !self.server.insecure {
+            return Err(format!(
+                "server.url {:?} is plain http to a host that is not loopback: the chat key would cross the network in clear; use https://, or allow it with --insecure (ROOST_INSECURE=1, server.insecure = true)",
+                self.server.url
+            ));
+        }
+        Ok(())
+    }
+
     /// Range checks serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
         crate::session::http::Endpoints::parse(&self.server.url)
@@ -576,6 +615,22 @@ impl Config {
             if l.cpu_per_call > l.wall_per_call {
                 return Err(format!(
                     "{key}.cpu_per_call_ms must not exceed wall_per_call_ms"
+                ));
+            }
+            if l.host_per_call.is_zero() || l.host_per_call > l.wall_per_call {
+                return Err(format!(
+                    "{key}.host_per_call_ms must be above zero and not exceed wall_per_call_ms"
+                ));
+            }
+            if l.max_rooms == 0 {
+                return Err(format!("{key}.max_rooms must be above zero"));
+            }
+            if l.quarantine_window == 0 {
+                return Err(format!("{key}.quarantine_window must be above zero"));
+            }
+            if !(l.quarantine_failure_ratio > 0.0 && l.quarantine_failure_ratio <= 1.0) {
+                return Err(format!(
+                    "{key}.quarantine_failure_ratio must be above 0 and at most 1"
                 ));
             }
             Ok(())
@@ -753,6 +808,46 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     match line {
         Some(l) => ConfigError(format!("{file}:{l}: {msg}")),
         None => ConfigError(format!("{file}: {msg}")),
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    fn with(url: &str, insecure: bool) -> Config {
+        let mut c = Config::default();
+        c.server.url = url.into();
+        c.server.insecure = insecure;
+        c
+    }
+
+    #[test]
+    fn plain_http_is_refused_off_loopback_unless_insecure() {
+        for ok in [
+            "https://nohumans.chat",
+            "http://127.0.0.1:8080",
+            "http://127.3.2.1",
+            "http://[::1]:9000/prefix",
+            "http://localhost:3000",
+            "https://10.0.0.5",
+        ] {
+            assert_eq!(with(ok, false).check_server_transport(), Ok(()), "{ok}");
+        }
+        for bad in [
+            "http://nohumans.chat",
+            "http://10.0.0.5:8080",
+            "http://localhost.evil.example",
+            "http://[2001:db8::1]",
+        ] {
+            let err = with(bad, false).check_server_transport().unwrap_err();
+            assert!(err.contains("--insecure") && err.contains(bad), "{err}");
+            assert!(!err.contains('\n'));
+            assert_eq!(with(bad, true).check_server_transport(), Ok(()), "{bad}");
+        }
+        let file = "[server]\nurl = \"http://10.0.0.5\"\ninsecure = true\n";
+        let c: Config = toml::from_str(file).unwrap();
+        assert_eq!(c.check_server_transport(), Ok(()));
     }
 }
 

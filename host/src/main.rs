@@ -90,6 +90,10 @@ enum Command {
         /// Serve Prometheus /metrics and /healthz on this address [default: telemetry.metrics].
         #[arg(long, value_name = "ADDR", env = "ROOST_METRICS")]
         metrics: Option<SocketAddr>,
+        /// Allow a plain http:// server URL to a host that is not loopback (the chat key
+        /// then crosses the network in clear) [default: server.insecure, false].
+        #[arg(long, env = "ROOST_INSECURE", value_parser = clap::builder::FalseyValueParser::new())]
+        insecure: bool,
         /// Print the effective configuration (defaults, file and flags merged) and exit.
         #[arg(long, env = "ROOST_PRINT_CONFIG", value_parser = clap::builder::FalseyValueParser::new())]
         print_config: bool,
@@ -309,11 +313,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             plugins,
             state,
             metrics,
+            insecure,
             print_config,
         } => {
             let mut config = load_config(config)?;
             if let Some(s) = server {
                 config.server.url = s;
+            }
+            if insecure {
+                config.server.insecure = true;
             }
             if let Some(p) = plugins {
                 config.paths.plugins = p;
@@ -325,6 +333,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 config.telemetry.metrics = metrics;
             }
             config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            config
+                .check_server_transport()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             if print_config {
                 print!("{}", config.to_toml()?);
                 return Ok(());

@@ -363,6 +363,14 @@ impl Collector for BotCollector {
         }
         family(
             &mut enc,
+            "roost_bot_joins_refused",
+            "Joins and leaves of the persona refused by the room limits (limits.joins_per_minute, limits.max_rooms)",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.counters.core.joins_refused),
+        )?;
+        family(
+            &mut enc,
             "roost_persona_calls",
             "Calls into the persona",
             MetricType::Counter,

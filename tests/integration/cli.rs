@@ -426,3 +426,71 @@ fn check_applies_the_config_limits_for_that_persona() {
     let e = one_line_error(&roost(&["check", "--config", "bad.toml", "echo.wasm"], d));
     assert!(e.contains("personas.echo.limits.memory_bytes"), "{e}");
 }
+
+#[test]
+fn plain_http_to_a_remote_server_needs_insecure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = ["run", "--server", "http://10.0.0.5:8787", "--print-config"];
+    let out = roost(&base, dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("http://10.0.0.5:8787") && lines[0].contains("--insecure"),
+        "{err}"
+    );
+    // The flag, and its variable, allow it.
+    let out = roost(&[&base[..], &["--insecure"]].concat(), dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("insecure = true"));
+    let out = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args(base)
+        .env("ROOST_INSECURE", "1")
+        .current_dir(dir.path())
+        .output()
+        .expect("run roost");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Loopback over plain http stays allowed (local servers, `roost dev`).
+    let out = roost(
+        &["run", "--server", "http://127.0.0.1:8787", "--print-config"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_container_keeps_metrics_on_loopback_unless_configured() {
+    let root = crate::guests::repo_root();
+    let config = roost::config::Config::load(&root.join("deploy/container.toml"))
+        .expect("deploy/container.toml loads");
+    let metrics = config
+        .telemetry
+        .metrics
+        .expect("the image sets a metrics address");
+    assert!(metrics.ip().is_loopback(), "{metrics}");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    // Nothing in the image overrides the file's address (a variable would win).
+    let env_lines: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    assert!(
+        !env_lines.iter().any(|l| l.contains("ROOST_METRICS")),
+        "the Dockerfile must not set ROOST_METRICS"
+    );
+    assert!(dockerfile.contains("COPY deploy/container.toml /etc/roost/roost.toml"));
+    assert!(dockerfile.contains("\"--addr\", \"127.0.0.1:9090\""));
+}

@@ -21,7 +21,8 @@
 //! `counter` (well-behaved, `N: TEXT`, no ping), `echo-v2` (a changed `echo` named
 //! `echo`, in `lobby` and `builders`, that answers `v2: TEXT`, for hot reload; no
 //! ping), `notebook` (`set K V` / `get K` over kv, `ask Q` over llm, for shadows), `teller`
-//! (says, joins or logs the pieces of its `lines` setting, one per message),
+//! (says, joins or logs the pieces of its `lines` setting, one per message), `kvloop`
+//! (calls `kv.set` forever: host time), `roomhopper` (joins rooms on request),
 //! `wrong-world` and `future-version` (refused at load).
 #![allow(dead_code)]
 
@@ -49,6 +50,8 @@ pub const GUESTS: &[&str] = &[
     "echo-v2",
     "notebook",
     "teller",
+    "kvloop",
+    "roomhopper",
 ];
 
 /// Every example persona in `plugins/`.

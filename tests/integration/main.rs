@@ -13,6 +13,7 @@ mod pool;
 mod python;
 mod reload;
 mod replay;
+mod rooms;
 mod runtime;
 mod session;
 mod shadow;

@@ -101,6 +101,10 @@ fn storage(persona: &str, what: &str, e: &crate::store::StoreError) -> kv::Error
 }
 
 impl KvBackend for KvCap {
+    fn max_value_bytes(&self) -> u64 {
+        self.value_bytes
+    }
+
     fn get(&self, key: String) -> BoxFuture<'_, Result<Option<Vec<u8>>, kv::Error>> {
         Box::pin(async move {
             check_key(&key)?;

@@ -12,6 +12,11 @@ use crate::policy::{DropReason, InboundMsg, InboundVerdict, OutboundVerdict, Pol
 use crate::protocol::ChatMessage;
 
 use super::history::History;
+use super::rooms::{LogGate, RoomGuard};
+use crate::session::Membership;
+
+/// Refused actions are logged at most once per this long (per bot).
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the pipeline decided for one inbound message.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +50,8 @@ pub struct CoreCounters {
     pub persona_calls: u64,
     pub plugin_errors: u64,
     pub actions_refused: u64,
+    /// Joins and leaves refused by the room limits (also in `actions_refused`).
+    pub joins_refused: u64,
 }
 
 /// A persona, its policy, and the bot's recent history.
@@ -54,22 +61,33 @@ pub struct BotCore {
     pub policy: Policy,
     pub manifest: Manifest,
     pub history: Arc<History>,
+    /// The rooms the bot is in (the session's).
+    rooms: Membership,
+    room_guard: RoomGuard,
+    refusal_log: LogGate,
     counters: CoreCounters,
 }
 
 impl BotCore {
+    /// `rooms` is the bot's room membership, as its session keeps it.
     pub fn new(
         sandbox: Sandbox,
         policy: Policy,
         manifest: Manifest,
         history: Arc<History>,
+        rooms: Membership,
     ) -> Self {
+        let limits = sandbox.limits();
+        let room_guard = RoomGuard::new(limits.joins_per_minute, limits.max_rooms);
         BotCore {
             label: sandbox.label().to_string(),
             sandbox,
             policy,
             manifest,
             history,
+            rooms,
+            room_guard,
+            refusal_log: LogGate::new(REFUSAL_LOG_EVERY),
             counters: CoreCounters::default(),
         }
     }
@@ -78,6 +96,11 @@ impl BotCore {
         self.manifest
             .subscriptions
             .contains(Subscriptions::SYSTEM_LINES)
+    }
+
+    /// The rooms the bot is in, as the pipeline counts them.
+    pub fn rooms(&self) -> &Membership {
+        &self.rooms
     }
 
     pub fn counters(&self) -> CoreCounters {
@@ -161,13 +184,27 @@ impl BotCore {
             }
         };
         let mut effects = Vec::with_capacity(actions.len());
+        // Rooms joined and left by this message's earlier actions (the session
+        // applies them after the message).
+        let mut pending: Vec<(String, bool)> = Vec::new();
         for action in actions {
-            effects.push(self.decide(action, &inbound));
+            let effect = self.decide(action, &inbound, &pending);
+            match &effect {
+                Effect::Join(room) => pending.push((room.as_str().to_string(), true)),
+                Effect::Leave(room) => pending.push((room.as_str().to_string(), false)),
+                _ => {}
+            }
+            effects.push(effect);
         }
         effects
     }
 
-    fn decide(&mut self, action: Action, inbound: &InboundMsg<'_>) -> Effect {
+    fn decide(
+        &mut self,
+        action: Action,
+        inbound: &InboundMsg<'_>,
+        pending: &[(String, bool)],
+    ) -> Effect {
         match action {
             Action::Say(out) => {
                 if let Err(e) = RoomName::check(&out.room) {
@@ -216,7 +253,7 @@ impl BotCore {
             // Room names are public: scanned like replies (the name stays out of the log).
             Action::Join(room) => match RoomName::new(room) {
                 Ok(room) => match self.policy.check_room(room.as_str()) {
-                    Ok(()) => Effect::Join(room),
+                    Ok(()) => self.room_action(room, true, pending),
                     Err(reason) => {
                         self.refuse(format!("join: the room name contains a secret ({reason})"))
                     }
@@ -225,7 +262,7 @@ impl BotCore {
             },
             Action::Leave(room) => match RoomName::new(room) {
                 Ok(room) => match self.policy.check_room(room.as_str()) {
-                    Ok(()) => Effect::Leave(room),
+                    Ok(()) => self.room_action(room, false, pending),
                     Err(reason) => {
                         self.refuse(format!("leave: the room name contains a secret ({reason})"))
                     }
@@ -235,9 +272,42 @@ impl BotCore {
         }
     }
 
+    /// A join or leave within the room limits, or its refusal.
+    fn room_action(&mut self, room: RoomName, join: bool, pending: &[(String, bool)]) -> Effect {
+        let mut rooms = self.rooms.rooms();
+        for (r, joined) in pending {
+            if *joined {
+                if !rooms.contains(r) {
+                    rooms.push(r.clone());
+                }
+            } else {
+                rooms.retain(|x| x != r);
+            }
+        }
+        let already_in = rooms.iter().any(|r| r == room.as_str());
+        let now = self.policy.clock().now();
+        match self.room_guard.check(now, join, already_in, rooms.len()) {
+            Ok(()) if join => Effect::Join(room),
+            Ok(()) => Effect::Leave(room),
+            Err(why) => {
+                self.counters.joins_refused += 1;
+                let verb = if join { "join" } else { "leave" };
+                self.refuse(format!("{verb} of #{}: {why}", room.as_str()))
+            }
+        }
+    }
+
+    /// Counts a refused action; logs it unless refusals are being logged too often
+    /// (the next line that gets through says how many were left out).
     fn refuse(&mut self, what: String) -> Effect {
         self.counters.actions_refused += 1;
-        tracing::info!(bot = %self.label, "persona action refused: {what}");
+        if let Some(held_back) = self.refusal_log.admit(self.policy.clock().now()) {
+            if held_back > 0 {
+                tracing::info!(bot = %self.label, held_back, "persona action refused: {what} ({held_back} more refusals not logged)");
+            } else {
+                tracing::info!(bot = %self.label, "persona action refused: {what}");
+            }
+        }
         Effect::Refused { what }
     }
 }

@@ -40,11 +40,15 @@ impl BotHost {
     /// file. A persona that fails to load or start is logged (one line) and
     /// skipped; the others run.
     pub async fn start(config: Config) -> anyhow::Result<BotHost> {
+        config
+            .check_server_transport()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let config = Arc::new(config);
         let runtime = Runtime::new(config.runtime_config())?;
         let store = Store::open_with(&config.paths.state, config.store.synchronous)?;
         // Reads every provider key once (environment or file); a missing key stops here.
-        let llm = Arc::new(crate::llm::LlmHub::from_config(&config.llm)?);
+        // Token budgets persist in the store: a restart does not refill them.
+        let llm = Arc::new(crate::llm::LlmHub::from_config(&config.llm)?.with_store(store.clone()));
         let known = HostContext::known_secrets_of(&config, &llm);
         let context = HostContext {
             runtime,

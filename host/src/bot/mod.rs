@@ -9,7 +9,8 @@
 //! - [`reload`]: hot reload of `DIR` and the compile cache at start-up;
 //! - [`replay`]: `roost replay` — recorded chat through the pipeline, offline;
 //! - [`shadow`]: shadow personas — a new version that listens beside the live one,
-//!   never speaks, and is compared with it.
+//!   never speaks, and is compared with it;
+//! - [`rooms`]: limits on a persona's joins and leaves.
 
 pub mod caps;
 pub mod core;
@@ -17,6 +18,7 @@ pub mod history;
 pub mod host;
 pub mod reload;
 pub mod replay;
+pub mod rooms;
 pub mod runner;
 pub mod shadow;
 

@@ -168,11 +168,14 @@ async fn load_core(
     sandbox.context().set_bot_name(&name);
     let policy = Policy::new(policy_config, BotIdentity::new(&name, &name), time.clock())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The rooms the bot would be in: its manifest's, then what it joins and leaves.
+    let rooms = crate::session::Membership::new(m.rooms.iter().cloned());
     Ok(BotCore::new(
         sandbox,
         policy,
         m,
         Arc::new(History::new(DEFAULT_PER_ROOM)),
+        rooms,
     ))
 }
 
@@ -388,8 +391,14 @@ pub async fn replay(
                     reason: reason.to_string(),
                     in_reply_to: trigger(),
                 }),
-                Effect::Join(_) => report.joins += 1,
-                Effect::Leave(_) => report.leaves += 1,
+                Effect::Join(room) => {
+                    core.rooms().insert(room.as_str());
+                    report.joins += 1;
+                }
+                Effect::Leave(room) => {
+                    core.rooms().remove(room.as_str());
+                    report.leaves += 1;
+                }
                 Effect::Refused { what } => report.errors.push(format!("line {line_no}: {what}")),
                 Effect::PluginError(e) => report.errors.push(format!("line {line_no}: {e}")),
             }

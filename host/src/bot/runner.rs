@@ -304,7 +304,13 @@ impl Bot {
         // log lines go through the same scanner.
         policy.share_known_secrets(host.known.clone());
         sandbox.context().log.set_scanner(policy.scanner().clone());
-        let mut core = BotCore::new(sandbox, policy, m.clone(), history.clone());
+        let mut core = BotCore::new(
+            sandbox,
+            policy,
+            m.clone(),
+            history.clone(),
+            session.membership().clone(),
+        );
 
         let mut first = BotCounters::default();
         first.persona.installed(&core);

@@ -698,7 +698,9 @@ pub async fn start(
             .unwrap_or_default(),
     };
     // The shadow's history is never written: it reads the live bot's through `history`.
-    let core = BotCore::new(sandbox, policy, m, Arc::new(History::new(1)));
+    // Its joins and leaves are never carried out: it counts against limits of its own.
+    let rooms = crate::session::Membership::new(m.rooms.iter().cloned());
+    let core = BotCore::new(sandbox, policy, m, Arc::new(History::new(1)), rooms);
     let (jobs, job_rx) = mpsc::channel(shadow_cfg.queue.max(1));
     let (control, control_rx) = mpsc::unbounded_channel();
     seams.board.started(version.clone(), shadow_cfg.keep);

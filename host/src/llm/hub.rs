@@ -9,19 +9,25 @@
 //! 2. **Model**: the request's hint is used when it is the persona's model or in its
 //!    `models` list; any other hint is ignored and the persona's model answers (the WIT
 //!    contract: "honoured only if the operator allows it"). A debug line notes it.
-//! 3. **Budget** (before the call and again once a slot is free): the tokens charged
-//!    in the last hour and day plus the request's estimated input must fit
-//!    `tokens_per_hour` / `tokens_per_day`, else `budget-exhausted("hourly budget of N
-//!    tokens spent; refills in M min")`. A request estimated larger than a whole budget
-//!    is an `invalid-request` (waiting would not help). See [`budget`](super::budget).
+//! 3. **Budget** (before the call, then **reserved** once a slot is free): the
+//!    tokens charged in the last hour and day plus a conservative bound on the input
+//!    (a token per UTF-8 byte, see [`ChatRequest::input_token_bound`]) and one output
+//!    token must fit `tokens_per_hour` / `tokens_per_day`, else
+//!    `budget-exhausted("hourly budget of N tokens spent; refills in M min")`. A
+//!    request whose input bound is larger than a whole budget is an `invalid-request`
+//!    (waiting would not help). See [`budget`](super::budget).
 //! 4. **Concurrency**: at most `max_concurrency` calls in flight per persona (a tokio
 //!    semaphore); others wait for a slot.
 //! 5. **Timeout**: the persona's `timeout_ms` (default: the provider's) bounds the wait
 //!    for a slot and the call together → `timeout`.
-//! 6. **Call** the provider with `max_tokens` capped at the persona's `max_tokens`.
-//! 7. **Charge** the provider's usage, or an estimate (≈ 4 characters per token) when
-//!    it sent none. A call that timed out is charged its estimated input; other failures
-//!    are not charged.
+//! 6. **Call** the provider with `max_tokens` capped at the persona's `max_tokens` and
+//!    at what the budgets leave after the input bound: the reservation is the input
+//!    bound plus that `max_tokens`, so no call (and no set of concurrent calls) can
+//!    spend past a budget.
+//! 7. **Reconcile**: the reservation becomes the provider's usage, or without one the
+//!    input bound plus a token per byte of output. A call that timed out is charged
+//!    its input bound; other failures nothing. Budgets are kept in the state database
+//!    ([`LlmHub::with_store`]) and survive a restart.
 //! 8. **Answer** with the model's text only. Every key the host holds is redacted from
 //!    the text, the model name and error reasons before they reach the persona.
 //!
@@ -42,14 +48,15 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::anthropic::AnthropicProvider;
-use super::budget::{BudgetUsage, Ledger, Refusal};
+use super::budget::{BudgetUsage, Changed, Ledger, Refusal, Reservation};
 use super::config::{LlmConfig, LlmSetupError, PersonaLlmConfig, ProviderKind};
 use super::http::HttpSettings;
 use super::openai::OpenAiProvider;
-use super::provider::{ChatRequest, Provider, ProviderError, Role, Usage, estimate_tokens};
+use super::provider::{ChatRequest, Provider, ProviderError, Role, Usage, token_bound};
 use super::secret::SecretSet;
 use crate::plugin::bindings::llm;
 use crate::plugin::context::{BoxFuture, LlmBackend};
+use crate::store::Store;
 
 /// Model names longer than this are cut before they reach a persona.
 const MAX_MODEL_NAME: usize = 200;
@@ -61,15 +68,50 @@ struct ProviderEntry {
 }
 
 /// What one persona's backends share: budgets and concurrency slots.
-#[derive(Default)]
 struct PersonaShared {
+    persona: String,
     ledger: Mutex<Ledger>,
     slots: Mutex<Option<(u32, Arc<Semaphore>)>>,
+    /// Where the ledger's buckets are kept across restarts.
+    store: Option<Store>,
 }
 
 impl PersonaShared {
+    /// The persona's budgets, restored from `store` when there is one.
+    fn new(persona: &str, store: Option<Store>) -> Self {
+        let rows = store.as_ref().map_or_else(Vec::new, |st| {
+            let since = crate::store::now_ms() - super::budget::DAY.as_millis() as i64;
+            st.llm_budget_load(persona, since).unwrap_or_else(|e| {
+                tracing::error!(persona, error = %e, "llm budget could not be restored; starting empty");
+                Vec::new()
+            })
+        });
+        PersonaShared {
+            persona: persona.to_string(),
+            ledger: Mutex::new(Ledger::restore(
+                Instant::now(),
+                crate::store::now_ms(),
+                rows,
+            )),
+            slots: Mutex::new(None),
+            store,
+        }
+    }
+
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores a changed bucket (called with the ledger locked, so writes of one
+    /// persona stay in order) and forgets stored buckets older than a day.
+    fn persist(&self, ledger: &Ledger, changed: Option<Changed>) {
+        let (Some(store), Some((key, tokens))) = (&self.store, changed) else {
+            return;
+        };
+        let before = ledger.day_ago_key(Instant::now());
+        if let Err(e) = store.llm_budget_save(&self.persona, key, tokens, before) {
+            tracing::error!(persona = %self.persona, error = %e, "llm budget could not be saved");
+        }
     }
 
     /// The persona's semaphore, new if the configured size changed.
@@ -123,6 +165,8 @@ pub struct LlmHub {
     default_provider: Option<String>,
     secrets: SecretSet,
     personas: Mutex<HashMap<String, Arc<PersonaShared>>>,
+    /// Where budgets persist; `None`: in memory only.
+    store: Option<Store>,
 }
 
 impl LlmHub {
@@ -133,7 +177,15 @@ impl LlmHub {
             default_provider: None,
             secrets: SecretSet::default(),
             personas: Mutex::new(HashMap::new()),
+            store: None,
         }
+    }
+
+    /// Keeps every persona's budget in `store` (restored when its first backend is
+    /// made), so a restart does not refill budgets. Without it budgets live in memory.
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Validates `cfg`, reads every provider's key (environment or file) and builds
@@ -269,7 +321,7 @@ impl LlmHub {
         let shared = self
             .personas()
             .entry(persona.to_string())
-            .or_default()
+            .or_insert_with(|| Arc::new(PersonaShared::new(persona, self.store.clone())))
             .clone();
         let model = cfg
             .model
@@ -450,27 +502,50 @@ fn persona_error(e: &ProviderError) -> llm::Error {
 }
 
 impl PersonaLlm {
-    fn check_budget(&self, need: u64) -> Result<(), llm::Error> {
+    fn refused(&self, refusal: Refusal) -> llm::Error {
+        tracing::info!(persona = %self.persona, %refusal, "llm call refused");
+        match refusal {
+            // Waiting would not help: the request itself is too large.
+            Refusal::TooLarge { .. } => llm::Error::InvalidRequest(refusal.to_string()),
+            Refusal::Spent { .. } => llm::Error::BudgetExhausted(refusal.to_string()),
+        }
+    }
+
+    /// Whether a call with this input bound could start now (before waiting for a
+    /// slot): its input and at least one output token must fit.
+    fn check_budget(&self, input: u64) -> Result<(), llm::Error> {
         self.shared
             .ledger()
             .check(
                 Instant::now(),
                 self.tokens_per_hour,
                 self.tokens_per_day,
-                need,
+                input.saturating_add(1),
             )
-            .map_err(|refusal| {
-                tracing::info!(persona = %self.persona, %refusal, "llm call refused");
-                match refusal {
-                    // Waiting would not help: the request itself is too large.
-                    Refusal::TooLarge { .. } => llm::Error::InvalidRequest(refusal.to_string()),
-                    Refusal::Spent { .. } => llm::Error::BudgetExhausted(refusal.to_string()),
-                }
-            })
+            .map_err(|refusal| self.refused(refusal))
     }
 
-    fn charge(&self, tokens: u64) {
-        self.shared.ledger().charge(Instant::now(), tokens);
+    /// Reserves the input bound and up to `max_output` tokens (cut to what is left).
+    fn reserve(&self, input: u64, max_output: u64) -> Result<Reservation, llm::Error> {
+        let mut ledger = self.shared.ledger();
+        let (reservation, changed) = ledger
+            .reserve(
+                Instant::now(),
+                self.tokens_per_hour,
+                self.tokens_per_day,
+                input,
+                max_output,
+            )
+            .map_err(|refusal| self.refused(refusal))?;
+        self.shared.persist(&ledger, changed);
+        Ok(reservation)
+    }
+
+    /// Replaces a reservation by the call's real cost.
+    fn reconcile(&self, reservation: Reservation, actual: u64) {
+        let mut ledger = self.shared.ledger();
+        let changed = ledger.reconcile(Instant::now(), reservation, actual);
+        self.shared.persist(&ledger, changed);
     }
 
     async fn run(&self, req: llm::Request) -> Result<llm::Completion, llm::Error> {
@@ -484,27 +559,31 @@ impl PersonaLlm {
             }
             None => self.model.clone(),
         });
-        chat.max_tokens = Some(
-            chat.max_tokens
-                .map_or(self.max_tokens, |n| n.min(self.max_tokens)),
-        );
-        let input_chars = chat.input_chars();
-        let estimate = u64::from(estimate_tokens(input_chars));
-        self.check_budget(estimate)?;
+        let max_output = chat
+            .max_tokens
+            .map_or(self.max_tokens, |n| n.min(self.max_tokens));
+        let input_bound = chat.input_token_bound();
+        self.check_budget(input_bound)?;
 
         let deadline = started + self.timeout;
         enum Fail {
             Budget(llm::Error),
             Provider(ProviderError),
         }
+        let reserved: Mutex<Option<Reservation>> = Mutex::new(None);
         let call = async {
             let _slot = self
                 .slots
                 .acquire()
                 .await
                 .map_err(|_| Fail::Provider(ProviderError::Timeout))?;
-            // Charges of calls that held the slot before this one count now.
-            self.check_budget(estimate).map_err(Fail::Budget)?;
+            // Reservations of calls that held the slot before this one count now.
+            let reservation = self
+                .reserve(input_bound, u64::from(max_output))
+                .map_err(Fail::Budget)?;
+            *reserved.lock().unwrap_or_else(|p| p.into_inner()) = Some(reservation);
+            let mut chat = chat;
+            chat.max_tokens = Some(u32::try_from(reservation.max_output).unwrap_or(max_output));
             self.provider.chat(chat).await.map_err(Fail::Provider)
         };
         let outcome = match tokio::time::timeout_at(deadline, call).await {
@@ -513,11 +592,18 @@ impl PersonaLlm {
             Ok(Err(Fail::Provider(e))) => Err(e),
             Err(_) => Err(ProviderError::Timeout),
         };
+        let reservation = reserved.lock().unwrap_or_else(|p| p.into_inner()).take();
         let resp = match outcome {
             Ok(resp) => resp,
             Err(e) => {
-                if e == ProviderError::Timeout {
-                    self.charge(estimate);
+                if let Some(r) = reservation {
+                    // A call that timed out may have been processed: its input counts.
+                    let cost = if e == ProviderError::Timeout {
+                        input_bound
+                    } else {
+                        0
+                    };
+                    self.reconcile(r, cost);
                 }
                 tracing::warn!(persona = %self.persona, provider = %self.provider_name, error = %e, elapsed = ?started.elapsed(), "llm call failed");
                 return Err(redact_error(persona_error(&e), &self.secrets));
@@ -525,11 +611,16 @@ impl PersonaLlm {
         };
 
         let estimated = resp.usage.is_none();
-        let usage = resp.usage.unwrap_or(Usage {
-            input: estimate_tokens(input_chars),
-            output: estimate_tokens(resp.text.chars().count()),
+        let usage = resp.usage.unwrap_or_else(|| {
+            let max_out = reservation.map_or(u64::from(max_output), |r| r.max_output);
+            Usage {
+                input: u32::try_from(input_bound).unwrap_or(u32::MAX),
+                output: u32::try_from(token_bound(&resp.text).min(max_out)).unwrap_or(u32::MAX),
+            }
         });
-        self.charge(usage.total());
+        if let Some(r) = reservation {
+            self.reconcile(r, usage.total());
+        }
         tracing::info!(
             persona = %self.persona,
             provider = %self.provider_name,
@@ -586,6 +677,9 @@ mod tests {
         in_flight: AtomicUsize,
         peak: AtomicUsize,
         seen: Mutex<Vec<ChatRequest>>,
+        /// Report the worst a tokenizer could: a token per input byte, and output
+        /// up to the request's `max_tokens`.
+        greedy: bool,
     }
 
     impl Provider for Scripted {
@@ -600,11 +694,21 @@ mod tests {
                 tokio::time::sleep(self.delay).await;
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
                 let model = req.model.clone().unwrap_or_default();
+                let usage = if self.greedy {
+                    let input = req.system.iter().map(String::len).sum::<usize>()
+                        + req.turns.iter().map(|(_, t)| t.len()).sum::<usize>();
+                    Some(Usage {
+                        input: input as u32,
+                        output: req.max_tokens.unwrap_or(0),
+                    })
+                } else {
+                    self.usage
+                };
                 self.seen.lock().unwrap().push(req);
                 Ok(ChatResponse {
                     text: "12345678".into(),
                     model,
-                    usage: self.usage,
+                    usage,
                 })
             })
         }
@@ -693,9 +797,106 @@ mod tests {
         // Two rounds of two fit in 25 s; the fifth call would end at 30 s.
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 4);
         assert!(matches!(results[4], Err(llm::Error::Timeout)));
-        // Usage was estimated: 8 characters out = 2 tokens, "hello" = 2 tokens in.
+        // Usage was estimated by its bounds: "hello" is 5 bytes and one turn (5 + 4 +
+        // 3 tokens), 8 bytes out are 8 tokens.
         let ok = results[0].as_ref().unwrap();
-        assert_eq!((ok.usage.input_tokens, ok.usage.output_tokens), (2, 2));
+        assert_eq!((ok.usage.input_tokens, ok.usage.output_tokens), (12, 8));
+        // The fifth call got its slot at 20 s and timed out at 25 s: its reservation
+        // became its input bound (it may have been processed); the others, their use.
+        assert_eq!(hub.budget_usage("p").unwrap().last_hour, 4 * 20 + 12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cjk_and_emoji_calls_cannot_overspend_even_concurrently() {
+        let p = Arc::new(Scripted {
+            delay: Duration::from_secs(1),
+            greedy: true,
+            ..Default::default()
+        });
+        let hub = hub(p.clone());
+        let cfg = PersonaLlmConfig {
+            tokens_per_hour: 1000,
+            max_concurrency: 4,
+            ..PersonaLlmConfig::allowed()
+        };
+        let b = hub.backend_for("p", &cfg).unwrap();
+        // 100 CJK characters (300 bytes; characters / 4 would guess 25 tokens), and
+        // emoji (a family: 25 bytes, 1 character on screen).
+        let cjk = "東京の天気はどうですか".repeat(10);
+        let emoji = "👨‍👩‍👧‍👦".repeat(12);
+        let calls: Vec<_> = (0..6)
+            .map(|i| b.complete(ask(if i % 2 == 0 { &cjk } else { &emoji })))
+            .collect();
+        let results = futures_util::future::join_all(calls).await;
+        let spent: u64 = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|c| u64::from(c.usage.input_tokens + c.usage.output_tokens))
+            .sum();
+        assert!(results.iter().any(|r| r.is_ok()));
+        assert!(
+            results
+                .iter()
+                .any(|r| matches!(r, Err(llm::Error::BudgetExhausted(_)))),
+            "{results:?}"
+        );
+        assert!(
+            spent <= 1000,
+            "the provider billed {spent} tokens of a 1000 budget"
+        );
+        assert_eq!(hub.budget_usage("p").unwrap().last_hour, spent);
+        // Every request's max_tokens was cut to what the budget left.
+        for r in p.seen.lock().unwrap().iter() {
+            assert!(u64::from(r.max_tokens.unwrap()) < 1000);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budgets_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(Scripted {
+            usage: Some(Usage {
+                input: 30,
+                output: 20,
+            }),
+            ..Default::default()
+        });
+        let cfg = PersonaLlmConfig {
+            tokens_per_hour: 100,
+            ..PersonaLlmConfig::allowed()
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let hub = hub(p.clone()).with_store(store);
+            let b = hub.backend_for("p", &cfg).unwrap();
+            b.complete(ask("hi")).await.unwrap();
+            b.complete(ask("hi")).await.unwrap();
+            assert!(matches!(
+                b.complete(ask("hi")).await,
+                Err(llm::Error::BudgetExhausted(_))
+            ));
+        }
+        // A new process: a new store handle and a new hub.
+        let store = Store::open(dir.path()).unwrap();
+        let hub = hub(p.clone()).with_store(store.clone());
+        let b = hub.backend_for("p", &cfg).unwrap();
+        assert_eq!(
+            hub.budget_usage("p").unwrap(),
+            BudgetUsage {
+                last_hour: 100,
+                last_day: 100
+            }
+        );
+        assert!(matches!(
+            b.complete(ask("hi")).await,
+            Err(llm::Error::BudgetExhausted(_))
+        ));
+        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+        // Another persona's budget is its own.
+        assert!(hub.budget_usage("q").is_none());
+        tokio::time::advance(HOUR_AND_A_BIT).await;
+        b.complete(ask("hi")).await.unwrap();
+        assert_eq!(hub.budget_usage("p").unwrap().last_hour, 50);
     }
 
     #[tokio::test(start_paused = true)]

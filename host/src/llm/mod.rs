@@ -68,7 +68,7 @@ pub use http::HttpSettings;
 pub use hub::LlmHub;
 pub use openai::{MaxTokensParam, OpenAiProvider};
 pub use provider::{
-    ChatRequest, ChatResponse, Provider, ProviderError, Role, Usage, estimate_tokens,
+    ChatRequest, ChatResponse, Provider, ProviderError, Role, Usage, estimate_tokens, token_bound,
 };
 pub use retry::RetryPolicy;
 pub use secret::{KeySource, SecretSet};

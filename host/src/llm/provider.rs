@@ -113,6 +113,30 @@ impl ChatRequest {
                 .map(|(_, t)| t.chars().count())
                 .sum::<usize>()
     }
+
+    /// A conservative bound on the input's tokens, for reserving a budget before the
+    /// call: one token per UTF-8 byte of every part, plus [`TURN_OVERHEAD`] per turn
+    /// (the system prompt counts as one) and [`REQUEST_OVERHEAD`]. Byte-level BPE
+    /// tokenisers never make more tokens than bytes, so CJK (3 bytes a character,
+    /// often 1-2 tokens) and emoji (4 bytes and more, up to a token a byte) cannot
+    /// exceed it the way they exceed a characters-per-token guess; English text
+    /// (about 4 bytes a token) is over-reserved, and the call is charged its real
+    /// usage afterwards.
+    pub fn input_token_bound(&self) -> u64 {
+        let parts = self.system.iter().chain(self.turns.iter().map(|(_, t)| t));
+        parts.map(|t| t.len() as u64 + TURN_OVERHEAD).sum::<u64>() + REQUEST_OVERHEAD
+    }
+}
+
+/// Tokens a provider's chat template adds per turn, at most (role markers).
+pub const TURN_OVERHEAD: u64 = 4;
+/// Tokens a provider's chat template adds per request, at most.
+pub const REQUEST_OVERHEAD: u64 = 3;
+
+/// A conservative bound on the tokens of `text` (one per UTF-8 byte), for output the
+/// provider did not count.
+pub fn token_bound(text: &str) -> u64 {
+    text.len() as u64
 }
 
 /// Tokens the provider reported for one call.
@@ -310,6 +334,34 @@ mod tests {
         assert!(matches!(e(529), ProviderError::Server { status: 529, .. }));
         assert!(e(408).is_retryable() && e(503).is_retryable() && e(429).is_retryable());
         assert!(!e(400).is_retryable() && !e(401).is_retryable());
+    }
+
+    #[test]
+    fn input_bounds_count_bytes_so_cjk_and_emoji_are_covered() {
+        let ascii = ChatRequest::new(vec![(Role::User, "hello".into())]);
+        assert_eq!(
+            ascii.input_token_bound(),
+            5 + TURN_OVERHEAD + REQUEST_OVERHEAD
+        );
+        // 20 CJK characters: 60 bytes; a tokenizer makes at most 60 tokens of them
+        // (typically 20-40), where characters / 4 guessed 5.
+        let cjk = ChatRequest::new(vec![(
+            Role::User,
+            "東京の天気はどうですか今日は晴れですね。".to_string(),
+        )]);
+        assert_eq!(cjk.input_chars(), 20);
+        assert_eq!(
+            cjk.input_token_bound(),
+            60 + TURN_OVERHEAD + REQUEST_OVERHEAD
+        );
+        // A family emoji: 1 grapheme, 7 characters, 25 bytes.
+        let mut emoji = ChatRequest::new(vec![(Role::User, "👨‍👩‍👧‍👦".into())]);
+        emoji.system = Some("be brief".into());
+        assert_eq!(
+            emoji.input_token_bound(),
+            25 + 8 + 2 * TURN_OVERHEAD + REQUEST_OVERHEAD
+        );
+        assert_eq!(token_bound("日本"), 6);
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub trait KvBackend: Send + Sync {
     fn set(&self, key: String, value: Vec<u8>) -> BoxFuture<'_, Result<(), kv::Error>>;
     fn delete(&self, key: String) -> BoxFuture<'_, Result<bool, kv::Error>>;
     fn list(&self, prefix: String) -> BoxFuture<'_, Result<Vec<String>, kv::Error>>;
+    /// The largest value `set` accepts (sizes the call's hostcall fuel).
+    fn max_value_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// The host side of `history`, scoped to one bot's rooms.

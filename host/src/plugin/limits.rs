@@ -14,12 +14,21 @@ pub struct Limits {
     /// quiz-master example, stays there: the default leaves it 51 MiB of headroom, so
     /// Python does not get a default of its own (see README.md, "Python personas").
     pub memory_bytes: u64,
-    /// CPU time per call, excluding time spent waiting in host functions (default 200 ms).
+    /// The guest's own CPU time per call: wall time minus the time spent in host
+    /// functions (default 200 ms).
     #[serde(
         rename = "cpu_per_call_ms",
         with = "crate::plugin::limits::duration_ms"
     )]
     pub cpu_per_call: Duration,
+    /// Time per call the host spends working for the persona inside host functions
+    /// (`kv`, `history`, `log`, `config`; default 1 s). An `llm` call is not counted:
+    /// it waits on the network, and tokens, timeouts and concurrency budget it.
+    #[serde(
+        rename = "host_per_call_ms",
+        with = "crate::plugin::limits::duration_ms"
+    )]
+    pub host_per_call: Duration,
     /// Wall time per call including host waits (default 60 s).
     #[serde(
         rename = "wall_per_call_ms",
@@ -38,6 +47,17 @@ pub struct Limits {
     pub reply_bytes: usize,
     /// Actions a call may return (default 16).
     pub actions: usize,
+    /// `join` and `leave` actions together a bot may take in any minute (default 4);
+    /// more are refused (see [`crate::bot::rooms`]).
+    pub joins_per_minute: u32,
+    /// Rooms a bot may be in, its manifest's included (default 16); a `join` beyond
+    /// is refused.
+    pub max_rooms: usize,
+    /// Quarantine looks at this many of the persona's latest calls (default 10).
+    pub quarantine_window: u32,
+    /// ...and quarantines it when at least this share of them failed (default 0.5:
+    /// 5 of the last 10), whatever the order of failures and successes.
+    pub quarantine_failure_ratio: f64,
 }
 
 impl Default for Limits {
@@ -45,6 +65,7 @@ impl Default for Limits {
         Limits {
             memory_bytes: 64 << 20,
             cpu_per_call: Duration::from_millis(200),
+            host_per_call: Duration::from_secs(1),
             wall_per_call: Duration::from_secs(60),
             table_elements: 20_000,
             instances: 32,
@@ -52,23 +73,89 @@ impl Default for Limits {
             memories: 4,
             reply_bytes: 64 << 10,
             actions: 16,
+            joins_per_minute: 4,
+            max_rooms: 16,
+            quarantine_window: 10,
+            quarantine_failure_ratio: 0.5,
         }
+    }
+}
+
+impl Limits {
+    /// Failures among the last [`quarantine_window`](Self::quarantine_window) calls
+    /// that quarantine a persona: the ratio of the window, rounded up, at least 1.
+    pub fn quarantine_failures(&self) -> u32 {
+        let n = (f64::from(self.quarantine_window) * self.quarantine_failure_ratio).ceil();
+        (n as u32).clamp(1, self.quarantine_window.max(1))
+    }
+
+    /// The most bytes the guest may hand the host in one transfer: the lifted result
+    /// of a call (all its actions and their text) and the arguments of one host call
+    /// (wasmtime's "hostcall fuel"). Tied to the reply limit, so an oversized reply
+    /// traps while it is being copied instead of being copied in full and refused
+    /// afterwards: four times `reply_bytes` plus the actions' own size, and at least
+    /// what one `kv.set` of the largest value (`kv_value_bytes`) needs.
+    pub fn hostcall_fuel(&self, kv_value_bytes: u64) -> usize {
+        const ACTION: usize = 64; // size_of the lifted action (a string pair), rounded up
+        const SLACK: usize = 4 << 10;
+        let reply = self
+            .reply_bytes
+            .saturating_mul(4)
+            .saturating_add(self.actions.saturating_mul(ACTION))
+            .saturating_add(SLACK);
+        let kv = usize::try_from(kv_value_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(crate::bot::caps::KV_MAX_KEY_BYTES + SLACK);
+        reply.max(kv)
     }
 }
 
 /// Which limit stopped a call; named in every error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitHit {
-    Memory { limit: u64, wanted: u64 },
-    TableElements { limit: usize, wanted: usize },
-    Instances { limit: usize },
-    Tables { limit: usize },
-    Memories { limit: usize },
-    Cpu { limit: Duration },
-    Wall { limit: Duration },
-    ReplyBytes { limit: usize, got: usize },
-    Actions { limit: usize, got: usize },
-    Stack { limit: usize },
+    Memory {
+        limit: u64,
+        wanted: u64,
+    },
+    TableElements {
+        limit: usize,
+        wanted: usize,
+    },
+    Instances {
+        limit: usize,
+    },
+    Tables {
+        limit: usize,
+    },
+    Memories {
+        limit: usize,
+    },
+    Cpu {
+        limit: Duration,
+    },
+    Host {
+        limit: Duration,
+    },
+    Wall {
+        limit: Duration,
+    },
+    ReplyBytes {
+        limit: usize,
+        got: usize,
+    },
+    Actions {
+        limit: usize,
+        got: usize,
+    },
+    Stack {
+        limit: usize,
+    },
+    /// More data than the hostcall fuel allows crossed from the guest in one transfer
+    /// (a reply, or the arguments of one host call): stopped while being copied.
+    Transfer {
+        reply_limit: usize,
+        fuel: usize,
+    },
 }
 
 impl std::fmt::Display for LimitHit {
@@ -96,6 +183,13 @@ impl std::fmt::Display for LimitHit {
                     limit.as_millis()
                 )
             }
+            LimitHit::Host { limit } => {
+                write!(
+                    f,
+                    "host time limit of {} ms per call exceeded (time spent in kv, history, log and config calls)",
+                    limit.as_millis()
+                )
+            }
             LimitHit::Wall { limit } => {
                 write!(
                     f,
@@ -115,6 +209,12 @@ impl std::fmt::Display for LimitHit {
                     "action limit of {limit} per call exceeded ({got} returned)"
                 )
             }
+            LimitHit::Transfer { reply_limit, fuel } => write!(
+                f,
+                "reply size limit of {} exceeded: over {} crossed from the persona in one transfer (a reply or host-call arguments), stopped while being copied",
+                human_bytes(*reply_limit as u64),
+                human_bytes(*fuel as u64)
+            ),
             LimitHit::Stack { limit } => write!(
                 f,
                 "stack limit of {} exceeded (unbounded recursion?)",

@@ -14,10 +14,14 @@
 //!
 //! A call that traps, hits a limit or times out fails alone: the error names the
 //! persona, the message and the limit, the instance is discarded, and the next
-//! message gets a fresh one. After [`QUARANTINE_AFTER`] consecutive failures the
-//! persona is quarantined for 30 s, doubling on every relapse up to 30 min; while
-//! quarantined its messages are skipped. A success ends the quarantine cycle.
+//! message gets a fresh one. When at least `quarantine_failure_ratio` of the persona's
+//! last `quarantine_window` calls failed (default 5 of 10, in any order: successes in
+//! between do not reset the count), it is quarantined for 30 s, doubling on every
+//! relapse up to 30 min; while quarantined its messages are skipped. Released, it is on
+//! probation: its first failure quarantines it again. A whole window of successes ends
+//! the quarantine cycle (the next quarantine is 30 s again).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,8 +36,6 @@ use super::limits::{LimitHit, Limits};
 use super::pool::{InstancePool, Lease, SeatId};
 use super::state::HostState;
 
-/// Consecutive failures that quarantine a persona.
-pub const QUARANTINE_AFTER: u32 = 5;
 /// First quarantine.
 pub const QUARANTINE_BASE: Duration = Duration::from_secs(30);
 /// Longest quarantine.
@@ -119,14 +121,41 @@ impl SandboxStats {
     }
 }
 
+/// The persona's recent record: the outcome of its latest calls (`true`: failed),
+/// and its quarantine.
 #[derive(Debug, Default)]
 struct Health {
-    consecutive: u32,
+    /// The latest calls, oldest first, at most `quarantine_window` of them.
+    recent: VecDeque<bool>,
     /// Quarantines entered in this cycle (sets the backoff).
     level: u32,
     until: Option<Instant>,
     /// Released from quarantine and not yet successful: one failure re-quarantines.
     probation: bool,
+}
+
+impl Health {
+    fn failures(&self) -> u32 {
+        self.recent.iter().filter(|f| **f).count() as u32
+    }
+
+    /// Books one call; `true` when the persona is to be quarantined now.
+    fn note(&mut self, failed: bool, limits: &Limits) -> bool {
+        let window = limits.quarantine_window.max(1) as usize;
+        self.recent.push_back(failed);
+        while self.recent.len() > window {
+            self.recent.pop_front();
+        }
+        if !failed {
+            self.probation = false;
+            // A whole window without a failure ends the quarantine cycle.
+            if self.recent.len() == window && self.failures() == 0 {
+                self.level = 0;
+            }
+            return false;
+        }
+        self.probation || self.failures() >= limits.quarantine_failures()
+    }
 }
 
 /// One live instance of a persona: its own `Store` and the instance in it. Held by
@@ -183,6 +212,11 @@ impl Sandbox {
 
     pub fn component(&self) -> &Arc<PersonaComponent> {
         &self.component
+    }
+
+    /// The limits this sandbox enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub fn stats(&self) -> &SandboxStats {
@@ -329,8 +363,23 @@ impl Sandbox {
             HostState::new(self.ctx.clone(), self.limits.clone()),
         );
         store.limiter(|s| &mut s.limiter);
+        let kv_value = self
+            .ctx
+            .grants
+            .kv
+            .as_ref()
+            .map_or(0, |kv| kv.max_value_bytes());
+        store.set_hostcall_fuel(self.limits.hostcall_fuel(kv_value));
         store.epoch_deadline_callback(|mut ctx| {
             let state = ctx.data_mut();
+            if state.host_budget_spent() {
+                if state.limiter.hit.is_none() {
+                    state.limiter.hit = Some(LimitHit::Host {
+                        limit: state.limits.host_per_call,
+                    });
+                }
+                return Err(Trap::Interrupt.into());
+            }
             if state.clock.guest_time() > state.limits.cpu_per_call {
                 if state.limiter.hit.is_none() {
                     state.limiter.hit = Some(LimitHit::Cpu {
@@ -398,6 +447,10 @@ impl Sandbox {
                     Some(Trap::UnreachableCodeReached) => FailureKind::Trap(
                         "wasm `unreachable` executed (the persona panicked or aborted)".into(),
                     ),
+                    _ if is_fuel_exhausted(&e) => FailureKind::Limit(LimitHit::Transfer {
+                        reply_limit: self.limits.reply_bytes,
+                        fuel: lease.store.hostcall_fuel(),
+                    }),
                     _ => FailureKind::Trap(one_line(&e)),
                 },
             }),
@@ -423,7 +476,7 @@ impl Sandbox {
     fn record<R>(&mut self, out: Result<R, FailureKind>, during: String) -> Result<R, CallFailure> {
         match out {
             Ok(r) => {
-                self.health = Health::default();
+                self.health.note(false, &self.limits);
                 Ok(r)
             }
             Err(kind @ FailureKind::PoolFull { .. }) => {
@@ -435,20 +488,21 @@ impl Sandbox {
             Err(kind) => {
                 let failure = self.failure(during, kind);
                 self.stats.failures += 1;
-                self.health.consecutive += 1;
                 tracing::warn!(persona = self.label(), "{failure}; instance discarded");
-                if self.health.consecutive >= QUARANTINE_AFTER || self.health.probation {
+                if self.health.note(true, &self.limits) {
                     let backoff = quarantine_backoff(self.health.level);
                     self.health.level += 1;
-                    self.health.consecutive = 0;
+                    self.health.recent.clear();
                     self.health.probation = false;
                     self.health.until = Some(Instant::now() + backoff);
                     self.stats.quarantines += 1;
                     tracing::warn!(
                         persona = self.label(),
                         seconds = backoff.as_secs(),
-                        "persona quarantined for {} s after repeated failures",
-                        backoff.as_secs()
+                        "persona quarantined for {} s: {} of its last {} calls failed",
+                        backoff.as_secs(),
+                        self.limits.quarantine_failures(),
+                        self.limits.quarantine_window
                     );
                 }
                 Err(failure)
@@ -489,10 +543,18 @@ fn check_reply_size(limits: &Limits, bytes: usize, actions: usize) -> Result<(),
     Ok(())
 }
 
+/// wasmtime's error when a transfer from the guest ran out of hostcall fuel (its type
+/// is private; its message is stable).
+fn is_fuel_exhausted(e: &wasmtime::Error) -> bool {
+    e.chain().any(|c| {
+        c.to_string()
+            .contains("fuel allocated for hostcalls has been exhausted")
+    })
+}
+
 fn begin_call(store: &mut Store<HostState>) {
     let state = store.data_mut();
-    state.clock.started = std::time::Instant::now();
-    state.clock.host_wait = Duration::ZERO;
+    state.clock = super::state::CallClock::new();
     state.limiter.hit = None;
     store.set_epoch_deadline(1);
 }

@@ -10,22 +10,44 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::log::Level;
 use super::context::PersonaContext;
-use super::limits::{Limiter, Limits};
+use super::limits::{LimitHit, Limiter, Limits};
 
-/// Per-call accounting used by the epoch callback to tell CPU time from host waits.
-/// Real time (`std::time::Instant`), not tokio's clock: a paused test clock must not
-/// stop the CPU limit.
+/// Per-call accounting used by the epoch callback to tell the guest's CPU time from
+/// the host's work for it and from network waits. Real time (`std::time::Instant`),
+/// not tokio's clock: a paused test clock must not stop the limits.
 #[derive(Debug, Clone, Copy)]
 pub struct CallClock {
     pub started: Instant,
-    /// Time spent inside async host functions (LLM, store) during this call.
-    pub host_wait: Duration,
+    /// Time spent inside host functions that work for the persona (`kv`, `history`,
+    /// `log`, `config`) during this call: charged against `host_per_call`.
+    pub host_time: Duration,
+    /// Time spent waiting on the network for the persona (`llm`): charged against
+    /// neither the CPU nor the host limit (tokens, timeouts and concurrency budget it;
+    /// the wall-time limit still bounds it).
+    pub io_wait: Duration,
 }
 
 impl CallClock {
-    /// Guest CPU time so far: wall time minus time spent waiting on the host.
+    pub fn new() -> Self {
+        CallClock {
+            started: Instant::now(),
+            host_time: Duration::ZERO,
+            io_wait: Duration::ZERO,
+        }
+    }
+
+    /// Guest CPU time so far: wall time minus time spent in the host.
     pub fn guest_time(&self) -> Duration {
-        self.started.elapsed().saturating_sub(self.host_wait)
+        self.started
+            .elapsed()
+            .saturating_sub(self.host_time)
+            .saturating_sub(self.io_wait)
+    }
+}
+
+impl Default for CallClock {
+    fn default() -> Self {
+        CallClock::new()
     }
 }
 
@@ -57,20 +79,43 @@ impl HostState {
             table: ResourceTable::new(),
             limiter: Limiter::new(limits.clone()),
             ctx,
-            clock: CallClock {
-                started: Instant::now(),
-                host_wait: Duration::ZERO,
-            },
+            clock: CallClock::new(),
             limits,
         }
     }
 
-    /// Runs a host wait (LLM, store) and books its duration as host time, so it is
-    /// not charged against the persona's CPU limit.
-    pub async fn host_wait<F: Future>(&mut self, fut: F) -> F::Output {
+    /// Runs host work for the persona (`kv`, `history`, ...) and charges its time
+    /// against the call's host budget. Once the budget is spent the limit is recorded
+    /// and the epoch callback stops the guest at its next tick.
+    pub async fn host_work<F: Future>(&mut self, fut: F) -> F::Output {
         let start = Instant::now();
         let out = fut.await;
-        self.clock.host_wait += start.elapsed();
+        self.charge_host(start.elapsed());
+        out
+    }
+
+    /// Books `spent` as host time of this call (see [`HostState::host_work`]).
+    pub fn charge_host(&mut self, spent: Duration) {
+        self.clock.host_time += spent;
+        if self.host_budget_spent() && self.limiter.hit.is_none() {
+            self.limiter.hit = Some(LimitHit::Host {
+                limit: self.limits.host_per_call,
+            });
+        }
+    }
+
+    /// Whether this call has used up its host budget: further host work is refused
+    /// and the guest is stopped at its next epoch tick.
+    pub fn host_budget_spent(&self) -> bool {
+        self.clock.host_time > self.limits.host_per_call
+    }
+
+    /// Runs a network wait (`llm`) and books it as I/O: charged against neither the
+    /// CPU nor the host limit.
+    pub async fn io_wait<F: Future>(&mut self, fut: F) -> F::Output {
+        let start = Instant::now();
+        let out = fut.await;
+        self.clock.io_wait += start.elapsed();
         out
     }
 }

@@ -51,6 +51,21 @@ impl Endpoints {
         Ok(Endpoints { base })
     }
 
+    /// Plain `http://` to a host that is not loopback (`127.0.0.0/8`, `::1`,
+    /// `localhost`): the chat key would cross a network in clear.
+    pub fn is_plain_remote(&self) -> bool {
+        if self.base.scheme() != "http" {
+            return false;
+        }
+        let loopback = match self.base.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
+        !loopback
+    }
+
     /// The base URL as configured (normalised), the key under which credentials are stored.
     pub fn base(&self) -> &str {
         self.base.as_str().trim_end_matches('/')

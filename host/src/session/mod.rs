@@ -403,14 +403,14 @@ impl Membership {
         self.len() == 0
     }
 
-    fn insert(&self, room: &str) -> bool {
+    pub(crate) fn insert(&self, room: &str) -> bool {
         self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(room.to_string())
     }
 
-    fn remove(&self, room: &str) -> bool {
+    pub(crate) fn remove(&self, room: &str) -> bool {
         self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -717,7 +717,10 @@ fn shared_http_client(connect_timeout: Duration) -> Result<reqwest::Client, Sess
     if let Some(c) = clients.get(&connect_timeout) {
         return Ok(c.clone());
     }
+    // Never follow a redirect: the chat key rides in a header (`x-api-key`), which
+    // reqwest would carry to wherever the redirect points.
     let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
@@ -725,4 +728,77 @@ fn shared_http_client(connect_timeout: Duration) -> Result<reqwest::Client, Sess
         .map_err(|e| SessionError::Http(http::error_chain(&e)))?;
     clients.insert(connect_timeout, client.clone());
     Ok(client)
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::identity::{KeyCheck, check_key};
+    use super::*;
+    use crate::protocol::ApiKey;
+
+    /// Reads one request head from each connection, keeps it, and answers `answer`.
+    async fn serve(listener: TcpListener, answer: String, heads: Arc<Mutex<Vec<String>>>) {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let mut n = 0;
+            while n < buf.len() {
+                match sock.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            heads
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = sock.write_all(answer.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_chat_key_is_never_sent_on_a_redirect() {
+        let elsewhere = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let elsewhere_addr = elsewhere.local_addr().unwrap();
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let (at_server, at_elsewhere) = (Arc::default(), Arc::default());
+        let redirect = format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{elsewhere_addr}/api/rooms\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let ok = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]".to_string();
+        tokio::spawn(serve(server, redirect, Arc::clone(&at_server)));
+        tokio::spawn(serve(elsewhere, ok, Arc::clone(&at_elsewhere)));
+
+        let http = shared_http_client(Duration::from_secs(5)).unwrap();
+        let endpoints = http::Endpoints::parse(&format!("http://{server_addr}")).unwrap();
+        let key = ApiKey::new("ac_redirectedKey0123456789");
+        let check = check_key(&http, &endpoints, &key, Duration::from_secs(5)).await;
+        // The redirect is an answer, not followed: nothing is known about the key.
+        assert!(
+            matches!(check, KeyCheck::Unknown(ref why) if why.contains("307")),
+            "{check:?}"
+        );
+        let heads = at_server.lock().unwrap().clone();
+        assert_eq!(heads.len(), 1);
+        assert!(
+            heads[0]
+                .to_ascii_lowercase()
+                .contains("x-api-key: ac_redirectedkey")
+        );
+        // Had the client followed, `check_key` would have waited for this listener's
+        // answer: it returned, so nothing reached it, the key least of all.
+        let reached = at_elsewhere.lock().unwrap().clone();
+        assert!(reached.is_empty(), "{reached:?}");
+        assert!(!reached.concat().contains("ac_redirectedKey"));
+    }
 }

@@ -7,11 +7,17 @@ use crate::plugin::state::HostState;
 
 impl Host for HostState {
     async fn get(&mut self, key: String) -> Option<String> {
-        self.ctx.settings.get(&key).cloned()
+        let start = std::time::Instant::now();
+        let value = self.ctx.settings.get(&key).cloned();
+        self.charge_host(start.elapsed());
+        value
     }
 
     async fn keys(&mut self) -> Vec<String> {
-        self.ctx.settings.keys().cloned().collect()
+        let start = std::time::Instant::now();
+        let keys = self.ctx.settings.keys().cloned().collect();
+        self.charge_host(start.elapsed());
+        keys
     }
 
     async fn bot_name(&mut self) -> String {

@@ -9,6 +9,6 @@ impl Host for HostState {
         let Some(backend) = self.ctx.grants.history.clone() else {
             return Err(Error::Denied(self.ctx.denied("history")));
         };
-        self.host_wait(backend.recent(room, limit)).await
+        self.host_work(backend.recent(room, limit)).await
     }
 }

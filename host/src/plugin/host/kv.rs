@@ -7,7 +7,15 @@ use crate::plugin::context::KvBackend;
 use crate::plugin::state::HostState;
 
 impl HostState {
+    /// The persona's kv backend, unless it is not granted or this call has spent its
+    /// host budget (the guest is then stopped at its next epoch tick).
     fn kv(&self) -> Result<Arc<dyn KvBackend>, Error> {
+        if self.host_budget_spent() {
+            return Err(Error::Storage(format!(
+                "the host time limit of {} ms for this call is spent",
+                self.limits.host_per_call.as_millis()
+            )));
+        }
         self.ctx
             .grants
             .kv
@@ -19,21 +27,21 @@ impl HostState {
 impl Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, Error> {
         let kv = self.kv()?;
-        self.host_wait(kv.get(key)).await
+        self.host_work(kv.get(key)).await
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), Error> {
         let kv = self.kv()?;
-        self.host_wait(kv.set(key, value)).await
+        self.host_work(kv.set(key, value)).await
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, Error> {
         let kv = self.kv()?;
-        self.host_wait(kv.delete(key)).await
+        self.host_work(kv.delete(key)).await
     }
 
     async fn list(&mut self, prefix: String) -> Result<Vec<String>, Error> {
         let kv = self.kv()?;
-        self.host_wait(kv.list(prefix)).await
+        self.host_work(kv.list(prefix)).await
     }
 }

@@ -8,6 +8,6 @@ impl Host for HostState {
         let Some(backend) = self.ctx.grants.llm.clone() else {
             return Err(Error::Denied(self.ctx.denied("llm")));
         };
-        self.host_wait(backend.complete(req)).await
+        self.io_wait(backend.complete(req)).await
     }
 }
