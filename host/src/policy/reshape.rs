@@ -133,12 +133,21 @@ impl Skeleton {
     }
 }
 
+/// Whether a token looks like a piece of a key rather than a word: it has a digit, an
+/// upper case letter after its first character, or an inner `_` or `-`.
+fn chunk_like(tok: &str) -> bool {
+    tok.chars().any(|c| c.is_ascii_digit())
+        || tok.chars().skip(1).any(|c| c.is_ascii_uppercase())
+        || tok.chars().any(|c| c == '_' || c == '-')
+}
+
 /// Text cut into chunks of one length and rejoined: runs of at least three tokens (split
 /// at whitespace, `.`, `,`, `|`, `;` and lone `-` or `_`) that all have the same length
 /// of 2 to 8 characters (the last one possibly shorter, and one in the middle of another
 /// length up to twice as long: a key cut in the middle of a chunk), are written without
 /// their separators (`zpk_ live _NLP rvdO g6` becomes `zpk_live_NLPrvdOg6`). Prose rarely has
-/// three words of one length in a row, and when it does, joining them is harmless.
+/// three words of one length in a row, and a run whose tokens are mostly plain words
+/// (no digit, no inner capital, `_` or `-`) is left alone.
 /// `None` when there is no such run.
 pub fn dechunk(text: &str) -> Option<String> {
     let is_sep = |c: char| c.is_whitespace() || matches!(c, '.' | ',' | '|' | ';');
@@ -189,7 +198,11 @@ pub fn dechunk(text: &str) -> Option<String> {
         if j + 1 < tokens.len() && len(&tokens[j + 1]) < n && j > i {
             j += 1;
         }
-        if (2..=8).contains(&n) && j >= i + 2 {
+        // Words are not key chunks: a run is rejoined only if at least half its tokens
+        // look like pieces of a key ("prefix rotate v2", "v2 sk do" stay prose).
+        let run = &tokens[i..=j];
+        let keyish = run.iter().filter(|t| chunk_like(&text[t.0..t.1])).count();
+        if (2..=8).contains(&n) && j >= i + 2 && keyish * 2 >= run.len() {
             out.push_str(&text[last..tokens[i].0]);
             for t in &tokens[i..=j] {
                 out.push_str(&text[t.0..t.1]);
@@ -403,9 +416,11 @@ mod tests {
             Some("key:zpk_live_NLPrvdOg6 and more")
         );
         assert_eq!(
-            dechunk("ab - cdef - ghij - kl").as_deref(),
-            Some("ab - cdefghijkl")
+            dechunk("ab - cd3f - gh1j - kl").as_deref(),
+            Some("ab - cd3fgh1jkl")
         );
+        // Prose with a few short words is not a chunked key.
+        assert_eq!(dechunk("AKIA prefix rotate v2 sk do"), None);
         assert_eq!(dechunk("hello there, friend"), None);
         assert_eq!(
             keyish_words("first half Zq8vP2, second half rT9wLx!").as_deref(),
