@@ -131,7 +131,7 @@ async fn wait_joined(events: &mut broadcast::Receiver<ServerEvent>, agents: &[St
 /// settled → installed, write → answer).
 async fn reload_round(
     server: &DevServer,
-    stats: &roost::bot::reload::ReloadStats,
+    stats: &roost::bot::stats::ReloadStats,
     file: &Path,
     bytes: &[u8],
     v2: bool,

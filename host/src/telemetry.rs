@@ -7,7 +7,6 @@
 //! The same address serves the status page and its JSON ([`crate::status`]).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -20,8 +19,8 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncod
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::bot::reload::{ReloadStats, ReloadStatsSnapshot};
-use crate::bot::runner::BotCounters;
+use crate::bot::compare::{BoardSnapshot, ShadowBoard};
+use crate::bot::stats::{BotCounters, ReloadStats, ReloadStatsSnapshot};
 use crate::plugin::sandbox::LATENCY_BUCKETS;
 use crate::session::{SessionHandle, SessionState, SessionStatus};
 
@@ -31,7 +30,7 @@ pub struct BotProbe {
     pub session: SessionHandle,
     pub counters: Arc<Mutex<BotCounters>>,
     /// The bot's shadow outcomes (see [`crate::bot::shadow`]).
-    pub shadow: Arc<crate::bot::shadow::ShadowBoard>,
+    pub shadow: Arc<ShadowBoard>,
 }
 
 /// The probes of every running bot, by persona label (bots register on start and
@@ -55,7 +54,7 @@ pub struct BotSnapshot {
     pub status: SessionStatus,
     pub counters: BotCounters,
     /// The bot's shadow, if it has or had one.
-    pub shadow: Option<crate::bot::shadow::BoardSnapshot>,
+    pub shadow: Option<BoardSnapshot>,
 }
 
 impl Probes {
@@ -576,36 +575,15 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves `/metrics`, `/healthz` and the status page and API
-/// ([`crate::status`]: `/`, `/api/status`) until `shutdown` resolves.
-/// Returns the bound address (useful with port 0) once listening.
-pub async fn serve(
-    addr: SocketAddr,
-    probes: Probes,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
-    let bound = listener.local_addr()?;
-    let status = crate::status::router(probes.clone());
+/// `/metrics` and `/healthz` over `probes`; [`crate::status::serve`] serves them
+/// with the status page and API.
+pub fn router(probes: Probes) -> Router {
     let state = AppState {
         registry: Arc::new(registry(&probes)),
         probes,
     };
-    let app = Router::new()
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(state)
-        .merge(status);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!("metrics server failed: {e}");
-        }
-    });
-    tracing::info!(%bound, "metrics on http://{bound}/metrics, health on http://{bound}/healthz");
-    Ok(bound)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roost::bot::host::BotHost;
-use roost::bot::reload::{ReloadStats, ReloadStatsSnapshot};
+use roost::bot::stats::{ReloadStats, ReloadStatsSnapshot};
 use roost::config::Config;
 use roost::devserver::{self, DevServer, ServerConfig, ServerEvent};
 use roost::plugin::CacheOutcome;

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roost::bot::HostContext;
+use roost::bot::compare::{Outcome, ShadowBoard};
 use roost::bot::core::Effect;
 use roost::bot::history::History;
 use roost::bot::host::BotHost;
-use roost::bot::shadow::{self, Outcome, ShadowBoard, ShadowSeams};
+use roost::bot::shadow::{self, ShadowSeams};
 use roost::config::Config;
 use roost::devserver::{self, DevServer, ServerConfig};
 use roost::llm::fake::FakeLlm;

@@ -44,7 +44,7 @@ impl Running {
         host.context.probes.set_reload_stats(host.reload_stats());
         let (stop, stopped) = oneshot::channel::<()>();
         let (metrics_stop, metrics_stopped) = oneshot::channel::<()>();
-        let addr = roost::telemetry::serve(
+        let addr = roost::status::serve(
             "127.0.0.1:0".parse().unwrap(),
             host.context.probes.clone(),
             async {
@@ -395,7 +395,7 @@ async fn status_api_page_and_command_describe_the_bots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unhealthy_host_fails_the_health_check() {
     let (stop, stopped) = oneshot::channel::<()>();
-    let addr = roost::telemetry::serve(
+    let addr = roost::status::serve(
         "127.0.0.1:0".parse().unwrap(),
         roost::telemetry::Probes::default(),
         async {

@@ -33,7 +33,7 @@ async fn metrics_and_health_describe_the_running_bots() {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let empty = roost::telemetry::Probes::default();
-    let addr = roost::telemetry::serve("127.0.0.1:0".parse().unwrap(), empty.clone(), async {
+    let addr = roost::status::serve("127.0.0.1:0".parse().unwrap(), empty.clone(), async {
         let _ = stop_rx.await;
     })
     .await
@@ -47,7 +47,7 @@ async fn metrics_and_health_describe_the_running_bots() {
     let host = BotHost::start(config).await.expect("start");
     host.context.probes.set_reload_stats(host.reload_stats());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let addr = roost::telemetry::serve(
+    let addr = roost::status::serve(
         "127.0.0.1:0".parse().unwrap(),
         host.context.probes.clone(),
         async {

@@ -3,11 +3,14 @@
 //! the caller to carry out (a live bot hands them to its session; replay prints
 //! them).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
+
 use crate::names::RoomName;
-use crate::plugin::Sandbox;
 use crate::plugin::bindings::{self, Action, Manifest, MessageFlags as WitFlags, Subscriptions};
+use crate::plugin::{PersonaComponent, Sandbox};
 use crate::policy::{DropReason, InboundMsg, InboundVerdict, OutboundVerdict, Policy};
 use crate::protocol::ChatMessage;
 
@@ -328,4 +331,58 @@ pub fn wit_flags(v: &InboundVerdict) -> WitFlags {
         flags |= WitFlags::SUSPICIOUS;
     }
     flags
+}
+// -- the swap -------------------------------------------------------------------
+
+/// A new version of a running bot's persona, for its worker to install between two
+/// messages (see [`Bot::swap`]).
+pub struct Swap {
+    component: Arc<PersonaComponent>,
+    manifest: Manifest,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Swap {
+    /// A swap to `component`, whose (effective, validated) manifest is `manifest`;
+    /// the receiver completes once the worker has installed it.
+    pub fn new(
+        component: Arc<PersonaComponent>,
+        manifest: Manifest,
+    ) -> (Swap, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Swap {
+                component,
+                manifest,
+                done: Some(tx),
+            },
+            rx,
+        )
+    }
+
+    /// Installs the new version in the worker's pipeline: the next call instantiates
+    /// it. Returns the joins and leaves a change of the manifest's rooms calls for.
+    pub(crate) fn install(self, core: &mut BotCore) -> Vec<Effect> {
+        let Swap {
+            component,
+            manifest,
+            done,
+        } = self;
+        // Manifests are validated before a swap; a room that isn't valid is no room.
+        let rooms = |m: &Manifest| -> BTreeSet<RoomName> {
+            m.rooms
+                .iter()
+                .filter_map(|r| RoomName::new(r.as_str()).ok())
+                .collect()
+        };
+        let (old, new) = (rooms(&core.manifest), rooms(&manifest));
+        core.sandbox.replace_component(component);
+        core.manifest = manifest;
+        let mut effects: Vec<Effect> = old.difference(&new).cloned().map(Effect::Leave).collect();
+        effects.extend(new.difference(&old).cloned().map(Effect::Join));
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+        effects
+    }
 }

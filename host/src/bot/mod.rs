@@ -10,9 +10,14 @@
 //! - [`replay`]: `roost replay` — recorded chat through the pipeline, offline;
 //! - [`shadow`]: shadow personas — a new version that listens beside the live one,
 //!   never speaks, and is compared with it;
-//! - [`rooms`]: limits on a persona's joins and leaves.
+//! - [`rooms`]: limits on a persona's joins and leaves;
+//! - [`context`]: what every bot of a host shares;
+//! - [`stats`]: what bots and the reloader count, for metrics and the status page;
+//! - [`compare`]: live and shadow actions compared, and the board status reads.
 
 pub mod caps;
+pub mod compare;
+pub mod context;
 pub mod core;
 pub mod history;
 pub mod host;
@@ -21,5 +26,7 @@ pub mod replay;
 pub mod rooms;
 pub mod runner;
 pub mod shadow;
+pub mod stats;
 
-pub use runner::{Bot, HostContext};
+pub use context::HostContext;
+pub use runner::Bot;

@@ -28,9 +28,9 @@ use crate::plugin::{Limits, PersonaContext, Runtime, Sandbox, manifest};
 use crate::policy::{BotIdentity, ManualClock, Policy, PolicyConfig};
 use crate::protocol::{ChatMessage, parse_timestamp};
 
+use super::compare::{Outcome, ShadowPair};
 use super::core::{BotCore, Effect};
 use super::history::{DEFAULT_PER_ROOM, History};
-use super::shadow::{Outcome, ShadowPair};
 
 /// The message a reply answered.
 #[derive(Debug, Clone, Serialize)]
@@ -264,7 +264,7 @@ pub async fn compare(
         };
         let effects = shadow.respond(&delivered).await;
         report.compared += 1;
-        let cmp = super::shadow::compare(&handled.effects, &effects);
+        let cmp = super::compare::compare(&handled.effects, &effects);
         *report
             .outcomes
             .entry(cmp.outcome.as_str().to_string())
@@ -289,7 +289,7 @@ impl CompareReport {
     /// Each differing message with both sides, then the counts.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let side = |acts: &[super::shadow::Act]| {
+        let side = |acts: &[super::compare::Act]| {
             if acts.is_empty() {
                 "(nothing)".to_string()
             } else {

@@ -6,160 +6,19 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
 use crate::plugin::bindings::Manifest;
-use crate::plugin::{Grants, PersonaComponent, PersonaContext, Runtime, Sandbox, manifest};
-use crate::policy::{BotIdentity, Clock, KnownSecrets, Policy, SecretScanner};
+use crate::plugin::{Grants, PersonaComponent, PersonaContext, Sandbox, manifest};
+use crate::policy::{BotIdentity, Clock, Policy};
 use crate::session::{self, Membership, SessionEvent, SessionHandle, SessionStatus};
-use crate::store::Store;
 
 use super::caps::{HistoryCap, KvCap};
-use super::core::{BotCore, CoreCounters, Effect};
+use super::compare::ShadowBoard;
+use super::context::{HostContext, NameClaims};
+use super::core::Swap;
+use super::core::{BotCore, Effect};
 use super::history::History;
-use super::shadow::{Shadow, ShadowBoard, ShadowSeams};
-
-/// What every bot of a host shares.
-#[derive(Clone)]
-pub struct HostContext {
-    pub runtime: Runtime,
-    pub store: Store,
-    pub config: Arc<Config>,
-    /// Where running bots register for metrics and health.
-    pub probes: crate::telemetry::Probes,
-    /// The LLM providers (built once from `[llm]`) and every persona's token budget.
-    pub llm: Arc<crate::llm::LlmHub>,
-    /// Which persona (file label) holds which network name in this host.
-    pub names: NameClaims,
-    /// Every key the host holds, shared by every bot's secret scanner: the LLM
-    /// provider keys, each bot's chat key (added when its session reports it), and the
-    /// random-looking words of settings files.
-    pub known: KnownSecrets,
-}
-
-impl HostContext {
-    /// The known secrets of a host: every LLM provider key and the random-looking words
-    /// of every persona's settings files.
-    pub fn known_secrets_of(config: &Config, llm: &crate::llm::LlmHub) -> KnownSecrets {
-        let known = KnownSecrets::with_fragment_len(config.policy.secrets.known_fragment_len);
-        for key in llm.known_secrets() {
-            known.add(secrecy::ExposeSecret::expose_secret(&key));
-        }
-        for p in config.personas.values() {
-            for key in &p.settings_from_files {
-                if let Some(v) = p.settings.get(key) {
-                    known.add_tokens_of(v);
-                }
-            }
-        }
-        known
-    }
-
-    /// A scanner on the host's known secrets, with the configured settings.
-    pub fn scanner(&self) -> SecretScanner {
-        SecretScanner::with_known(self.config.policy.secrets.clone(), self.known.clone())
-    }
-
-    /// The server URL as identities are stored under it (normalised as the session
-    /// normalises it).
-    pub fn server_base(&self) -> String {
-        session::http::Endpoints::parse(&self.config.server.url)
-            .map(|e| e.base().to_string())
-            .unwrap_or_else(|_| self.config.server.url.clone())
-    }
-}
-
-/// The network names the running bots hold, by file label: a manifest cannot claim a
-/// name another persona holds, here or in the store, and the check happens before
-/// any session starts.
-#[derive(Clone, Debug, Default)]
-pub struct NameClaims(Arc<Mutex<std::collections::HashMap<String, String>>>);
-
-impl NameClaims {
-    /// Claims `name` for `label`, unless another running persona holds it or another
-    /// persona's stored identity on `server` has that name (or that name with a
-    /// registration suffix).
-    pub fn claim(
-        &self,
-        store: &Store,
-        server: &str,
-        label: &str,
-        name: &str,
-    ) -> anyhow::Result<()> {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(other) = held.get(name).filter(|l| *l != label) {
-            anyhow::bail!(
-                "persona `{label}` wants the network name {name:?} of persona `{other}`; set personas.{label}.name in roost.toml"
-            );
-        }
-        let owners = store.personas_named(server, name)?;
-        if let Some(other) = owners.iter().find(|p| *p != label) {
-            anyhow::bail!(
-                "persona `{label}` wants the network name {name:?}, registered by persona `{other}`: \
-                 an identity belongs to its file (rename the file to {other}.wasm to run that \
-                 identity, or set personas.{label}.name in roost.toml)"
-            );
-        }
-        held.insert(name.to_string(), label.to_string());
-        Ok(())
-    }
-
-    /// Gives up the names `label` holds.
-    pub fn release(&self, label: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, l| l != label);
-    }
-}
-
-/// Counters of one bot besides its session's (messages the bot did not keep up with
-/// are counted by the session: `SessionStatus::inbound_dropped`).
-#[derive(Debug, Clone, Default)]
-pub struct BotCounters {
-    pub core: CoreCounters,
-    pub policy: crate::policy::PolicyCounters,
-    /// The persona's sandbox: calls, failures, quarantines, call latency.
-    pub sandbox: crate::plugin::sandbox::SandboxStats,
-    /// Whether the persona is quarantined right now.
-    pub quarantined: bool,
-    /// Versions swapped in by hot reload.
-    pub reloads: u64,
-    /// Which version runs, and its troubles, for the status page.
-    pub persona: PersonaStatus,
-}
-
-/// What the status page says about the persona a bot runs.
-#[derive(Debug, Clone, Default)]
-pub struct PersonaStatus {
-    /// The manifest's version.
-    pub version: String,
-    /// SHA-256 of the component, hex.
-    pub hash: Option<String>,
-    /// The last failed call (trap, limit, timeout, quarantine) and when.
-    pub last_error: Option<(std::time::SystemTime, String)>,
-    /// Until when the persona is quarantined, if it is.
-    pub quarantined_until: Option<std::time::SystemTime>,
-}
-
-impl PersonaStatus {
-    /// A version was installed (at start or by a swap).
-    fn installed(&mut self, core: &BotCore) {
-        self.version = core.manifest.version.clone();
-        self.hash = core.sandbox.component().hash().map(hex::encode);
-    }
-
-    /// A message was handled: `failed` is the call's error, if it failed.
-    fn handled(&mut self, failed: Option<String>, quarantine: Option<std::time::Duration>) {
-        if failed.is_none() && quarantine.is_none() && self.quarantined_until.is_none() {
-            return;
-        }
-        let now = std::time::SystemTime::now();
-        if let Some(e) = failed {
-            self.last_error = Some((now, e));
-        }
-        self.quarantined_until = quarantine.map(|d| now + d);
-    }
-}
+use super::shadow::{Shadow, ShadowSeams};
+use super::stats::BotCounters;
 
 /// The error of a failed persona call among a message's effects.
 fn failed_call(effects: &[Effect]) -> Option<String> {
@@ -189,7 +48,7 @@ pub struct Bot {
 /// What the worker installs between two messages.
 enum WorkerCmd {
     /// A new version of the persona.
-    Swap(super::reload::Swap),
+    Swap(Swap),
     /// A new shadow, or none.
     Shadow(Option<Shadow>),
 }
@@ -410,7 +269,7 @@ impl Bot {
     /// message (the one in flight, if any, finishes on the old version). False if the
     /// worker has stopped.
     #[must_use]
-    pub fn swap(&self, swap: super::reload::Swap) -> bool {
+    pub fn swap(&self, swap: Swap) -> bool {
         self.swaps.send(WorkerCmd::Swap(swap)).is_ok()
     }
 
@@ -440,7 +299,7 @@ impl Bot {
     }
 
     /// The bot's shadow outcomes and last differing pairs.
-    pub fn shadow(&self) -> super::shadow::BoardSnapshot {
+    pub fn shadow(&self) -> super::compare::BoardSnapshot {
         self.seams.board.snapshot()
     }
 

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::build_watch::{BuildEvent, Rebuilds};
 use super::ui::{Console, clean};
-use crate::bot::reload::ReloadStats;
+use crate::bot::stats::ReloadStats;
 use crate::devserver::{self, DevServer};
 use crate::plugin::bindings::log::Level;
 use crate::plugin::logsink::PersonaLine;

@@ -249,7 +249,7 @@ pub fn render(s: &HostStatus) -> String {
                 p.from,
                 one_line(&p.text, 60)
             );
-            let side = |acts: &[crate::bot::shadow::Act]| {
+            let side = |acts: &[crate::bot::compare::Act]| {
                 if acts.is_empty() {
                     "(nothing)".to_string()
                 } else {

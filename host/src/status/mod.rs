@@ -101,7 +101,7 @@ pub struct BotStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShadowStatus {
     /// The shadow listening now; `None` once it stopped (promoted or removed).
-    pub running: Option<crate::bot::shadow::ShadowVersion>,
+    pub running: Option<crate::bot::compare::ShadowVersion>,
     /// Messages compared, by outcome (every outcome, zeros included).
     pub outcomes: BTreeMap<String, u64>,
     /// The shadow's calls and failed calls.
@@ -109,7 +109,7 @@ pub struct ShadowStatus {
     pub errors: u64,
     pub quarantined: bool,
     /// The last pairs that were not `same`, newest first.
-    pub recent: Vec<crate::bot::shadow::ShadowPair>,
+    pub recent: Vec<crate::bot::compare::ShadowPair>,
 }
 
 /// Which persona a bot runs.
@@ -271,7 +271,7 @@ fn bot_status(b: &BotSnapshot, now: SystemTime) -> BotStatus {
 
 /// A shadow's counts worth showing: `same 12, different 3, ...` (zeros left out).
 pub fn shadow_counts(s: &ShadowStatus) -> String {
-    let counts: Vec<String> = crate::bot::shadow::Outcome::ALL
+    let counts: Vec<String> = crate::bot::compare::Outcome::ALL
         .iter()
         .filter_map(|o| {
             let n = s.outcomes.get(o.as_str()).copied().unwrap_or(0);
@@ -343,6 +343,32 @@ struct StatusState {
 }
 
 /// `/` (the page) and `/api/status` (JSON) for the bots behind `probes`.
+/// Binds `addr` and serves `/metrics`, `/healthz` ([`crate::telemetry::router`]) and
+/// the status page and API (`/`, `/api/status`) until `shutdown` resolves. Returns
+/// the bound address (useful with port 0) once listening.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    probes: Probes,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let app = crate::telemetry::router(probes.clone()).merge(router(probes));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!("metrics server failed: {e}");
+        }
+    });
+    tracing::info!(%bound, "metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+    Ok(bound)
+}
+
+/// The status page (`/`) and its JSON (`/api/status`).
 pub fn router(probes: Probes) -> Router {
     let state = StatusState {
         probes,

@@ -263,7 +263,7 @@ fn shadows_section(out: &mut String, s: &HostStatus) {
              <th>Message</th><th>Live</th><th>Shadow</th></tr></thead>\n<tbody>\n",
         );
         for p in &sh.recent {
-            let side = |acts: &[crate::bot::shadow::Act]| {
+            let side = |acts: &[crate::bot::compare::Act]| {
                 if acts.is_empty() {
                     "<span class=\"muted\">nothing</span>".to_string()
                 } else {
@@ -390,17 +390,17 @@ mod tests {
                     calls: 5,
                     errors: 0,
                     quarantined: false,
-                    recent: vec![crate::bot::shadow::ShadowPair {
+                    recent: vec![crate::bot::compare::ShadowPair {
                         at_ms: 999_000,
                         bot: "evil".into(),
-                        outcome: crate::bot::shadow::Outcome::Different,
+                        outcome: crate::bot::compare::Outcome::Different,
                         similarity: Some(0.5),
                         room: "lobby".into(),
                         from: "<img>".into(),
                         text: "hi".into(),
                         timestamp_ms: 1,
                         live: vec![],
-                        shadow: vec![crate::bot::shadow::Act {
+                        shadow: vec![crate::bot::compare::Act {
                             kind: "say".into(),
                             room: "lobby".into(),
                             text: "<script>x</script>".into(),
