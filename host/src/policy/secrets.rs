@@ -1142,7 +1142,7 @@ fn scan_skeleton(sk: &Skeleton) -> Option<Finding> {
     let bytes = &sk.bytes;
     for m in PREFIX_MATCHER.find_overlapping_iter(bytes.as_slice()) {
         if sk.boundary(m.start())
-            && chunks_ok(&sk.sep_before[m.end()..], 16)
+            && chunks_ok(&sk.sep_before[m.end()..], &bytes[m.end()..], 16)
             && body_is_key(&bytes[m.end()..], PREFIX_BODY_MIN, 16)
         {
             return Some(Finding {
@@ -1239,15 +1239,26 @@ fn generic_prefixed_key(s: &[u8], sep_before: &[bool]) -> Option<Finding> {
 /// Whether the first `n` characters of a body read like chunks of a key: every chunk
 /// (between removed separators) but the first (it may continue the prefix's) and the
 /// last has at least 3 characters. Words run together (`v2 ghp …`) do not.
-fn chunks_ok(sep_before: &[bool], n: usize) -> bool {
-    let n = n.min(sep_before.len().saturating_sub(1));
+fn chunks_ok(sep_before: &[bool], body: &[u8], n: usize) -> bool {
+    let n = n.min(sep_before.len().saturating_sub(1)).min(body.len());
     let mut starts = vec![0];
     starts.extend((1..n).filter(|&i| sep_before[i]));
     let first_is_own = sep_before.first().copied().unwrap_or(false);
-    starts
+    // A chunk's size is its letters and digits (`sk-` is two); a lone `-` between
+    // separators is no chunk.
+    let sizes: Vec<usize> = starts
         .windows(2)
+        .map(|w| {
+            body[w[0]..w[1]]
+                .iter()
+                .filter(|b| b.is_ascii_alphanumeric())
+                .count()
+        })
+        .collect();
+    sizes
+        .iter()
         .enumerate()
-        .all(|(k, w)| (k == 0 && !first_is_own) || w[1] - w[0] >= 3)
+        .all(|(k, &size)| (k == 0 && !first_is_own) || size == 0 || size >= 3)
 }
 
 /// Letters and digits at the start of `s` written together (no separator removed
