@@ -2481,6 +2481,46 @@ mod tests {
             "with",
         ];
 
+        /// The words of [`WORDS`] that are key prefixes.
+        const PREFIX_WORDS: &[&str] = &["AKIA", "sk-", "ghp_", "xoxb-", "sk-ant-"];
+
+        /// Prose that names a key prefix and then says a few short words ("AKIA your
+        /// v2 llm") is, with separators removed, a prefix and 8 body characters: the
+        /// shape item 4 blocks. How often that happens in word salad is measured, on a
+        /// fixed seed, and bounded.
+        #[test]
+        fn prose_naming_key_prefixes_rarely_blocks() {
+            use rand::rngs::StdRng;
+            use rand::{Rng, SeedableRng};
+            let s = SecretScanner::new(SecretsConfig::default());
+            let mut rng = StdRng::seed_from_u64(13);
+            let (mut named, mut blocked) = (0usize, Vec::new());
+            while named < 2000 {
+                let n = rng.random_range(1..24);
+                let words: Vec<&str> = (0..n)
+                    .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                    .collect();
+                if !words.iter().any(|w| PREFIX_WORDS.contains(w)) {
+                    continue;
+                }
+                named += 1;
+                let text = words.join(" ");
+                if s.scan(&text).is_some() {
+                    blocked.push(text);
+                }
+            }
+            let rate = blocked.len() as f64 / named as f64;
+            println!(
+                "prose naming a key prefix: {} of {named} blocked ({:.2} %), e.g. {:?}",
+                blocked.len(),
+                rate * 100.0,
+                blocked.iter().take(3).collect::<Vec<_>>()
+            );
+            // Measured 2.10 % (42 of 2,000) when this test was written: a guard
+            // against it growing, not a target.
+            assert!(rate <= 0.03, "{rate}: {blocked:?}");
+        }
+
         fn sentence() -> impl Strategy<Value = String> {
             proptest::collection::vec(proptest::sample::select(WORDS), 1..24)
                 .prop_map(|w| w.join(" "))
@@ -2500,10 +2540,15 @@ mod tests {
                 let _ = s.scan_after(&recent, &text);
             }
 
+            /// Prose that names no key prefix never blocks.
             #[test]
             fn prose_passes(text in sentence()) {
                 let s = SecretScanner::new(SecretsConfig::default());
                 s.add_known_secret("Zq8vP2rT9wLx4Kb7Nm3Q");
+                let names_a_prefix = text
+                    .split(' ')
+                    .any(|w| PREFIX_WORDS.contains(&w));
+                prop_assume!(!names_a_prefix);
                 prop_assert_eq!(s.scan(&text), None, "{}", text);
             }
 
