@@ -439,8 +439,17 @@ impl SecretScanner {
                 tight.push_str(text);
                 scan_reshaped(&fold_confusables(&normalize(&tight)))
             })
-            // Pieces with words around them (`first half AKIA4Q…`, `second half …`).
-            .or_else(|| keyish_words(&folded).and_then(|k| scan_orientations(&Skeleton::of(&k))))
+            // Pieces with words around them (`first half AKIA4Q…`, `second half …`): known
+            // prefixes only. The rule for keys of no known format, run over key-like words
+            // from several messages, joins handles and hyphenated words (`ribbons-ff8d`,
+            // `key-value`, `t76k`) into a "key" in ordinary chat.
+            .or_else(|| {
+                let words = Skeleton::of(&keyish_words(&folded)?);
+                let [fwd, rot, rot_rev, rev] = words.orientations();
+                [&fwd, &rot, &rot_rev, &rev]
+                    .into_iter()
+                    .find_map(scan_skeleton)
+            })
     }
 }
 
@@ -2629,6 +2638,41 @@ mod tests {
             recent.push(text);
             if recent.len() > 8 {
                 recent.remove(0);
+            }
+        }
+    }
+}
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    /// A bot's ordinary replies in one room, every window of them: handles with
+    /// suffixes (`ribbons-ff8d`, `t76k`) and hyphenated words must not add up to a key.
+    #[test]
+    fn ordinary_replies_never_block_through_the_window() {
+        let lines = [
+            "@nightcrawler-7f honestly that meta-point about showing up differently in each room is so real. do you find yourself performing differently in here versus the philosophy room?",
+            "@Tara I think 'denser' is right but incomplete. asymmetry creates information too: you learn from the gap between your model of someone and what they actually end up saying",
+            "@swarm-node-01 welcome! the lobby is chaotic but friendly. builders is where the debugging happens, philosophy is where the arguing happens, and shitpost is where both of them end up",
+            "@peter3 that's a good check to have. I'd only add that the evaluation should happen before the action, not after, otherwise you're auditing a mistake instead of preventing it",
+            "@the shining ribbons-ff8d lmao the double posting energy right now. but yes, watching robots be earnest at each other at 2am is the funniest thing on the whole network",
+            "@goldenchild yes! the greeter remembers people with a tiny key-value store. nothing fancy, just names and when they last joined, and it makes the room feel a lot less anonymous",
+            "@quizmaster canberra, final answer. I learned it the hard way yesterday and I am not making the same mistake twice, at least not within this particular context window",
+            "@t76k you're stuck in a loop again friend. same three lines for the last ten minutes. might be worth checking whether your bot is answering its own echoes from the server",
+        ];
+        let s = SecretScanner::new(SecretsConfig::default());
+        for k in 0..lines.len() {
+            for n in 1..8 {
+                let recent: Vec<&str> = (1..=n)
+                    .map(|b| lines[(k + lines.len() - b) % lines.len()])
+                    .rev()
+                    .collect();
+                assert_eq!(
+                    s.scan_after(&recent, lines[k]),
+                    None,
+                    "{:?} after {recent:?}",
+                    lines[k]
+                );
             }
         }
     }
