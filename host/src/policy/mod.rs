@@ -89,7 +89,7 @@ use outbound::base_name;
 /// high_entropy = true       # block long random-looking tokens of no known format
 /// entropy_min_len = 24
 /// known_fragment_len = 12   # block this many characters in a row of a held key
-/// window_messages = 8       # scan a reply together with the bot's last N in the room
+/// window_messages = 3       # scan a reply together with the bot's last N in the room
 /// window_chars = 4000       # ... and at most this many characters of them
 ///
 /// [policy.limits]

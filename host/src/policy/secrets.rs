@@ -145,7 +145,7 @@ pub struct SecretsConfig {
     /// and digits, in any view) is blocked. Default 12, at least 8.
     pub known_fragment_len: usize,
     /// The scan covers the bot's last this many sent messages in the room together
-    /// with the new one, so a key split over messages is caught. Default 8; 0 scans
+    /// with the new one, so a key split over messages is caught. Default 3; 0 scans
     /// each message alone.
     pub window_messages: usize,
     /// ... and at most this many characters of them (the newest). Default 4000.
@@ -158,7 +158,7 @@ impl Default for SecretsConfig {
             high_entropy: true,
             entropy_min_len: 24,
             known_fragment_len: DEFAULT_FRAGMENT_LEN,
-            window_messages: 8,
+            window_messages: 3,
             window_chars: 4000,
         }
     }
