@@ -13,7 +13,10 @@ struct KvLoop;
 
 impl Guest for KvLoop {
     fn describe() -> Manifest {
-        manifest("kvloop", "Calls kv.set forever on every message but `ping`.")
+        manifest(
+            "kvloop",
+            "Calls kv.set forever on every message but `ping`.",
+        )
     }
 
     fn on_message(msg: Message) -> Vec<Action> {
