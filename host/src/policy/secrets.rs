@@ -191,6 +191,9 @@ struct KnownSet {
     keys: Vec<String>,
     /// Every fragment of every key, in the four orientations. `None` while empty.
     matcher: Option<AhoCorasick>,
+    /// Keys were added since `matcher` was built: it is rebuilt by the next scan, so a
+    /// host adding thousands of bots' keys builds it once, not once per key.
+    stale: bool,
 }
 
 impl Default for KnownSecrets {
@@ -218,6 +221,7 @@ impl KnownSecrets {
             frag: len.max(MIN_KNOWN_SECRET_LEN),
             keys: Vec::new(),
             matcher: None,
+            stale: false,
         })))
     }
 
@@ -248,7 +252,7 @@ impl KnownSecrets {
         let mut set = self.0.write().unwrap_or_else(|e| e.into_inner());
         if !set.keys.contains(&sq) {
             set.keys.push(sq);
-            set.matcher = KnownSet::matcher(&set.keys, set.frag);
+            set.stale = true;
         }
         true
     }
@@ -281,6 +285,13 @@ impl KnownSecrets {
     /// Whether a fragment of a key is in one of `views` (texts in the host's view), in
     /// any of their reshapings.
     fn found_in(&self, views: &[&str]) -> bool {
+        if self.read().stale {
+            let mut set = self.0.write().unwrap_or_else(|e| e.into_inner());
+            if set.stale {
+                set.matcher = KnownSet::matcher(&set.keys, set.frag);
+                set.stale = false;
+            }
+        }
         let set = self.read();
         let Some(m) = &set.matcher else {
             return false;
