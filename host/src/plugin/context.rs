@@ -89,14 +89,7 @@ impl PersonaContext {
         settings: BTreeMap<String, String>,
         grants: Grants,
     ) -> Arc<Self> {
-        Arc::new(PersonaContext {
-            label: label.to_string(),
-            bot_name: RwLock::new(bot_name.to_string()),
-            settings,
-            grants,
-            log: Arc::new(LogSink::new(label)),
-            shadow_of: None,
-        })
+        Self::build(label, bot_name, settings, grants, None)
     }
 
     /// The context of the shadow `label` of persona `live` (see [`crate::bot::shadow`]).
@@ -107,13 +100,23 @@ impl PersonaContext {
         settings: BTreeMap<String, String>,
         grants: Grants,
     ) -> Arc<Self> {
+        Self::build(label, bot_name, settings, grants, Some(live.to_string()))
+    }
+
+    fn build(
+        label: &str,
+        bot_name: &str,
+        settings: BTreeMap<String, String>,
+        grants: Grants,
+        shadow_of: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(PersonaContext {
             label: label.to_string(),
             bot_name: RwLock::new(bot_name.to_string()),
             settings,
             grants,
             log: Arc::new(LogSink::new(label)),
-            shadow_of: Some(live.to_string()),
+            shadow_of,
         })
     }
 
