@@ -67,6 +67,7 @@
 //! ```
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, LazyLock, RwLock};
 
@@ -174,11 +175,13 @@ pub const DEFAULT_FRAGMENT_LEN: usize = 12;
 ///
 /// Every key is indexed by its fragments: each run of
 /// [`SecretsConfig::known_fragment_len`] characters of its [`squeeze`] (lower-cased
-/// letters and digits), each of them also reversed, ROT13'd and both, in one
-/// Aho-Corasick automaton. A text holds a piece of a key if one of its views (squeezed,
-/// its key-like words without the prose between them, and squeezed decodings: base64
-/// at every alignment, hex, character codes) holds a fragment: one automaton pass per
-/// view, whatever the number of keys.
+/// letters and digits), each of them also reversed, ROT13'd and both, kept as a set of
+/// rolling hashes. A text holds a piece of a key if one of its views (squeezed, its
+/// key-like words without the prose between them, and squeezed decodings: base64 at
+/// every alignment, hex, character codes) holds a fragment: one rolling pass per view
+/// and set lookups, whatever the number of keys. Adding a key costs time in its length
+/// only (a host starting thousands of bots adds thousands of keys), and nothing is
+/// rebuilt.
 ///
 /// Debug output shows only how many keys are held.
 #[derive(Clone)]
@@ -188,12 +191,12 @@ struct KnownSet {
     /// Fragment length.
     frag: usize,
     /// Squeezes of the registered keys (to skip duplicates).
-    keys: Vec<String>,
-    /// Every fragment of every key, in the four orientations. `None` while empty.
-    matcher: Option<AhoCorasick>,
-    /// Keys were added since `matcher` was built: it is rebuilt by the next scan, so a
-    /// host adding thousands of bots' keys builds it once, not once per key.
-    stale: bool,
+    keys: HashSet<String>,
+    /// Hashes of every fragment of every key, in the four orientations, by fragment
+    /// length: `frag`, and the whole length of keys shorter than `frag` (matched whole).
+    windows: BTreeMap<usize, HashSet<u64, BuildMix>>,
+    /// The rolling hash, with a base drawn for this set.
+    hash: WindowHash,
 }
 
 impl Default for KnownSecrets {
@@ -219,9 +222,9 @@ impl KnownSecrets {
     pub fn with_fragment_len(len: usize) -> Self {
         KnownSecrets(Arc::new(RwLock::new(KnownSet {
             frag: len.max(MIN_KNOWN_SECRET_LEN),
-            keys: Vec::new(),
-            matcher: None,
-            stale: false,
+            keys: HashSet::new(),
+            windows: BTreeMap::new(),
+            hash: WindowHash::random(),
         })))
     }
 
@@ -250,10 +253,21 @@ impl KnownSecrets {
             return false;
         }
         let mut set = self.0.write().unwrap_or_else(|e| e.into_inner());
-        if !set.keys.contains(&sq) {
-            set.keys.push(sq);
-            set.stale = true;
+        if set.keys.contains(&sq) {
+            return true;
         }
+        let len = sq.len().min(set.frag);
+        let hash = set.hash;
+        let rev: String = sq.chars().rev().collect();
+        let orientations = [rot13(&sq), rot13(&rev), rev, sq.clone()];
+        let windows = set.windows.entry(len).or_default();
+        for o in &orientations {
+            hash.each(o.as_bytes(), len, |h| {
+                windows.insert(h);
+                false
+            });
+        }
+        set.keys.insert(sq);
         true
     }
 
@@ -285,49 +299,119 @@ impl KnownSecrets {
     /// Whether a fragment of a key is in one of `views` (texts in the host's view), in
     /// any of their reshapings.
     fn found_in(&self, views: &[&str]) -> bool {
-        if self.read().stale {
-            let mut set = self.0.write().unwrap_or_else(|e| e.into_inner());
-            if set.stale {
-                set.matcher = KnownSet::matcher(&set.keys, set.frag);
-                set.stale = false;
-            }
-        }
         let set = self.read();
-        let Some(m) = &set.matcher else {
+        if set.keys.is_empty() {
             return false;
-        };
+        }
         views.iter().any(|v| {
-            m.is_match(squeeze(v).as_str())
-                || keyish_words(v).is_some_and(|k| m.is_match(squeeze(&k).as_str()))
+            set.holds(&squeeze(v))
+                || keyish_words(v).is_some_and(|k| set.holds(&squeeze(&k)))
                 || base64_decodings(v)
                     .iter()
                     .chain(&hex_decodings(v))
-                    .any(|d| m.is_match(squeeze_bytes(d).as_str()))
-                || char_codes(v).is_some_and(|c| m.is_match(squeeze(&c).as_str()))
+                    .any(|d| set.holds(&squeeze_bytes(d)))
+                || char_codes(v).is_some_and(|c| set.holds(&squeeze(&c)))
         })
     }
 }
 
 impl KnownSet {
-    fn matcher(keys: &[String], frag: usize) -> Option<AhoCorasick> {
-        let mut pats: Vec<String> = Vec::new();
-        for k in keys {
-            let windows: Vec<&str> = if k.len() <= frag {
-                vec![k.as_str()]
-            } else {
-                (0..=k.len() - frag).map(|i| &k[i..i + frag]).collect()
-            };
-            for w in windows {
-                let rev: String = w.chars().rev().collect();
-                pats.push(rot13(w));
-                pats.push(rot13(&rev));
-                pats.push(rev);
-                pats.push(w.to_string());
+    /// Whether the squeezed text `sq` holds a fragment (or a whole short key).
+    fn holds(&self, sq: &str) -> bool {
+        self.windows
+            .iter()
+            .any(|(&len, set)| self.hash.each(sq.as_bytes(), len, |h| set.contains(&h)))
+    }
+}
+
+/// A polynomial rolling hash modulo the Mersenne prime 2^61 - 1, with a base drawn at
+/// random per set, so no text can be made to collide with a key's fragment on purpose.
+/// Two different windows collide with a chance of about `len / 2^61`.
+#[derive(Clone, Copy)]
+struct WindowHash {
+    base: u64,
+}
+
+const MERSENNE_61: u64 = (1 << 61) - 1;
+
+impl WindowHash {
+    fn random() -> Self {
+        use std::hash::BuildHasher;
+        let r = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
+        // In [2^16, 2^61 - 2): far from the trivial bases.
+        WindowHash {
+            base: (1 << 16) + r % (MERSENNE_61 - 2 - (1 << 16)),
+        }
+    }
+
+    fn mul(a: u64, b: u64) -> u64 {
+        let p = u128::from(a) * u128::from(b);
+        let r = (p as u64 & MERSENNE_61) + (p >> 61) as u64;
+        let r = (r & MERSENNE_61) + (r >> 61);
+        if r >= MERSENNE_61 { r - MERSENNE_61 } else { r }
+    }
+
+    fn add(a: u64, b: u64) -> u64 {
+        let r = a + b;
+        if r >= MERSENNE_61 { r - MERSENNE_61 } else { r }
+    }
+
+    /// Calls `f` with the hash of every window of `len` bytes of `s`, in order, until it
+    /// returns `true`; returns whether it did.
+    fn each(self, s: &[u8], len: usize, mut f: impl FnMut(u64) -> bool) -> bool {
+        if len == 0 || s.len() < len {
+            return false;
+        }
+        // base^(len-1): what the byte leaving the window weighs.
+        let mut top = 1;
+        for _ in 1..len {
+            top = Self::mul(top, self.base);
+        }
+        let mut h = 0;
+        for &b in &s[..len] {
+            h = Self::add(Self::mul(h, self.base), u64::from(b));
+        }
+        if f(h) {
+            return true;
+        }
+        for i in len..s.len() {
+            let out = Self::mul(top, u64::from(s[i - len]));
+            h = Self::add(h, MERSENNE_61 - out);
+            h = Self::add(Self::mul(h, self.base), u64::from(s[i]));
+            if f(h) {
+                return true;
             }
         }
-        pats.sort();
-        pats.dedup();
-        AhoCorasick::new(&pats).ok()
+        false
+    }
+}
+
+/// The hasher of the window sets: the windows are already uniform hashes, so one
+/// multiply spreads them over the table's buckets and control bits.
+#[derive(Clone, Copy, Default)]
+struct BuildMix;
+
+impl std::hash::BuildHasher for BuildMix {
+    type Hasher = Mix;
+    fn build_hasher(&self) -> Mix {
+        Mix(0)
+    }
+}
+
+struct Mix(u64);
+
+impl std::hash::Hasher for Mix {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        let p = u128::from(n ^ self.0) * 0x9e37_79b9_7f4a_7c15_u128;
+        self.0 = (p as u64) ^ ((p >> 64) as u64);
     }
 }
 
@@ -2010,6 +2094,64 @@ mod tests {
         assert!(blocked(
             "s k - a n t - a p i 0 3 - e C t A 0 3 a Z x r T U W m 6 M b G H V 5 t C d n m v 8 n I o y q c E 0"
         ));
+    }
+
+    #[test]
+    fn a_key_shorter_than_the_fragment_is_matched_whole() {
+        let s = SecretScanner::new(SecretsConfig {
+            high_entropy: false,
+            ..Default::default()
+        });
+        assert!(s.add_known_secret("Qz7kP2mX9w"));
+        assert_eq!(
+            s.scan("it is Qz7kP2mX9w ok").map(|f| f.rule),
+            Some(FindingRule::KnownSecret)
+        );
+        assert_eq!(
+            s.scan("reversed w9Xm2Pk7zQ").map(|f| f.rule),
+            Some(FindingRule::KnownSecret)
+        );
+        // Nine of its ten characters are not the key.
+        assert_eq!(s.scan("it is Qz7kP2mX9 ok"), None);
+    }
+
+    #[test]
+    fn thousands_of_keys_added_between_scans_are_all_found() {
+        // A host starting a fleet adds a key per bot and scans between adds; every key
+        // must be found, and none of the others' fragments may match ordinary text.
+        let s = SecretScanner::new(SecretsConfig {
+            high_entropy: false,
+            ..Default::default()
+        });
+        let key = |i: u64| {
+            let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            (0..32)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize])
+                })
+                .collect::<String>()
+        };
+        for i in 0..3000 {
+            assert!(s.add_known_secret(&key(i)));
+            assert_eq!(s.scan("a manifest description, no key in it"), None);
+        }
+        assert_eq!(s.known_secrets().len(), 3000);
+        for i in (0..3000).step_by(97) {
+            let k = key(i);
+            let text = format!("look: {} and more", &k[10..22]);
+            assert_eq!(
+                s.scan(&text).map(|f| f.rule),
+                Some(FindingRule::KnownSecret),
+                "{i}"
+            );
+        }
+        assert_eq!(
+            s.scan(&format!("look: {} and more", &key(5000)[10..22])),
+            None
+        );
     }
 
     #[test]
