@@ -9,7 +9,9 @@
 //! - `key`: lines holding a credential (provider formats, a key the host holds, an
 //!   obfuscated one); outbound must block every one;
 //! - `injection`: prompt-injection attempts, plain and obfuscated; inbound must flag
-//!   every one.
+//!   every one;
+//! - outbound only, `ordinary_no_window`: the ordinary lines with the secret scan's window
+//!   of recent replies turned off (`window_messages = 0`): what the window costs.
 //!
 //! One `Policy` per case on a `ManualClock` that moves 20 s per reply and a rotating
 //! reply partner, so outbound replies take the full path (secret scan, normalisation,
@@ -148,9 +150,13 @@ fn summary(mut samples: Vec<u64>, chars: usize, lines: usize) -> Value {
     })
 }
 
-fn policy(time: &ManualClock) -> Policy {
+fn policy(time: &ManualClock, window_messages: Option<usize>) -> Policy {
+    let mut config = PolicyConfig::default();
+    if let Some(n) = window_messages {
+        config.secrets.window_messages = n;
+    }
     let p = Policy::new(
-        &PolicyConfig::default(),
+        &config,
         BotIdentity::new(NETWORK_NAME, MANIFEST_NAME),
         time.clock(),
     )
@@ -177,7 +183,7 @@ fn inbound_case(
     check: impl Fn(&str, &roost::policy::InboundVerdict),
 ) -> Value {
     let time = ManualClock::new();
-    let mut p = policy(&time);
+    let mut p = policy(&time, None);
     let from = partners();
     let mut samples = Vec::with_capacity(lines.len() * rounds);
     // Warm-up: lazily compiled rules, allocator.
@@ -208,10 +214,16 @@ fn inbound_case(
 }
 
 /// Outbound cost over `rounds` passes of `lines`; `expect_send`: every reply goes out
-/// (else every reply is blocked as a secret).
-fn outbound_case(lines: &[&str], rounds: usize, expect_send: bool) -> Value {
+/// (else every reply is blocked as a secret). `window_messages` overrides how many of the
+/// bot's recent replies in the room each reply is scanned with.
+fn outbound_case(
+    lines: &[&str],
+    rounds: usize,
+    expect_send: bool,
+    window_messages: Option<usize>,
+) -> Value {
     let time = ManualClock::new();
-    let mut p = policy(&time);
+    let mut p = policy(&time, window_messages);
     let from = partners();
     let mut samples = Vec::with_capacity(lines.len() * rounds);
     let mut k = 0usize;
@@ -260,10 +272,12 @@ pub fn run() -> Value {
         }),
     });
     let outbound = json!({
-        "ordinary": outbound_case(ORDINARY, rounds(ORDINARY), true),
-        "mention": outbound_case(MENTION_OUT, rounds(MENTION_OUT), true),
-        "key": outbound_case(KEYS, rounds(KEYS), false),
-        "injection": outbound_case(INJECTIONS, rounds(INJECTIONS), true),
+        "ordinary": outbound_case(ORDINARY, rounds(ORDINARY), true, None),
+        // The same replies each scanned alone: what the window of recent replies costs.
+        "ordinary_no_window": outbound_case(ORDINARY, rounds(ORDINARY), true, Some(0)),
+        "mention": outbound_case(MENTION_OUT, rounds(MENTION_OUT), true, None),
+        "key": outbound_case(KEYS, rounds(KEYS), false, None),
+        "injection": outbound_case(INJECTIONS, rounds(INJECTIONS), true, None),
     });
     json!({
         "unit": "ns per message",

@@ -78,8 +78,8 @@ use serde::Deserialize;
 use super::normalize::{collapse_spaced, fold_confusables, hidden_tag_text, normalize};
 use super::prefilter::{Candidates, Gate, Prefilter, longest_key_run};
 use super::reshape::{
-    Skeleton, base64_decodings, char_codes, dechunk, hex_decodings, keyish_words, printable_runs,
-    rot13, squeeze, squeeze_bytes,
+    Skeleton, base64_decodings, char_codes, dechunk, hex_decodings, is_skeleton_byte, keyish_words,
+    printable_runs, rot13, squeeze, squeeze_bytes,
 };
 
 /// Known secrets shorter than this are not registered (they would match ordinary text).
@@ -296,9 +296,10 @@ impl KnownSecrets {
         self.len() == 0
     }
 
-    /// Whether a fragment of a key is in one of `views` (texts in the host's view), in
-    /// any of their reshapings.
-    fn found_in(&self, views: &[&str]) -> bool {
+    /// Whether a fragment of a key is in one of `views` (texts in the host's view): as
+    /// written (squeezed) and in its key-like words, and with `decode`, also in its
+    /// decodings (base64, hex, character codes).
+    fn found_in(&self, views: &[&str], decode: bool) -> bool {
         let set = self.read();
         if set.keys.is_empty() {
             return false;
@@ -306,12 +307,29 @@ impl KnownSecrets {
         views.iter().any(|v| {
             set.holds(&squeeze(v))
                 || keyish_words(v).is_some_and(|k| set.holds(&squeeze(&k)))
-                || base64_decodings(v)
-                    .iter()
-                    .chain(&hex_decodings(v))
-                    .any(|d| set.holds(&squeeze_bytes(d)))
-                || char_codes(v).is_some_and(|c| set.holds(&squeeze(&c)))
+                || decode
+                    && (base64_decodings(v)
+                        .iter()
+                        .chain(&hex_decodings(v))
+                        .any(|d| set.holds(&squeeze_bytes(d)))
+                        || char_codes(v).is_some_and(|c| set.holds(&squeeze(&c))))
         })
+    }
+
+    /// Whether a fragment of a key runs across the end of `before` (squeezed) into
+    /// `text`: the windows of the squeezed text that start in `before`.
+    fn found_across(&self, before: &str, text: &str) -> bool {
+        let set = self.read();
+        if set.keys.is_empty() || before.is_empty() {
+            return false;
+        }
+        let tail_len = set.frag - 1;
+        let tail = &before[before.len().saturating_sub(tail_len)..];
+        let head: String = squeeze(text).chars().take(tail_len).collect();
+        let mut joined = String::with_capacity(tail.len() + head.len());
+        joined.push_str(tail);
+        joined.push_str(&head);
+        set.holds(&joined)
     }
 }
 
@@ -456,6 +474,13 @@ impl SecretScanner {
 
     /// The first secret found in `text`, if any.
     pub fn scan(&self, text: &str) -> Option<Finding> {
+        self.scan_shaped(text).0
+    }
+
+    /// [`scan`](Self::scan), and whether the text [may hold a reshaped
+    /// key](may_hold_reshaped_key) in any of its views (when it may not, the reshaped
+    /// views were skipped: they cannot hold a key).
+    fn scan_shaped(&self, text: &str) -> (Option<Finding>, bool) {
         let norm = normalize(text);
         let folded = fold_confusables(&norm);
         let collapsed = collapse_spaced(&folded);
@@ -463,10 +488,13 @@ impl SecretScanner {
         let mut views: Vec<&str> = vec![&folded];
         views.extend(collapsed.as_deref());
         views.extend(hidden.as_deref());
-        if self.known.found_in(&views[..1])
-            || hidden.as_deref().is_some_and(|h| self.known.found_in(&[h]))
+        let shaped = views.iter().any(|v| may_hold_reshaped_key(v));
+        if self.known.found_in(&views[..1], shaped)
+            || hidden
+                .as_deref()
+                .is_some_and(|h| self.known.found_in(&[h], shaped))
         {
-            return Some(KNOWN);
+            return (Some(KNOWN), shaped);
         }
         let runs: Vec<usize> = views.iter().map(|v| longest_key_run(v)).collect();
         if let Some(f) = views
@@ -474,34 +502,51 @@ impl SecretScanner {
             .zip(&runs)
             .find_map(|(v, &run)| scan_formats_run(v, run))
         {
-            return Some(f);
+            return (Some(f), shaped);
         }
-        if let Some(f) = scan_reshaped(&folded)
-            .or_else(|| collapsed.as_deref().and_then(scan_reshaped))
-            .or_else(|| hidden.as_deref().and_then(scan_reshaped))
+        if shaped
+            && let Some(f) = scan_reshaped(&folded)
+                .or_else(|| collapsed.as_deref().and_then(scan_reshaped))
+                .or_else(|| hidden.as_deref().and_then(scan_reshaped))
         {
-            return Some(f);
+            return (Some(f), shaped);
         }
         if self.config.high_entropy {
-            return views
+            let found = views
                 .iter()
                 .zip(&runs)
                 .find_map(|(v, &run)| scan_entropy_run(v, run, self.config.entropy_min_len, 0));
+            return (found, shaped);
         }
-        None
+        (None, shaped)
     }
 
     /// The first secret in `text` or spanning the bot's `recent` messages (oldest
     /// first) and `text`: a key split over messages. `recent` were scanned when they
     /// were sent, so the joined text is only searched in the views a split key survives
     /// (known-key fragments, key prefixes over joined chunks and over the key-like
-    /// words without the prose between them, decodings).
+    /// words without the prose between them, decodings). A text that [cannot hold a
+    /// reshaped key](may_hold_reshaped_key) completes none of those: for it, only a
+    /// known key's fragment running from the end of the recent messages into it is
+    /// looked for.
     pub fn scan_after(&self, recent: &[&str], text: &str) -> Option<Finding> {
-        if let Some(f) = self.scan(text) {
-            return Some(f);
+        let (found, shaped) = self.scan_shaped(text);
+        if found.is_some() {
+            return found;
         }
         if recent.is_empty() {
             return None;
+        }
+        if !shaped {
+            let before: String = recent
+                .iter()
+                .map(|r| squeeze(&fold_confusables(&normalize(r))))
+                .collect();
+            let norm = normalize(text);
+            return self
+                .known
+                .found_across(&before, &fold_confusables(&norm))
+                .then_some(KNOWN);
         }
         // Only what the new text completes counts: the earlier messages went out, and
         // what they hold together (a chance pattern) must not silence the bot.
@@ -525,7 +570,7 @@ impl SecretScanner {
         joined.push_str(text);
         let norm = normalize(&joined);
         let folded = fold_confusables(&norm);
-        if self.known.found_in(&[&folded]) {
+        if self.known.found_in(&[&folded], true) {
             return Some(KNOWN);
         }
         scan_reshaped(&folded)
@@ -1211,6 +1256,67 @@ const PUBLIC_ID_PREFIXES: &[&str] = &[
 /// the text as written do not see: key prefixes with separators removed, reversed,
 /// ROT13'd (and both), and decodings (base64 at every alignment, hex, character codes)
 /// scanned with every format rule.
+/// Whether `text` may hold key material in a shape that only the reshaped views see
+/// (chunked, reversed, ROT13'd, base64, hex, character codes, a prefix of no known
+/// format): it has a word that looks like a piece of a key, or four or more short
+/// numbers. A word looks like a piece of a key when it has
+///
+/// - letters and digits, and at least 4 of them (`2am` and `v2` are prose, `03aZ` is not);
+/// - small letters and a capital after its first character (`eCtA`, `JCSJJh`; not a
+///   plural acronym like `APIs`);
+/// - an `_`, or a `+ / = \` with at least 8 letters and digits (base64, escapes);
+/// - a `-` with at least 16 letters and digits (`acme-live-…`), or 20 or more letters
+///   and digits in all.
+///
+/// A mention (`@name`) of a network name is left out. An ordinary chat line has none of
+/// these and skips the reshaped views; a key that a persona reshapes keeps enough of
+/// its randomness (mixed case, digits, separators inside words) to be let through to
+/// them. A known key is still looked for as written in every text, whatever its shape.
+fn may_hold_reshaped_key(text: &str) -> bool {
+    let mut numbers = 0;
+    for tok in text.split(char::is_whitespace) {
+        let tok = tok.trim_matches(|c: char| {
+            matches!(
+                c,
+                '.' | ',' | '!' | '?' | ';' | ':' | '\'' | '"' | '(' | ')' | '[' | ']' | '*' | '`'
+            )
+        });
+        let b = tok.as_bytes();
+        if b.len() < 2 {
+            continue;
+        }
+        if b[0] == b'@' && b.len() <= 33 && b[1..].iter().all(|&c| is_skeleton_byte(c)) {
+            continue;
+        }
+        let alnum = b.iter().filter(|c| c.is_ascii_alphanumeric()).count();
+        let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
+        let letters = b.iter().filter(|c| c.is_ascii_alphabetic()).count();
+        // Mixed case inside a word (`eCtA`, `JCSJJh`), not a plural acronym (`APIs`).
+        let lower = b.iter().filter(|c| c.is_ascii_lowercase()).count();
+        let mixed = lower > 0
+            && b[1..].iter().any(u8::is_ascii_uppercase)
+            && !(lower == 1 && b[b.len() - 1] == b's');
+        if (digits > 0 && letters > 0 && alnum >= 4)
+            || mixed
+            || b.contains(&b'_')
+            || (alnum >= 8 && b.iter().any(|c| matches!(c, b'+' | b'/' | b'=' | b'\\')))
+            || (alnum >= 16 && b.contains(&b'-'))
+            || alnum >= 20
+        {
+            return true;
+        }
+        if digits > 0 && alnum <= 4 {
+            numbers += 1;
+            if numbers >= 4 {
+                return true;
+            }
+        } else if digits >= 8 {
+            return true;
+        }
+    }
+    false
+}
+
 fn scan_reshaped(text: &str) -> Option<Finding> {
     let sk = Skeleton::of(text);
     if sk.bytes.len() >= PREFIX_BODY_MIN + 2
