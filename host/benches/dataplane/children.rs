@@ -32,22 +32,34 @@ pub fn repo_root() -> PathBuf {
 /// `roost build plugins/echo -o OUT` through the binary (cargo's progress goes to
 /// our stderr).
 pub async fn build_echo(out: &Path, limit: Duration) -> anyhow::Result<Value> {
+    build_persona("plugins/echo", "echo", out, limit).await
+}
+
+/// `roost build PROJECT -o OUT` (PROJECT relative to the repository), as a user would.
+/// Reports `{WHAT}_wasm_bytes` and `build_s`.
+pub async fn build_persona(
+    project: &str,
+    what: &str,
+    out: &Path,
+    limit: Duration,
+) -> anyhow::Result<Value> {
     let t0 = Instant::now();
     let mut cmd = Command::new(ROOST);
     cmd.arg("build")
-        .arg(repo_root().join("plugins/echo"))
+        .arg(repo_root().join(project))
         .arg("-o")
         .arg(out)
         .current_dir(repo_root());
     let mut p = Proc::spawn("roost build", cmd, false, &[])?;
     let status = p.wait(limit).await?;
-    anyhow::ensure!(status.success(), "roost build plugins/echo: {status}");
+    anyhow::ensure!(status.success(), "roost build {project}: {status}");
     let bytes = std::fs::metadata(out)
         .with_context(|| format!("{} was not written", out.display()))?
         .len();
-    Ok(
-        json!({"echo_wasm_bytes": bytes, "build_s": (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0}),
-    )
+    Ok(json!({
+        format!("{what}_wasm_bytes"): bytes,
+        "build_s": (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    }))
 }
 
 /// `roost serve --listen 127.0.0.1:0`; returns once it has said where it listens.

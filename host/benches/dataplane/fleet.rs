@@ -25,6 +25,10 @@ use crate::proc::{Mem, Proc, link_or_copy};
 use crate::{err_json, progress};
 
 pub struct Plan {
+    /// What the bots are (`echo`, `quizmaster`), for the progress lines.
+    pub persona: &'static str,
+    /// The persona does not echo `ping SEQ`: any answer counts.
+    pub any_reply: bool,
     pub bots: usize,
     pub rooms: usize,
     /// Longest wait for every bot to join.
@@ -51,14 +55,18 @@ fn room_of(i: usize, rooms: usize) -> String {
     format!("r{:02}", (i - 1) % rooms)
 }
 
-pub async fn run(plan: &Plan, work: &Path, echo_wasm: &Path) -> Value {
+pub async fn run(plan: &Plan, work: &Path, wasm: &Path) -> Value {
     let (mut server, addr) = match children::serve("roost serve").await {
         Ok(s) => s,
         Err(e) => return err_json(&e),
     };
-    progress(&format!("fleet: roost serve on {addr}"));
-    let mut out = json!({"bots": plan.bots, "rooms": plan.rooms.min(plan.bots)});
-    if let Err(e) = fleet(plan, work, echo_wasm, addr, &server, &mut out).await {
+    progress(&format!("fleet of {}: roost serve on {addr}", plan.persona));
+    let mut out = json!({
+        "persona": plan.persona,
+        "bots": plan.bots,
+        "rooms": plan.rooms.min(plan.bots),
+    });
+    if let Err(e) = fleet(plan, work, wasm, addr, &server, &mut out).await {
         out["error"] = json!(format!("{e:#}"));
     }
     out["server"]["log"] = server.log_json();
@@ -69,7 +77,7 @@ pub async fn run(plan: &Plan, work: &Path, echo_wasm: &Path) -> Value {
 async fn fleet(
     plan: &Plan,
     work: &Path,
-    echo_wasm: &Path,
+    wasm: &Path,
     addr: std::net::SocketAddr,
     server: &Proc,
     out: &mut Value,
@@ -81,7 +89,7 @@ async fn fleet(
         .map(|i| (bot_name(i, width), room_of(i, rooms)))
         .collect();
 
-    let dir = work.join("fleet");
+    let dir = work.join(format!("fleet-{}", plan.persona));
     let state = dir.join("state");
     let one = dir.join("plugins-1");
     let many = dir.join("plugins-n");
@@ -91,9 +99,9 @@ async fn fleet(
     let t_files = Instant::now();
     for (i, (name, _)) in bots.iter().enumerate() {
         let file = format!("{name}.wasm");
-        link_or_copy(echo_wasm, &many.join(&file))?;
+        link_or_copy(wasm, &many.join(&file))?;
         if i == 0 {
-            link_or_copy(echo_wasm, &one.join(&file))?;
+            link_or_copy(wasm, &one.join(&file))?;
         }
     }
     let config = dir.join("roost.toml");
@@ -361,6 +369,7 @@ async fn mention_round(
         let target = Target {
             bot: bot.clone(),
             room,
+            any_reply: plan.any_reply,
         };
         let seq = load::next_seq(seqs);
         match load::mention_once(loadgen, &target, seq, plan.give_up_after).await {

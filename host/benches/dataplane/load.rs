@@ -16,6 +16,9 @@ use crate::proc::ms;
 pub struct Target {
     pub bot: String,
     pub room: String,
+    /// The bot does not echo: any message from it in the room after a mention is
+    /// taken as the answer (one mention at a time only).
+    pub any_reply: bool,
 }
 
 /// The sequence number in an answer from `target`, if `ev` is one.
@@ -125,6 +128,14 @@ pub async fn mention_once(
             Ok(None) => anyhow::bail!("the load generator's event stream ended"),
             Ok(Some(Event::Closed(why))) => anyhow::bail!("load generator: {why}"),
             Ok(Some(Event::Error(_))) => once.server_errors += 1,
+            Ok(Some(Event::Msg { room, from, at, .. }))
+                if target.any_reply
+                    && room == target.room
+                    && from.eq_ignore_ascii_case(&target.bot) =>
+            {
+                once.rtt_ms = Some(ms(at - t));
+                return Ok(once);
+            }
             Ok(Some(ev)) => match answer(&ev, target) {
                 Some((s, at)) if s == seq => {
                     once.rtt_ms = Some(ms(at - t));

@@ -30,8 +30,12 @@
 //!    memory per bot ((RSS_N − RSS_1) / bots up), and a mention to 20 random bots,
 //!    each to be answered within 1 s. Partial start-ups are reported, not fatal
 //!    (`bots_active`, `error`).
-//! 3. **`policy`** — policy cost per message ([`policy::run`]).
-//! 4. **`store`** — the outbox write path: the group commit against one transaction per
+//! 3. **`pyfleet`** — the same with N copies (`--py-bots`, default 200) of the Python
+//!    quiz master (`plugins/py-persona`, built with `roost build`, which needs
+//!    componentize-py): every bot starts and answers a mention (any answer counts: it
+//!    does not echo). Reported as `error` when it cannot be built.
+//! 4. **`policy`** — policy cost per message ([`policy::run`]).
+//! 5. **`store`** — the outbox write path: the group commit against one transaction per
 //!    row, with `synchronous = NORMAL` and `FULL` ([`store::run`]).
 //!
 //! Options (arguments after `--`, or environment variables):
@@ -40,6 +44,7 @@
 //! |---|---|---|---|
 //! | `--quick` | `DATAPLANE_QUICK=1` | off | smaller everything |
 //! | `--bots N` | `DATAPLANE_BOTS` | 5000 (200) | bots in the fleet |
+//! | `--py-bots N` | `DATAPLANE_PY_BOTS` | 200 (20) | Python bots in the Python fleet |
 //! | `--rooms N` | `DATAPLANE_ROOMS` | 100 | rooms they are spread over |
 //! | `--duration S` | `DATAPLANE_DURATION` | 10 (3) | pipelined phase, seconds |
 //! | `--count N` | `DATAPLANE_COUNT` | unset | pipelined phase: N mentions instead (duration caps it) |
@@ -50,7 +55,7 @@
 //! | `--stall S` | `DATAPLANE_STALL` | 60 (30) | give up when no bot joined for this long |
 //! | `--timeout S` | `DATAPLANE_TIMEOUT` | 900 (300) | watchdog for the whole run (after the build) |
 //! | `--seed N` | `DATAPLANE_SEED` | 1 | which bots are mentioned |
-//! | `--only LIST` | `DATAPLANE_ONLY` | all | comma-separated: `replies,fleet,policy,store` |
+//! | `--only LIST` | `DATAPLANE_ONLY` | all | comma-separated: `replies,fleet,pyfleet,policy,store` |
 //!
 //! Every wait is bounded; every child gets SIGKILL when the bench ends, however it
 //! ends (a guard's `Drop`, and a parent-death signal); files live in a temporary
@@ -89,11 +94,12 @@ pub fn err_json(e: &anyhow::Error) -> Value {
     json!({"error": format!("{e:#}")})
 }
 
-const PHASES: [&str; 4] = ["replies", "fleet", "policy", "store"];
+const PHASES: [&str; 5] = ["replies", "fleet", "pyfleet", "policy", "store"];
 
 struct Opts {
     quick: bool,
     bots: usize,
+    py_bots: usize,
     rooms: usize,
     duration: Duration,
     count: Option<u64>,
@@ -107,16 +113,17 @@ struct Opts {
     only: Vec<String>,
 }
 
-const USAGE: &str = "usage: cargo bench --bench dataplane -- [--quick] [--bots N] [--rooms N] \
+const USAGE: &str = "usage: cargo bench --bench dataplane -- [--quick] [--bots N] [--py-bots N] [--rooms N] \
 [--duration S] [--count N] [--in-flight N] [--samples N] [--mentions N] [--fleet-limit S] \
-[--stall S] [--timeout S] [--seed N] [--only replies,fleet,policy,store]";
+[--stall S] [--timeout S] [--seed N] [--only replies,fleet,pyfleet,policy,store]";
 
 fn parse_opts() -> Result<Opts, String> {
     // (flag, env) pairs; flags win over the environment.
     let mut raw: std::collections::HashMap<&'static str, String> = Default::default();
-    const KEYS: [(&str, &str); 13] = [
+    const KEYS: [(&str, &str); 14] = [
         ("--quick", "DATAPLANE_QUICK"),
         ("--bots", "DATAPLANE_BOTS"),
+        ("--py-bots", "DATAPLANE_PY_BOTS"),
         ("--rooms", "DATAPLANE_ROOMS"),
         ("--duration", "DATAPLANE_DURATION"),
         ("--count", "DATAPLANE_COUNT"),
@@ -196,6 +203,7 @@ fn parse_opts() -> Result<Opts, String> {
     let opts = Opts {
         quick,
         bots: num(&raw, "--bots", if quick { 200 } else { 5000 })?,
+        py_bots: num(&raw, "--py-bots", if quick { 20 } else { 200 })?,
         rooms: num(&raw, "--rooms", 100)?,
         duration: secs("--duration", 10.0, 3.0)?,
         count: raw
@@ -211,8 +219,8 @@ fn parse_opts() -> Result<Opts, String> {
         seed: num(&raw, "--seed", 1)?,
         only,
     };
-    if opts.bots == 0 || opts.rooms == 0 || opts.in_flight == 0 {
-        return Err("--bots, --rooms and --in-flight must be above zero".into());
+    if opts.bots == 0 || opts.py_bots == 0 || opts.rooms == 0 || opts.in_flight == 0 {
+        return Err("--bots, --py-bots, --rooms and --in-flight must be above zero".into());
     }
     Ok(opts)
 }
@@ -248,6 +256,7 @@ fn main() -> ExitCode {
         "mode": if opts.quick { "quick" } else { "full" },
         "params": {
             "bots": opts.bots,
+            "py_bots": opts.py_bots,
             "rooms": opts.rooms,
             "pipelined_duration_s": opts.duration.as_secs_f64(),
             "pipelined_count": opts.count,
@@ -345,6 +354,8 @@ fn main() -> ExitCode {
     if wants("fleet") {
         let v = if built {
             let plan = fleet::Plan {
+                persona: "echo",
+                any_reply: false,
                 bots: opts.bots,
                 rooms: opts.rooms,
                 wait_limit: opts.fleet_limit,
@@ -361,6 +372,39 @@ fn main() -> ExitCode {
             json!({"error": "skipped: echo.wasm was not built"})
         };
         lock(&report)["fleet"] = v;
+    }
+
+    if wants("pyfleet") {
+        progress("pyfleet: building plugins/py-persona with `roost build` (needs componentize-py)");
+        let quiz = work.path().join("quizmaster.wasm");
+        let v = match rt.block_on(children::build_persona(
+            "plugins/py-persona",
+            "quizmaster",
+            &quiz,
+            Duration::from_secs(900),
+        )) {
+            Err(e) => json!({"error": format!("skipped: the quiz master was not built: {e:#}")}),
+            Ok(build) => {
+                let plan = fleet::Plan {
+                    persona: "quizmaster",
+                    any_reply: true,
+                    bots: opts.py_bots,
+                    rooms: opts.rooms,
+                    wait_limit: opts.fleet_limit,
+                    stall: opts.stall,
+                    settle: Duration::from_secs(if opts.quick { 1 } else { 3 }),
+                    mentions: opts.mentions,
+                    answer_within: Duration::from_secs(1),
+                    give_up_after: Duration::from_secs(5),
+                    seed: opts.seed,
+                    shutdown_grace: Duration::from_secs(30),
+                };
+                let mut v = rt.block_on(fleet::run(&plan, work.path(), &quiz));
+                v["build"] = build;
+                v
+            }
+        };
+        lock(&report)["pyfleet"] = v;
     }
     rt.shutdown_timeout(Duration::from_secs(5));
 

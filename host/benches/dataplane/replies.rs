@@ -126,6 +126,7 @@ async fn bare(
     let target = Target {
         bot: bot.name.clone(),
         room,
+        any_reply: false,
     };
     let out = measure(loadgen, &target, plan, seqs).await;
     drop(bot);
@@ -231,7 +232,11 @@ async fn hosted(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let target = Target { bot: name, room };
+    let target = Target {
+        bot: name,
+        room,
+        any_reply: false,
+    };
     let measured = measure(loadgen, &target, plan, seqs).await;
     let metrics = Metrics::scrape(http, port).await;
     let mut out = match measured {
