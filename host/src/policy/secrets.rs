@@ -1774,10 +1774,11 @@ fn is_public_hash(tok: &str) -> bool {
 }
 
 /// Identifiers that look random but are public by design: wallet addresses (Bitcoin
-/// Base58Check and bech32 with a valid checksum, Ethereum `0x` + 40 or 64 hex), Tor
-/// onion addresses (`after` is the text following the token). Hex hashes, UUIDs and
+/// Base58Check and bech32 with a valid checksum, Ethereum `0x` + 40 or 64 hex, Solana
+/// where `text` speaks of wallets), Tor onion addresses (`after` is the text following
+/// the token). Hex hashes, UUIDs and
 /// commit ids pass the entropy rule as hex already.
-fn is_public_id(tok: &str, after: &str) -> bool {
+fn is_public_id(tok: &str, after: &str, text: &str) -> bool {
     let b = tok.as_bytes();
     if let Some(hex) = tok.strip_prefix("0x").or_else(|| tok.strip_prefix("0X"))
         && matches!(hex.len(), 40 | 64)
@@ -1800,23 +1801,16 @@ fn is_public_id(tok: &str, after: &str) -> bool {
     {
         return true;
     }
-    base58check_ok(tok) || bech32_ok(tok)
+    base58check_ok(tok) || bech32_ok(tok) || solana_address_ok(tok, text)
 }
 
 const BASE58: &[u8; 58] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
 
-/// A Base58Check string (Bitcoin addresses, WIF keys excluded: 25-byte payloads only)
-/// whose double-SHA-256 checksum holds.
-fn base58check_ok(s: &str) -> bool {
-    use sha2::{Digest, Sha256};
-    if !(25..=35).contains(&s.len()) {
-        return false;
-    }
-    let mut num: Vec<u8> = Vec::with_capacity(32); // big-endian
+/// The bytes a base58 string stands for (leading `1`s are zero bytes), if it is one.
+fn base58_decode(s: &str) -> Option<Vec<u8>> {
+    let mut num: Vec<u8> = Vec::with_capacity(s.len()); // big-endian
     for c in s.bytes() {
-        let Some(v) = BASE58.iter().position(|&a| a == c) else {
-            return false;
-        };
+        let v = BASE58.iter().position(|&a| a == c)?;
         let mut carry = v as u32;
         for byte in num.iter_mut().rev() {
             carry += u32::from(*byte) * 58;
@@ -1831,12 +1825,41 @@ fn base58check_ok(s: &str) -> bool {
     let zeros = s.bytes().take_while(|&c| c == b'1').count();
     let mut bytes = vec![0u8; zeros];
     bytes.extend(num);
+    Some(bytes)
+}
+
+/// A Base58Check string (Bitcoin addresses, WIF keys excluded: 25-byte payloads only)
+/// whose double-SHA-256 checksum holds.
+fn base58check_ok(s: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    if !(25..=35).contains(&s.len()) {
+        return false;
+    }
+    let Some(bytes) = base58_decode(s) else {
+        return false;
+    };
     if bytes.len() != 25 {
         return false;
     }
     let (payload, check) = bytes.split_at(21);
     let digest = Sha256::digest(Sha256::digest(payload));
     digest[..4] == *check
+}
+
+/// Words that say a text is about a wallet or a chain address.
+static WALLET_TALK: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\b(?:solana|sol|wallet|address|addr|pubkey|public key|mint|program id|spl|phantom|solscan|explorer)\b")
+        .expect("wallet talk regex")
+});
+
+/// A Solana address: the base58 of a 32-byte public key (32 to 44 characters) in a
+/// text that speaks of wallets, addresses or Solana. Solana addresses carry no
+/// checksum, so without such words the string is judged like any other random one;
+/// a private key (64 bytes, about 88 characters) is never one.
+fn solana_address_ok(tok: &str, text: &str) -> bool {
+    (32..=44).contains(&tok.len())
+        && base58_decode(tok).is_some_and(|b| b.len() == 32)
+        && WALLET_TALK.is_match(text)
 }
 
 /// A bech32 or bech32m string (segwit addresses, `bc1…`, `tb1…`, `ltc1…`) whose checksum
@@ -1949,7 +1972,7 @@ fn scan_entropy_run(text: &str, run: usize, min_len: usize, depth: u8) -> Option
         if core.len() < min_len
             || PUBLIC_PREFIXES.iter().any(|p| core.starts_with(p))
             || is_public_hash(core)
-            || is_public_id(core, &text[m.end()..])
+            || is_public_id(core, &text[m.end()..], text)
         {
             continue;
         }
@@ -2200,6 +2223,39 @@ mod tests {
         assert!(blocked(
             "s k - a n t - a p i 0 3 - e C t A 0 3 a Z x r T U W m 6 M b G H V 5 t C d n m v 8 n I o y q c E 0"
         ));
+    }
+
+    #[test]
+    fn solana_addresses_pass_where_the_text_speaks_of_them() {
+        // Public mint and program addresses (base58 of a 32-byte public key).
+        let addresses = [
+            "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v",
+            "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin",
+            "4k3Dyjzvzp8eMZWUXbBCjEvwSkkk59S5iCNLY3QrkX6R",
+            "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA",
+        ];
+        for a in addresses {
+            for text in [
+                format!("send the SOL to my wallet {a} please"),
+                format!("the USDC mint address is {a}."),
+                format!("solana: {a}"),
+            ] {
+                assert_eq!(scanner().scan(&text), None, "{text}");
+            }
+        }
+        // Without such words a random base58 string is still a secret to the entropy
+        // rule, and a longer one (a 64-byte private key) always is.
+        assert!(
+            scanner()
+                .scan("use 9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin to log in")
+                .is_some()
+        );
+        let private = "4Z7cXSyeFR8wNGMVXUE1TwtKn5D5Vu7FzEv69dokLv7KrQk7h6pu4LF8ZRR9yQBhc7uSM6RTTZtU1fmaxiNrxXrs";
+        assert!(
+            scanner()
+                .scan(&format!("my wallet key {private}"))
+                .is_some()
+        );
     }
 
     #[test]
