@@ -1185,29 +1185,35 @@ fn spawn_checkpointer(store: &Store) {
                 if weak.upgrade().is_none() {
                     return;
                 }
-                // (busy, frames in the WAL, frames checkpointed)
-                let checkpoint = |mode: &str| {
-                    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                    })
-                };
-                match checkpoint("PASSIVE") {
-                    Err(e) => {
-                        tracing::debug!(path = %path.display(), error = %e, "WAL checkpoint failed");
-                    }
-                    Ok((frames, _)) if frames > RESTART_WAL_FRAMES => {
-                        let _ = conn.busy_timeout(RESTART_WAIT);
-                        if let Err(e) = checkpoint("RESTART") {
-                            tracing::debug!(path = %path.display(), error = %e, "WAL restart failed");
-                        }
-                        let _ = conn.busy_timeout(BUSY_TIMEOUT);
-                    }
-                    Ok(_) => {}
-                }
+                checkpoint_round(&conn, &path);
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the WAL checkpointer");
+    }
+}
+
+/// One round of [`spawn_checkpointer`]: a passive checkpoint, and a restarting one
+/// when the WAL is still long.
+fn checkpoint_round(conn: &Connection, path: &Path) {
+    // (frames in the WAL, frames checkpointed)
+    let checkpoint = |mode: &str| {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })
+    };
+    match checkpoint("PASSIVE") {
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "WAL checkpoint failed");
+        }
+        Ok((frames, _)) if frames > RESTART_WAL_FRAMES => {
+            let _ = conn.busy_timeout(RESTART_WAIT);
+            if let Err(e) = checkpoint("RESTART") {
+                tracing::debug!(path = %path.display(), error = %e, "WAL restart failed");
+            }
+            let _ = conn.busy_timeout(BUSY_TIMEOUT);
+        }
+        Ok(_) => {}
     }
 }
 
@@ -1435,6 +1441,34 @@ mod tests {
         assert!(store.outbox_pending("bot").unwrap().is_empty());
         assert_eq!(store.outbox_prune(100).unwrap(), 2);
         assert_eq!(store.outbox_pending("other").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_checkpoint_round_starts_a_long_wal_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let wal = dir.path().join(format!("{DB_FILE}-wal"));
+        let text = "x".repeat(3000);
+        // Each row in its own commit: about one page per row.
+        let write = |n: i64| {
+            for i in 0..n {
+                store.outbox_push("bot", "lobby", &text, i).unwrap();
+            }
+        };
+        write(400);
+        let first = std::fs::metadata(&wal).unwrap().len();
+        let frames_first = first / 4096;
+        assert!(
+            frames_first > RESTART_WAL_FRAMES as u64,
+            "{frames_first} frames"
+        );
+        let conn = Connection::open(store.path()).unwrap();
+        checkpoint_round(&conn, store.path());
+        write(400);
+        let second = std::fs::metadata(&wal).unwrap().len();
+        // Started over: the second batch overwrote the first's frames instead of
+        // growing the file to about twice its size.
+        assert!(second <= first + first / 10, "{first} -> {second}");
     }
 
     #[test]
