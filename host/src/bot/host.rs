@@ -552,7 +552,7 @@ impl BotHost {
                 self.reload.stats.record(
                     &key,
                     "shadow",
-                    format!("version {version} listens beside `{owner}` (never speaks)"),
+                    format!("version {version} listens beside {owner} (never speaks)"),
                 );
                 tracing::info!(file = %path.display(), bot = %owner, version = %version, "shadow loaded");
             }
