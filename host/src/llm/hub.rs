@@ -570,7 +570,15 @@ impl PersonaLlm {
             Budget(llm::Error),
             Provider(ProviderError),
         }
-        let reserved: Mutex<Option<Reservation>> = Mutex::new(None);
+        // Settled below; if this future is dropped mid-call (the persona's wall limit
+        // stopped it), the guard settles it at the input bound, as for a timeout: the
+        // provider may have processed the call, but the output reserved for it was
+        // never received.
+        let reserved = Unsettled {
+            llm: self,
+            reservation: Mutex::new(None),
+            cost_if_dropped: input_bound,
+        };
         let call = async {
             let _slot = self
                 .slots
@@ -581,7 +589,7 @@ impl PersonaLlm {
             let reservation = self
                 .reserve(input_bound, u64::from(max_output))
                 .map_err(Fail::Budget)?;
-            *reserved.lock().unwrap_or_else(|p| p.into_inner()) = Some(reservation);
+            reserved.set(reservation);
             let mut chat = chat;
             chat.max_tokens = Some(u32::try_from(reservation.max_output).unwrap_or(max_output));
             self.provider.chat(chat).await.map_err(Fail::Provider)
@@ -592,7 +600,7 @@ impl PersonaLlm {
             Ok(Err(Fail::Provider(e))) => Err(e),
             Err(_) => Err(ProviderError::Timeout),
         };
-        let reservation = reserved.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let reservation = reserved.take();
         let resp = match outcome {
             Ok(resp) => resp,
             Err(e) => {
@@ -643,6 +651,35 @@ impl PersonaLlm {
                 output_tokens: usage.output,
             },
         })
+    }
+}
+
+/// A reservation not reconciled yet; reconciled at `cost_if_dropped` when dropped
+/// still holding it.
+struct Unsettled<'a> {
+    llm: &'a PersonaLlm,
+    reservation: Mutex<Option<Reservation>>,
+    cost_if_dropped: u64,
+}
+
+impl Unsettled<'_> {
+    fn set(&self, r: Reservation) {
+        *self.reservation.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    fn take(&self) -> Option<Reservation> {
+        self.reservation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.take() {
+            self.llm.reconcile(r, self.cost_if_dropped);
+        }
     }
 }
 
@@ -804,6 +841,29 @@ mod tests {
         // The fifth call got its slot at 20 s and timed out at 25 s: its reservation
         // became its input bound (it may have been processed); the others, their use.
         assert_eq!(hub.budget_usage("p").unwrap().last_hour, 4 * 20 + 12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_call_is_charged_its_input_not_its_reservation() {
+        let p = Arc::new(Scripted {
+            delay: Duration::from_secs(10),
+            ..Default::default()
+        });
+        let hub = hub(p.clone());
+        let cfg = PersonaLlmConfig {
+            max_tokens: 500,
+            ..PersonaLlmConfig::allowed()
+        };
+        let b = hub.backend_for("p", &cfg).unwrap();
+        // The persona is stopped (its wall limit) while the provider is still working:
+        // the call's future is dropped.
+        let abandoned =
+            tokio::time::timeout(Duration::from_secs(2), b.complete(ask("hello"))).await;
+        assert!(abandoned.is_err());
+        assert_eq!(p.calls.load(Ordering::SeqCst), 1);
+        // "hello" is 12 tokens of input bound; the 500 output tokens reserved for it
+        // are given back.
+        assert_eq!(hub.budget_usage("p").unwrap().last_hour, 12);
     }
 
     #[tokio::test(start_paused = true)]
