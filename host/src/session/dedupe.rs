@@ -61,17 +61,22 @@ impl SeenSet {
     }
 
     pub fn contains(&self, msg: &ChatMessage) -> bool {
+        self.contains_key(&MessageKey::of(msg), msg.timestamp_ms)
+    }
+
+    fn contains_key(&self, key: &MessageKey, timestamp_ms: u64) -> bool {
         self.keys
-            .get(&MessageKey::of(msg))
-            .is_some_and(|ts| ts.iter().any(|t| same_instant(*t, msg.timestamp_ms)))
+            .get(key)
+            .is_some_and(|ts| ts.iter().any(|t| same_instant(*t, timestamp_ms)))
     }
 
     /// Records `msg`; returns false if it was already there.
     pub fn insert(&mut self, msg: &ChatMessage) -> bool {
-        if self.contains(msg) {
+        // The digest once: it hashes the whole text twice.
+        let key = MessageKey::of(msg);
+        if self.contains_key(&key, msg.timestamp_ms) {
             return false;
         }
-        let key = MessageKey::of(msg);
         self.keys.entry(key).or_default().push(msg.timestamp_ms);
         self.order.push_back((key, msg.timestamp_ms));
         while self.order.len() > self.capacity {
