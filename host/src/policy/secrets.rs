@@ -1259,7 +1259,7 @@ const PUBLIC_ID_PREFIXES: &[&str] = &[
 /// Whether `text` may hold key material in a shape that only the reshaped views see
 /// (chunked, reversed, ROT13'd, base64, hex, character codes, a prefix of no known
 /// format): it has a word that looks like a piece of a key, or four or more short
-/// numbers. A word looks like a piece of a key when it has
+/// numbers, or a number of 16 digits or more. A word looks like a piece of a key when it has
 ///
 /// - letters and digits, and at least 4 of them (`2am` and `v2` are prose, `03aZ` is not);
 /// - small letters and a capital after its first character (`eCtA`, `JCSJJh`; not a
@@ -1310,7 +1310,9 @@ fn may_hold_reshaped_key(text: &str) -> bool {
             if numbers >= 4 {
                 return true;
             }
-        } else if digits >= 8 {
+        } else if digits >= 16 {
+            // Hex of 8 bytes or more, written in digits only. Shorter numbers (ids,
+            // phone numbers, timestamps) are no reshaped key.
             return true;
         }
     }
@@ -2256,6 +2258,33 @@ mod tests {
                 .scan(&format!("my wallet key {private}"))
                 .is_some()
         );
+    }
+
+    #[test]
+    fn only_text_that_may_hold_a_reshaped_key_gets_the_reshaped_views() {
+        for prose in [
+            "honestly the 2am utc lobby is the best room, I've seen it all week",
+            "ping 50001234",
+            "call me at 555 0199 after 3pm",
+            "the APIs and URLs of the LLMs are public; DMs are open",
+            "@rook-7f3a thanks, state-of-the-art stuff",
+            "code 4008 again, then 429",
+        ] {
+            assert!(!may_hold_reshaped_key(prose), "{prose}");
+        }
+        for shaped in [
+            "part two: eCtA 03aZ xrTU",
+            "second half JCSJJh",
+            "it starts tok_",
+            "115 107 45 97 110 116",
+            "736b2d616e74",
+            "4111111111111111",
+            "c2stYW50LWFwaTAz",
+            "sk-ant-api03-tail",
+            "zyxwvutsrqponmlkjihgfedcba",
+        ] {
+            assert!(may_hold_reshaped_key(shaped), "{shaped}");
+        }
     }
 
     #[test]
