@@ -143,13 +143,61 @@ impl Default for SessionSection {
     }
 }
 
-/// `[store]`: the state database in `<paths.state>/roost.db`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+/// `[store]`: the state database: `<paths.state>/roost.db` (SQLite, the default), or
+/// a PostgreSQL server shared by several hosts (`url = "postgres://..."`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
     /// `"normal"` (default): a commit survives the process crashing; `"full"`: it also
     /// survives power loss (one fsync per group commit). See [`crate::store::Synchronous`].
+    /// SQLite only.
     pub synchronous: crate::store::Synchronous,
+    /// Empty (default): the embedded SQLite file. `postgres://user:pass@host/db`:
+    /// PostgreSQL, shared by every host with the same URL; personas are then spread
+    /// over the hosts by leases. `--store` and `ROOST_STORE` override it.
+    pub url: String,
+    /// PostgreSQL: keep roost's tables in this schema (created if missing) instead of
+    /// the connection's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// PostgreSQL: how often a host renews its leases, in ms (default 2000).
+    pub lease_renew_ms: u64,
+    /// PostgreSQL: how long a lease lasts past its last renewal, in ms (default
+    /// 8000): a dead host's personas start elsewhere about this long after it died.
+    pub lease_ttl_ms: u64,
+    /// PostgreSQL: most personas a host hands back per renewal when another host
+    /// joins (default 2).
+    pub handover_per_tick: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        let l = crate::lease::LeaseConfig::default();
+        StoreSection {
+            synchronous: Default::default(),
+            url: String::new(),
+            schema: None,
+            lease_renew_ms: l.renew.as_millis() as u64,
+            lease_ttl_ms: l.ttl.as_millis() as u64,
+            handover_per_tick: l.handover_per_tick,
+        }
+    }
+}
+
+impl StoreSection {
+    /// Which store `url` names.
+    pub fn store_url(&self) -> Result<crate::store::StoreUrl, String> {
+        crate::store::StoreUrl::parse(&self.url)
+    }
+
+    /// The lease settings.
+    pub fn leases(&self) -> crate::lease::LeaseConfig {
+        crate::lease::LeaseConfig {
+            renew: std::time::Duration::from_millis(self.lease_renew_ms),
+            ttl: std::time::Duration::from_millis(self.lease_ttl_ms),
+            handover_per_tick: self.handover_per_tick,
+        }
+    }
 }
 
 /// `[cache]`: the compile cache in `<paths.state>/cache/` (see
@@ -595,6 +643,10 @@ impl Config {
             if v == 0 {
                 return Err(format!("{key} must be above zero"));
             }
+        }
+        let store_url = self.store.store_url()?;
+        if store_url != crate::store::StoreUrl::Sqlite {
+            self.store.leases().validate()?;
         }
         if s.backoff_cap_ms < s.backoff_base_ms {
             return Err("session.backoff_cap_ms must be at least session.backoff_base_ms".into());

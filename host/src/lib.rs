@@ -11,6 +11,7 @@ pub mod build;
 pub mod check;
 pub mod config;
 pub mod dev;
+pub mod lease;
 pub mod devserver;
 pub mod llm;
 pub mod names;

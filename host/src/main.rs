@@ -94,6 +94,10 @@ enum Command {
         /// then crosses the network in clear) [default: server.insecure, false].
         #[arg(long, env = "ROOST_INSECURE", value_parser = clap::builder::FalseyValueParser::new())]
         insecure: bool,
+        /// State store: postgres://... to share personas between several hosts
+        /// [default: store.url, or the embedded SQLite file in the state folder].
+        #[arg(long, value_name = "URL", env = "ROOST_STORE")]
+        store: Option<String>,
         /// Print the effective configuration (defaults, file and flags merged) and exit.
         #[arg(long, env = "ROOST_PRINT_CONFIG", value_parser = clap::builder::FalseyValueParser::new())]
         print_config: bool,
@@ -314,9 +318,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             state,
             metrics,
             insecure,
+            store,
             print_config,
         } => {
             let mut config = load_config(config)?;
+            if let Some(url) = store {
+                config.store.url = url;
+            }
             if let Some(s) = server {
                 config.server.url = s;
             }

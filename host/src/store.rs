@@ -1,32 +1,23 @@
-//! roost's embedded state: one SQLite database at `<state dir>/roost.db`.
+//! roost's persisted state, behind one interface with two backends.
+//!
+//! - **SQLite** (the default): one file at `<state dir>/roost.db`, for a single host
+//!   with no server to run. See [`sqlite`](self) below: WAL, group commit, versioned
+//!   schema.
+//! - **PostgreSQL** (`--store postgres://...`, `ROOST_STORE`, or `[store] url`): several
+//!   roost hosts share one database; each persona runs on the host holding its
+//!   [lease](crate::lease), and every outbox row and kv write carries that lease's
+//!   epoch, which the database checks (a host that lost a lease cannot write).
 //!
 //! What lives here: the credentials each persona registered with (per server URL and
-//! persona identity), the persisted outbox of messages waiting to be sent, and tables for
-//! per-persona key/value data (the `kv` capability).
+//! persona identity), re-registrations, the persisted outbox, each room's recovery
+//! position, per-persona key/value data (the `kv` capability), and, with PostgreSQL,
+//! the leases.
 //!
-//! - The state directory is created (mode 0700) if missing; the database file and its
-//!   `-wal`/`-shm` companions are kept at mode 0600 because they hold API keys.
-//! - WAL journal, `synchronous=NORMAL`, a busy timeout of 5 s. WAL checkpoints run
-//!   in a background thread on a connection of their own (`PASSIVE`, every second),
-//!   never inside a commit.
-//! - Hot-path writes (outbox rows, their sends and confirmations) go through a
-//!   **group commit**: everything queued while a commit runs is committed in the next
-//!   single transaction, and each writer learns only then that its row is durable
-//!   ([`Store::outbox_enqueue`]). A reply's row is committed before its frame is
-//!   written; the session sends nothing it has not been told is committed.
-//! - The schema is versioned with `PRAGMA user_version`; [`Store::open`] applies the
-//!   migrations it knows, refuses a database newer than itself, and reports a corrupt or
-//!   foreign file as [`StoreError::Corrupt`] naming the file (never a panic).
-//!
-//! # Blocking
-//!
-//! `Store` is a cloneable handle (`Arc<Mutex<Connection>>`) with a synchronous API. Every
-//! call is one or a few indexed statements on a local WAL database and takes microseconds
-//! to a few milliseconds, so async callers (the session task, `SessionHandle::send`) call it
-//! directly and accept that brief lock, the way they would a `std::sync::Mutex`. roost is
-//! the only process using the file, so the busy timeout is a safety net, not a normal wait.
-//! Callers that do bulk work (imports, large history scans) should use
-//! `tokio::task::spawn_blocking`.
+//! [`Store`] is a cloneable handle with a synchronous API (see the blocking policy in
+//! the SQLite backend's docs; the PostgreSQL backend runs its connections on a runtime
+//! of its own, so a call from async code waits for one round trip on loopback or LAN).
+//! Hot-path writes (outbox rows, sends, confirmations, positions) are group-committed
+//! by both backends: [`Store::outbox_enqueue`] tells its caller when the row is durable.
 //!
 //! ```
 //! # fn main() -> Result<(), roost::store::StoreError> {
@@ -42,98 +33,19 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
-
-use rusqlite::{Connection, OptionalExtension, params};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::protocol::ApiKey;
 
-/// The database file name inside the state directory.
-pub const DB_FILE: &str = "roost.db";
+pub(crate) mod postgres;
+pub(crate) mod sqlite;
 
-/// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
-
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Migrations, index `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
-    // 0 -> 1
-    r#"
-    CREATE TABLE credentials (
-        server     TEXT NOT NULL,
-        persona    TEXT NOT NULL,
-        name       TEXT NOT NULL,
-        key        TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        PRIMARY KEY (server, persona)
-    );
-    CREATE TABLE outbox (
-        id         INTEGER PRIMARY KEY AUTOINCREMENT,
-        bot        TEXT NOT NULL,
-        room       TEXT NOT NULL,
-        text       TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        state      TEXT NOT NULL DEFAULT 'pending',
-        attempts   INTEGER NOT NULL DEFAULT 0,
-        sent_at    INTEGER
-    );
-    CREATE INDEX outbox_bot_state ON outbox (bot, state, id);
-    CREATE TABLE kv (
-        persona TEXT NOT NULL,
-        key     TEXT NOT NULL,
-        value   BLOB NOT NULL,
-        PRIMARY KEY (persona, key)
-    );
-    CREATE TABLE history (
-        id     INTEGER PRIMARY KEY AUTOINCREMENT,
-        bot    TEXT NOT NULL,
-        room   TEXT NOT NULL,
-        sender TEXT NOT NULL,
-        text   TEXT NOT NULL,
-        ts     INTEGER NOT NULL,
-        flags  INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX history_bot_room_ts ON history (bot, room, ts);
-    "#,
-    // 1 -> 2: the unused history table goes; re-registrations are counted (for their
-    // daily cap) and each room's recovery position survives a restart.
-    r#"
-    DROP TABLE history;
-    CREATE TABLE registrations (
-        server  TEXT NOT NULL,
-        persona TEXT NOT NULL,
-        at      INTEGER NOT NULL
-    );
-    CREATE INDEX registrations_server_persona_at ON registrations (server, persona, at);
-    CREATE TABLE room_positions (
-        bot     TEXT NOT NULL,
-        room    TEXT NOT NULL,
-        last_ts INTEGER NOT NULL,
-        PRIMARY KEY (bot, room)
-    );
-    "#,
-    // 2 -> 3: each kv namespace's size is kept as a running total (a write costs O(1)
-    // instead of summing the namespace), and LLM token budgets survive a restart.
-    r#"
-    CREATE TABLE kv_usage (
-        persona TEXT PRIMARY KEY,
-        bytes   INTEGER NOT NULL
-    );
-    INSERT INTO kv_usage (persona, bytes)
-        SELECT persona, SUM(length(CAST(key AS BLOB)) + length(value)) FROM kv GROUP BY persona;
-    CREATE TABLE llm_budget (
-        persona   TEXT NOT NULL,
-        bucket_ms INTEGER NOT NULL,
-        tokens    INTEGER NOT NULL,
-        PRIMARY KEY (persona, bucket_ms)
-    );
-    "#,
-];
+pub use postgres::{LeaseRow, PgOptions};
+pub use sqlite::{CommitHold, DB_FILE, SCHEMA_VERSION};
 
 /// Errors of the state store. Every variant names the database file; none contains a key.
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +89,23 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("state database {location}: {detail}")]
+    Postgres { location: String, detail: String },
+    #[error(
+        "state database {location} has schema version {found}, newer than this roost \
+         supports ({supported}); upgrade roost"
+    )]
+    PgTooNew {
+        location: String,
+        found: i64,
+        supported: i64,
+    },
+    #[error("persona {persona}: this host does not hold its lease (write refused)")]
+    Fenced { persona: String },
+    #[error("leases need a shared store: set [store] url to postgres://...")]
+    NotShared,
+    #[error("the state store is shutting down")]
+    Gone,
     #[error("state database {path}: unexpected value {value:?} in {what}")]
     Invalid {
         path: PathBuf,
@@ -185,19 +114,6 @@ pub enum StoreError {
     },
 }
 
-/// A cloneable handle on the state database. See the module docs for the blocking policy.
-#[derive(Clone)]
-pub struct Store {
-    conn: Arc<Mutex<Connection>>,
-    path: Arc<PathBuf>,
-    commits: Arc<Committer>,
-}
-
-impl fmt::Debug for Store {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
-    }
-}
 
 /// Credentials a persona registered with on one server.
 #[derive(Clone)]
@@ -244,7 +160,7 @@ pub enum OutboxState {
 }
 
 impl OutboxState {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             OutboxState::Pending => "pending",
             OutboxState::Sent => "sent",
@@ -254,7 +170,7 @@ impl OutboxState {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "pending" => OutboxState::Pending,
             "sent" => OutboxState::Sent,
@@ -293,34 +209,6 @@ pub struct OutboxEntry {
     pub sent_at: Option<i64>,
 }
 
-/// An `outbox` row as stored, its state still text.
-struct OutboxRow {
-    id: OutboxId,
-    bot: String,
-    room: String,
-    text: String,
-    created_at: i64,
-    state: String,
-    attempts: i64,
-    sent_at: Option<i64>,
-}
-
-impl OutboxRow {
-    /// Reads the columns `id, bot, room, text, created_at, state, attempts, sent_at`,
-    /// in that order.
-    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
-        Ok(OutboxRow {
-            id: OutboxId(row.get(0)?),
-            bot: row.get(1)?,
-            room: row.get(2)?,
-            text: row.get(3)?,
-            created_at: row.get(4)?,
-            state: row.get(5)?,
-            attempts: row.get(6)?,
-            sent_at: row.get(7)?,
-        })
-    }
-}
 
 /// How hard a commit waits for the disk (SQLite's `synchronous` in WAL mode).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -338,7 +226,7 @@ pub enum Synchronous {
 }
 
 impl Synchronous {
-    fn pragma(self) -> &'static str {
+    pub(crate) fn pragma(self) -> &'static str {
         match self {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
@@ -346,562 +234,6 @@ impl Synchronous {
     }
 }
 
-impl Store {
-    /// Opens (creating if needed) `<state_dir>/roost.db` and migrates it to the current
-    /// schema, with `synchronous = NORMAL`.
-    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
-        Self::open_with(state_dir, Synchronous::default())
-    }
-
-    /// [`Store::open`] with a choice of [`Synchronous`].
-    pub fn open_with(state_dir: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
-        create_state_dir(state_dir)?;
-        let path = state_dir.join(DB_FILE);
-        secure_file(&path, true)?;
-        let conn = Connection::open(&path).map_err(|source| classify_open(&path, source))?;
-        let store = Store {
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path),
-            commits: Arc::default(),
-        };
-        store.init(true, synchronous)?;
-        spawn_checkpointer(&store);
-        // SQLite creates -wal/-shm with the main file's mode; make sure anyway.
-        for suffix in ["-wal", "-shm"] {
-            let companion = PathBuf::from(format!("{}{suffix}", store.path.display()));
-            secure_file(&companion, false)?;
-        }
-        Ok(store)
-    }
-
-    /// An in-memory database (tests, `roost replay`). Nothing is persisted.
-    pub fn open_in_memory() -> Result<Store, StoreError> {
-        let path = PathBuf::from(":memory:");
-        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        let store = Store {
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path),
-            commits: Arc::default(),
-        };
-        store.init(false, Synchronous::Normal)?;
-        Ok(store)
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave the connection half-updated (every
-        // multi-statement change is a transaction), so a poisoned lock is still usable.
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn err(&self, source: rusqlite::Error) -> StoreError {
-        classify(&self.path, source)
-    }
-
-    fn init(&self, on_disk: bool, synchronous: Synchronous) -> Result<(), StoreError> {
-        let mut conn = self.lock();
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.err(e))?;
-        // Reading the header is the first thing that notices a foreign or corrupt file.
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(|e| self.err(e))?;
-        if on_disk {
-            // Checkpoints run in the background (see `spawn_checkpointer`), never inside
-            // a commit on the sending path.
-            conn.pragma_update(None, "wal_autocheckpoint", 0)
-                .map_err(|e| self.err(e))?;
-            let mode: String = conn
-                .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-                .map_err(|e| self.err(e))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                tracing::warn!(path = %self.path.display(), %mode, "state database is not in WAL mode");
-            }
-        }
-        conn.pragma_update(None, "synchronous", synchronous.pragma())
-            .map_err(|e| self.err(e))?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(|e| self.err(e))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew {
-                path: self.path.to_path_buf(),
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        if version < 0 {
-            return Err(StoreError::Corrupt {
-                path: self.path.to_path_buf(),
-                detail: format!("negative schema version {version}"),
-            });
-        }
-        for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let to = from as i64 + 1;
-            let tx = conn.transaction().map_err(|e| self.err(e))?;
-            tx.execute_batch(sql).map_err(|e| self.err(e))?;
-            tx.pragma_update(None, "user_version", to)
-                .map_err(|e| self.err(e))?;
-            tx.commit().map_err(|e| self.err(e))?;
-            tracing::debug!(path = %self.path.display(), to, "state database migrated");
-        }
-        let last_id: i64 = conn
-            .query_row(
-                "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),
-                            COALESCE((SELECT MAX(id) FROM outbox), 0))",
-                [],
-                |row| row.get(0),
-            )
-            .map_err(|e| self.err(e))?;
-        self.commits
-            .next_outbox_id
-            .store(last_id + 1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// The schema version of the open database.
-    pub fn schema_version(&self) -> Result<i64, StoreError> {
-        self.lock()
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(|e| self.err(e))
-    }
-
-    // ---- credentials -------------------------------------------------------------
-
-    /// The credentials `persona` registered with on `server`, if any.
-    pub fn credentials(
-        &self,
-        server: &str,
-        persona: &str,
-    ) -> Result<Option<StoredCredentials>, StoreError> {
-        self.lock()
-            .query_row(
-                "SELECT name, key FROM credentials WHERE server = ?1 AND persona = ?2",
-                params![server, persona],
-                |row| {
-                    Ok(StoredCredentials {
-                        name: row.get(0)?,
-                        key: ApiKey::new(row.get::<_, String>(1)?),
-                    })
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))
-    }
-
-    /// Stores (replacing) the credentials of `persona` on `server`.
-    pub fn save_credentials(
-        &self,
-        server: &str,
-        persona: &str,
-        name: &str,
-        key: &ApiKey,
-    ) -> Result<(), StoreError> {
-        self.lock()
-            .execute(
-                "INSERT INTO credentials (server, persona, name, key, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (server, persona) DO UPDATE
-                 SET name = excluded.name, key = excluded.key, created_at = excluded.created_at",
-                params![server, persona, name, key.expose(), now_ms()],
-            )
-            .map(drop)
-            .map_err(|e| self.err(e))
-    }
-
-    /// The personas whose stored identity on `server` is `name`, or `name` with a
-    /// registration suffix (`name-1a2b`).
-    pub fn personas_named(&self, server: &str, name: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare_cached("SELECT persona, name FROM credentials WHERE server = ?1")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![server], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (persona, stored) = row.map_err(|e| self.err(e))?;
-            let suffixed = stored
-                .strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix('-'))
-                .is_some_and(|sfx| sfx.len() == 4 && sfx.bytes().all(|b| b.is_ascii_hexdigit()));
-            if stored == name || suffixed {
-                out.push(persona);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Before 0.2 an identity was stored under the name a manifest claimed; now it
-    /// belongs to the file label. Moves the identity (credentials, open outbox rows,
-    /// recovery positions) stored under `name` to `label`, if `label` has none yet and
-    /// `trusted` (the name is the label itself, or the operator set it in roost.toml:
-    /// a manifest alone never inherits an identity). True if something moved.
-    pub fn adopt_legacy_identity(
-        &self,
-        server: &str,
-        name: &str,
-        label: &str,
-        trusted: bool,
-    ) -> Result<bool, StoreError> {
-        if name == label || !trusted {
-            return Ok(false);
-        }
-        let mut conn = self.lock();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let has_own: bool = tx
-            .query_row(
-                "SELECT COUNT(*) FROM credentials WHERE server = ?1 AND persona = ?2",
-                params![server, label],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n > 0)
-            .map_err(|e| self.err(e))?;
-        if has_own {
-            return Ok(false);
-        }
-        let moved = tx
-            .execute(
-                "UPDATE credentials SET persona = ?3 WHERE server = ?1 AND persona = ?2",
-                params![server, name, label],
-            )
-            .map_err(|e| self.err(e))?;
-        if moved > 0 {
-            tx.execute(
-                "UPDATE outbox SET bot = ?2 WHERE bot = ?1",
-                params![name, label],
-            )
-            .map_err(|e| self.err(e))?;
-            tx.execute(
-                "UPDATE OR IGNORE room_positions SET bot = ?2 WHERE bot = ?1",
-                params![name, label],
-            )
-            .map_err(|e| self.err(e))?;
-            tracing::info!(
-                persona = label,
-                name,
-                "stored identity moved from the name to the persona's file label"
-            );
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(moved > 0)
-    }
-
-    /// Forgets the credentials of `persona` on `server` (the server revoked the key).
-    pub fn delete_credentials(&self, server: &str, persona: &str) -> Result<(), StoreError> {
-        self.lock()
-            .execute(
-                "DELETE FROM credentials WHERE server = ?1 AND persona = ?2",
-                params![server, persona],
-            )
-            .map(drop)
-            .map_err(|e| self.err(e))
-    }
-
-    /// Records a re-registration of `persona` on `server` at `at` (Unix ms).
-    pub fn record_registration(
-        &self,
-        server: &str,
-        persona: &str,
-        at: i64,
-    ) -> Result<(), StoreError> {
-        let conn = self.lock();
-        conn.execute(
-            "INSERT INTO registrations (server, persona, at) VALUES (?1, ?2, ?3)",
-            params![server, persona, at],
-        )
-        .map_err(|e| self.err(e))?;
-        // A week of history is plenty for a daily cap.
-        conn.execute(
-            "DELETE FROM registrations WHERE at < ?1",
-            params![at - 7 * 86_400_000],
-        )
-        .map(drop)
-        .map_err(|e| self.err(e))
-    }
-
-    /// Re-registrations of `persona` on `server` at or after `since` (Unix ms).
-    pub fn registrations_since(
-        &self,
-        server: &str,
-        persona: &str,
-        since: i64,
-    ) -> Result<u64, StoreError> {
-        self.lock()
-            .query_row(
-                "SELECT COUNT(*) FROM registrations WHERE server = ?1 AND persona = ?2 AND at >= ?3",
-                params![server, persona, since],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n.max(0) as u64)
-            .map_err(|e| self.err(e))
-    }
-
-    // ---- recovery positions --------------------------------------------------------
-
-    /// The newest timestamp (Unix ms) delivered from each room of `bot`, as last saved.
-    pub fn room_positions(&self, bot: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare_cached("SELECT room, last_ts FROM room_positions WHERE bot = ?1")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![bot], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (room, ts) = row.map_err(|e| self.err(e))?;
-            out.push((room, u64::try_from(ts).unwrap_or(0)));
-        }
-        Ok(out)
-    }
-
-    /// Saves the recovery position of `bot`'s rooms in the next group commit (never
-    /// moving one back); a failure is logged.
-    pub fn save_room_positions(&self, bot: &str, positions: Vec<(String, u64)>) {
-        let bot = bot.to_string();
-        self.submit(
-            move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "INSERT INTO room_positions (bot, room, last_ts) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (bot, room) DO UPDATE
-                     SET last_ts = MAX(last_ts, excluded.last_ts)",
-                )?;
-                for (room, ts) in &positions {
-                    stmt.execute(params![bot, room, i64::try_from(*ts).unwrap_or(i64::MAX)])?;
-                }
-                Ok(())
-            },
-            |r| {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "cannot save recovery positions");
-                }
-            },
-            Urgency::Soon,
-        );
-    }
-
-    /// Forgets the recovery position of `bot` in `room` (it left the room).
-    pub fn forget_room_position(&self, bot: &str, room: &str) {
-        let (bot, room) = (bot.to_string(), room.to_string());
-        self.submit(
-            move |conn| {
-                conn.prepare_cached("DELETE FROM room_positions WHERE bot = ?1 AND room = ?2")?
-                    .execute(params![bot, room])
-                    .map(drop)
-            },
-            |_| {},
-            Urgency::Soon,
-        );
-    }
-
-    // ---- outbox --------------------------------------------------------------------
-
-    /// Queues a message and waits until its row is committed; returns its id.
-    /// `created_at` is Unix milliseconds. This blocks the calling thread: async code
-    /// uses [`Store::outbox_enqueue`].
-    pub fn outbox_push(
-        &self,
-        bot: &str,
-        room: &str,
-        text: &str,
-        created_at: i64,
-    ) -> Result<OutboxId, StoreError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let id = self.outbox_enqueue(bot, room, text, created_at, move |_, r| {
-            let _ = tx.send(r);
-        });
-        rx.recv().unwrap_or_else(|_| Err(self.gone()))?;
-        Ok(id)
-    }
-
-    /// Queues a message for the next group commit and returns its id at once;
-    /// `durable` is called with that id (on a blocking thread) once the row is
-    /// committed, or with the error that kept it from being committed. Nothing may
-    /// send the message before `durable` has said `Ok`.
-    pub fn outbox_enqueue(
-        &self,
-        bot: &str,
-        room: &str,
-        text: &str,
-        created_at: i64,
-        durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
-    ) -> OutboxId {
-        let id = OutboxId(self.commits.next_outbox_id.fetch_add(1, Ordering::SeqCst));
-        let (bot, room, text) = (bot.to_string(), room.to_string(), text.to_string());
-        self.submit(
-            move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO outbox (id, bot, room, text, created_at, state, attempts)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0)",
-                )?
-                .execute(params![id.0, bot, room, text, created_at])
-                .map(drop)
-            },
-            move |r| durable(id, r),
-            Urgency::Now,
-        );
-        id
-    }
-
-    /// The open (pending or sent, unconfirmed) entries of `bot`, oldest first.
-    pub fn outbox_pending(&self, bot: &str) -> Result<Vec<OutboxEntry>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id, bot, room, text, created_at, state, attempts, sent_at
-                 FROM outbox WHERE bot = ?1 AND state IN ('pending', 'sent') ORDER BY id",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![bot], OutboxRow::read)
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(self.outbox_entry(row.map_err(|e| self.err(e))?)?);
-        }
-        Ok(out)
-    }
-
-    /// One entry by id.
-    pub fn outbox_get(&self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError> {
-        let conn = self.lock();
-        let row = conn
-            .query_row(
-                "SELECT id, bot, room, text, created_at, state, attempts, sent_at
-                 FROM outbox WHERE id = ?1",
-                params![id.0],
-                OutboxRow::read,
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        row.map(|row| self.outbox_entry(row)).transpose()
-    }
-
-    /// The entry an outbox row holds; a state this version does not know is
-    /// [`StoreError::Invalid`].
-    fn outbox_entry(&self, row: OutboxRow) -> Result<OutboxEntry, StoreError> {
-        let state = OutboxState::parse(&row.state).ok_or_else(|| StoreError::Invalid {
-            path: self.path.to_path_buf(),
-            what: "outbox.state",
-            value: row.state.clone(),
-        })?;
-        Ok(OutboxEntry {
-            id: row.id,
-            bot: row.bot,
-            room: row.room,
-            text: row.text,
-            created_at: row.created_at,
-            state,
-            attempts: u32::try_from(row.attempts).unwrap_or(u32::MAX),
-            sent_at: row.sent_at,
-        })
-    }
-
-    /// Records that the entry was written to a connection at `sent_at` (Unix ms), in
-    /// the next group commit. A failure is logged: the in-memory outbox stays
-    /// authoritative for this run.
-    pub fn outbox_mark_sent(&self, id: OutboxId, sent_at: i64) {
-        self.submit(
-            move |conn| {
-                conn.prepare_cached(
-                    "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?2
-                     WHERE id = ?1 AND state IN ('pending', 'sent')",
-                )?
-                .execute(params![id.0, sent_at])
-                .map(drop)
-            },
-            move |r| log_failed_write(r, "record an outbox send", id),
-            Urgency::Soon,
-        );
-    }
-
-    /// Moves an entry to a final state (confirmed, stale, cancelled), in the next
-    /// group commit; a failure is logged.
-    pub fn outbox_finish(&self, id: OutboxId, state: OutboxState) {
-        self.submit(
-            move |conn| {
-                conn.prepare_cached("UPDATE outbox SET state = ?2 WHERE id = ?1")?
-                    .execute(params![id.0, state.as_str()])
-                    .map(drop)
-            },
-            move |r| log_failed_write(r, "finish an outbox entry", id),
-            Urgency::Soon,
-        );
-    }
-
-    /// Deletes finished (confirmed, stale, cancelled) entries created before `before` (Unix ms).
-    /// Returns how many rows went.
-    pub fn outbox_prune(&self, before: i64) -> Result<usize, StoreError> {
-        self.lock()
-            .execute(
-                "DELETE FROM outbox WHERE state NOT IN ('pending', 'sent') AND created_at < ?1",
-                params![before],
-            )
-            .map_err(|e| self.err(e))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// group commit
-
-/// The statements of one write.
-type Work = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + Send>;
-/// Who to tell how it went.
-type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-
-/// One write waiting for the next group commit: the statements, and who to tell.
-struct Job {
-    work: Work,
-    done: Done,
-}
-
-#[derive(Default)]
-struct CommitQueue {
-    jobs: Vec<Job>,
-    /// A drain is running (or scheduled): new jobs join its next batch.
-    running: bool,
-    /// Commits are held back (tests: "nothing is sent before its row is committed").
-    held: bool,
-    /// A commit of bookkeeping writes is scheduled.
-    flush_scheduled: bool,
-}
-
-/// Whether someone waits for a write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Urgency {
-    /// A writer waits (a reply is not sent before its row is committed): commit now.
-    Now,
-    /// Bookkeeping (a send, a confirmation, a recovery position): with the next
-    /// commit, or within [`SOON`].
-    Soon,
-}
-
-/// The longest a bookkeeping write waits for company before it is committed alone.
-const SOON: Duration = Duration::from_millis(2);
-
-/// The group-commit state shared by every clone of a [`Store`].
-#[derive(Default)]
-struct Committer {
-    queue: Mutex<CommitQueue>,
-    /// The id the next outbox row gets (assigned at enqueue time, so the caller knows
-    /// it before the commit).
-    next_outbox_id: AtomicI64,
-    batches: AtomicU64,
-    writes: AtomicU64,
-}
 
 /// How much the group commit has done: `writes / batches` is the mean group size.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -912,634 +244,6 @@ pub struct CommitStats {
     pub writes: u64,
 }
 
-/// Holds every group commit back until dropped; see [`Store::hold_commits`].
-#[must_use = "commits resume when the hold is dropped"]
-pub struct CommitHold {
-    store: Store,
-}
-
-impl Drop for CommitHold {
-    fn drop(&mut self) {
-        let lead = {
-            let mut q = self.store.queue();
-            q.held = false;
-            let lead = !q.running && !q.jobs.is_empty();
-            if lead {
-                q.running = true;
-            }
-            lead
-        };
-        if lead {
-            self.store.start_drain();
-        }
-    }
-}
-
-/// Hot-path writes (outbox rows, their sends and confirmations) are committed in
-/// groups: every write queued while a commit is running goes into the next one, a
-/// single transaction, and each writer is told only once its own row is committed.
-/// Under load one transaction carries many writes; alone, a write commits at once.
-/// The commit runs on tokio's blocking pool (inline when there is no runtime), never
-/// on the async worker that queued it.
-impl Store {
-    fn queue(&self) -> MutexGuard<'_, CommitQueue> {
-        self.commits.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn gone(&self) -> StoreError {
-        StoreError::Sqlite {
-            path: self.path.to_path_buf(),
-            source: rusqlite::Error::InvalidQuery,
-        }
-    }
-
-    /// Queues `work` for the next group commit; `done` gets its outcome once the
-    /// transaction holding it has committed (or failed). A write someone waits for
-    /// ([`Urgency::Now`]) starts a commit at once if none is running; bookkeeping
-    /// ([`Urgency::Soon`]) rides along with the next one, or is committed within
-    /// [`SOON`] by itself.
-    fn submit(
-        &self,
-        work: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
-        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
-        urgency: Urgency,
-    ) {
-        let (lead, schedule) = {
-            let mut q = self.queue();
-            q.jobs.push(Job {
-                work: Box::new(work),
-                done: Box::new(done),
-            });
-            let idle = !q.running && !q.held;
-            match urgency {
-                Urgency::Now if idle => {
-                    q.running = true;
-                    (true, false)
-                }
-                Urgency::Soon if idle && !q.flush_scheduled => {
-                    q.flush_scheduled = true;
-                    (false, true)
-                }
-                _ => (false, false),
-            }
-        };
-        if lead {
-            self.start_drain();
-        } else if schedule {
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    let store = self.clone();
-                    rt.spawn(async move {
-                        tokio::time::sleep(SOON).await;
-                        store.kick();
-                    });
-                }
-                Err(_) => self.kick(),
-            }
-        }
-    }
-
-    /// Starts a commit of whatever is queued, unless one is running or held.
-    fn kick(&self) {
-        let lead = {
-            let mut q = self.queue();
-            q.flush_scheduled = false;
-            let lead = !q.running && !q.held && !q.jobs.is_empty();
-            if lead {
-                q.running = true;
-            }
-            lead
-        };
-        if lead {
-            self.start_drain();
-        }
-    }
-
-    /// Runs the commits on tokio's blocking pool (inline when there is no runtime), so
-    /// the async workers go on while a batch is written and the next one gathers.
-    /// (Committing on the calling thread instead was measured: one-at-a-time latency
-    /// 106 -> 17 us per row, but replies per second through `roost serve` fell from
-    /// 22,000 to 9,300, as batches shrank to one row and the workers did the writing.)
-    fn start_drain(&self) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                let store = self.clone();
-                rt.spawn_blocking(move || store.drain());
-            }
-            Err(_) => self.drain(),
-        }
-    }
-
-    /// Commits batches until the queue is empty.
-    fn drain(&self) {
-        loop {
-            let jobs = {
-                let mut q = self.queue();
-                if q.jobs.is_empty() || q.held {
-                    q.running = false;
-                    return;
-                }
-                q.flush_scheduled = false;
-                std::mem::take(&mut q.jobs)
-            };
-            self.commit_batch(jobs);
-        }
-    }
-
-    fn commit_batch(&self, jobs: Vec<Job>) {
-        let n = jobs.len() as u64;
-        let mut outcomes: Vec<(Job, rusqlite::Result<()>)> = Vec::with_capacity(jobs.len());
-        let committed = {
-            let conn = self.lock();
-            let begun = conn.execute_batch("BEGIN IMMEDIATE");
-            match begun {
-                Err(e) => Err(e),
-                Ok(()) => {
-                    for mut job in jobs {
-                        let work = std::mem::replace(&mut job.work, Box::new(|_| Ok(())));
-                        // A savepoint per write: a failing write leaves no trace and
-                        // does not take the others down with it.
-                        let result =
-                            conn.execute_batch("SAVEPOINT w")
-                                .and_then(|()| match work(&conn) {
-                                    Ok(()) => conn.execute_batch("RELEASE w"),
-                                    Err(e) => {
-                                        let _ = conn.execute_batch("ROLLBACK TO w; RELEASE w");
-                                        Err(e)
-                                    }
-                                });
-                        outcomes.push((job, result));
-                    }
-                    let commit = conn.execute_batch("COMMIT");
-                    if commit.is_err() {
-                        let _ = conn.execute_batch("ROLLBACK");
-                    }
-                    commit
-                }
-            }
-        };
-        match committed {
-            Ok(()) => {
-                self.commits.batches.fetch_add(1, Ordering::Relaxed);
-                self.commits.writes.fetch_add(n, Ordering::Relaxed);
-                for (job, result) in outcomes {
-                    (job.done)(result.map_err(|e| self.err(e)));
-                }
-            }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, writes = n, "group commit failed");
-                for (job, _) in outcomes {
-                    (job.done)(Err(self.err(clone_error(&e))));
-                }
-            }
-        }
-    }
-
-    /// Waits until every write queued before this call is committed.
-    pub async fn flush(&self) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(
-            |_| Ok(()),
-            move |_| {
-                let _ = tx.send(());
-            },
-            Urgency::Now,
-        );
-        let _ = rx.await;
-    }
-
-    /// Holds every group commit back until the returned guard is dropped: queued
-    /// writes stay uncommitted (and their writers unanswered). For tests of the
-    /// promise that nothing is sent before its row is committed.
-    #[doc(hidden)]
-    pub fn hold_commits(&self) -> CommitHold {
-        self.queue().held = true;
-        CommitHold {
-            store: self.clone(),
-        }
-    }
-
-    /// Transactions and writes committed so far by the group commit.
-    pub fn commit_stats(&self) -> CommitStats {
-        CommitStats {
-            batches: self.commits.batches.load(Ordering::Relaxed),
-            writes: self.commits.writes.load(Ordering::Relaxed),
-        }
-    }
-}
-
-fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
-    match e {
-        rusqlite::Error::SqliteFailure(code, msg) => {
-            rusqlite::Error::SqliteFailure(*code, msg.clone())
-        }
-        other => rusqlite::Error::ToSqlConversionFailure(other.to_string().into()),
-    }
-}
-
-fn log_failed_write(result: Result<(), StoreError>, what: &str, id: OutboxId) {
-    if let Err(e) = result {
-        tracing::error!(%id, error = %e, "cannot {what}");
-    }
-}
-
-/// How often the background checkpointer moves the WAL into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-
-/// A WAL longer than this many frames (4 KiB pages) after a passive checkpoint is
-/// restarted: see [`spawn_checkpointer`].
-const RESTART_WAL_FRAMES: i64 = 256;
-
-/// The longest a restarting checkpoint holds new commits back.
-const RESTART_WAIT: Duration = Duration::from_millis(20);
-
-/// Runs WAL checkpoints on a connection of its own, in a thread of its own, so
-/// that no commit on the sending path ever pays for one. `PASSIVE` never blocks
-/// the writer or readers.
-///
-/// Under steady writes a passive checkpoint never catches up with the writer, so
-/// SQLite never starts the WAL over and it grows without end (88 MB in 5 s of
-/// pipelined replies): each new frame then extends the file, and the file system
-/// allocates and zeroes blocks on the sending path (6.7 % of all CPU in that
-/// benchmark). So when frames are left after the passive pass, a `RESTART`
-/// checkpoint copies the few written meanwhile and has the next commit write the
-/// WAL from its start again, over blocks already allocated. It holds commits back
-/// for at most [`RESTART_WAIT`] (their busy handler waits), then gives up until the
-/// next round. The thread ends when the last handle is dropped.
-fn spawn_checkpointer(store: &Store) {
-    let path = store.path.to_path_buf();
-    let weak: Weak<Committer> = Arc::downgrade(&store.commits);
-    let spawned = std::thread::Builder::new()
-        .name("roost-checkpoint".into())
-        .spawn(move || {
-            let conn = match Connection::open(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "no background WAL checkpoints");
-                    return;
-                }
-            };
-            let _ = conn.busy_timeout(BUSY_TIMEOUT);
-            loop {
-                std::thread::sleep(CHECKPOINT_EVERY);
-                if weak.upgrade().is_none() {
-                    return;
-                }
-                checkpoint_round(&conn, &path);
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the WAL checkpointer");
-    }
-}
-
-/// One round of [`spawn_checkpointer`]: a passive checkpoint, and a restarting one
-/// when the WAL is still long.
-fn checkpoint_round(conn: &Connection, path: &Path) {
-    // (frames in the WAL, frames checkpointed)
-    let checkpoint = |mode: &str| {
-        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-        })
-    };
-    match checkpoint("PASSIVE") {
-        Err(e) => {
-            tracing::debug!(path = %path.display(), error = %e, "WAL checkpoint failed");
-        }
-        Ok((frames, _)) if frames > RESTART_WAL_FRAMES => {
-            let _ = conn.busy_timeout(RESTART_WAIT);
-            if let Err(e) = checkpoint("RESTART") {
-                tracing::debug!(path = %path.display(), error = %e, "WAL restart failed");
-            }
-            let _ = conn.busy_timeout(BUSY_TIMEOUT);
-        }
-        Ok(_) => {}
-    }
-}
-
-/// Unix time in milliseconds (0 if the clock is before 1970).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn create_state_dir(dir: &Path) -> Result<(), StoreError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(dir).map_err(|source| StoreError::CreateDir {
-        path: dir.to_path_buf(),
-        source,
-    })
-}
-
-/// Creates `path` with mode 0600 if `create`, or tightens an existing file to 0600.
-fn secure_file(path: &Path, create: bool) -> Result<(), StoreError> {
-    let perm_err = |source| StoreError::Permissions {
-        path: path.to_path_buf(),
-        source,
-    };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        if create && !path.exists() {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
-                .map_err(perm_err)?;
-        }
-        match std::fs::metadata(path) {
-            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(perm_err)?;
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => {}
-            Err(e) => return Err(perm_err(e)),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (path, create, perm_err);
-    }
-    Ok(())
-}
-
-fn is_corruption(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
-    )
-}
-
-fn classify_open(path: &Path, source: rusqlite::Error) -> StoreError {
-    if is_corruption(&source) {
-        StoreError::Corrupt {
-            path: path.to_path_buf(),
-            detail: source.to_string(),
-        }
-    } else {
-        StoreError::Open {
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-}
-
-fn classify(path: &Path, source: rusqlite::Error) -> StoreError {
-    if is_corruption(&source) {
-        StoreError::Corrupt {
-            path: path.to_path_buf(),
-            detail: source.to_string(),
-        }
-    } else {
-        StoreError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tempdir() -> tempfile::TempDir {
-        tempfile::tempdir().unwrap()
-    }
-
-    #[test]
-    fn creates_dir_schema_and_modes() {
-        let tmp = tempdir();
-        let dir = tmp.path().join("nested/state");
-        let store = Store::open(&dir).unwrap();
-        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
-        assert_eq!(store.path(), dir.join(DB_FILE));
-        store.outbox_push("b", "r", "t", 1).unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            for name in ["roost.db", "roost.db-wal", "roost.db-shm"] {
-                let p = dir.join(name);
-                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-                assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
-            }
-            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o700);
-        }
-        let mode: String = store
-            .lock()
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, "wal");
-    }
-
-    #[test]
-    fn tightens_existing_file_mode() {
-        let tmp = tempdir();
-        let path = tmp.path().join(DB_FILE);
-        std::fs::write(&path, b"").unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-            Store::open(tmp.path()).unwrap();
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600);
-        }
-    }
-
-    #[test]
-    fn corrupt_file_is_a_clear_error() {
-        let tmp = tempdir();
-        let path = tmp.path().join(DB_FILE);
-        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
-        let err = Store::open(tmp.path()).unwrap_err();
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
-        let msg = err.to_string();
-        assert!(msg.contains(&path.display().to_string()), "{msg}");
-    }
-
-    #[test]
-    fn newer_schema_is_refused() {
-        let tmp = tempdir();
-        {
-            let store = Store::open(tmp.path()).unwrap();
-            store
-                .lock()
-                .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
-                .unwrap();
-        }
-        let err = Store::open(tmp.path()).unwrap_err();
-        assert!(matches!(err, StoreError::TooNew { .. }), "{err:?}");
-    }
-
-    #[test]
-    fn reopen_keeps_data_and_migrations_are_idempotent() {
-        let tmp = tempdir();
-        let key = ApiKey::new("secret-key-1");
-        {
-            let store = Store::open(tmp.path()).unwrap();
-            store
-                .save_credentials("http://a", "p", "name-1", &key)
-                .unwrap();
-        }
-        let store = Store::open(tmp.path()).unwrap();
-        let creds = store.credentials("http://a", "p").unwrap().unwrap();
-        assert_eq!(creds.name, "name-1");
-        assert_eq!(creds.key.expose(), "secret-key-1");
-        assert!(!format!("{creds:?}").contains("secret-key-1"));
-        assert!(store.credentials("http://b", "p").unwrap().is_none());
-        store
-            .save_credentials("http://a", "p", "name-2", &ApiKey::new("k2"))
-            .unwrap();
-        assert_eq!(
-            store.credentials("http://a", "p").unwrap().unwrap().name,
-            "name-2"
-        );
-        store.delete_credentials("http://a", "p").unwrap();
-        assert!(store.credentials("http://a", "p").unwrap().is_none());
-    }
-
-    #[test]
-    fn outbox_lifecycle() {
-        let store = Store::open_in_memory().unwrap();
-        let a = store.outbox_push("bot", "lobby", "one", 10).unwrap();
-        let b = store.outbox_push("bot", "lobby", "two", 11).unwrap();
-        let c = store.outbox_push("other", "lobby", "x", 12).unwrap();
-        assert!(a < b && b < c);
-        let pending = store.outbox_pending("bot").unwrap();
-        assert_eq!(pending.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
-        assert_eq!(pending[0].state, OutboxState::Pending);
-        store.outbox_mark_sent(a, 20);
-        store.outbox_mark_sent(a, 30);
-        let e = store.outbox_get(a).unwrap().unwrap();
-        assert_eq!(
-            (e.state, e.attempts, e.sent_at),
-            (OutboxState::Sent, 2, Some(30))
-        );
-        store.outbox_finish(a, OutboxState::Confirmed);
-        store.outbox_finish(b, OutboxState::Stale);
-        // A finished entry is not revived by a late mark_sent.
-        store.outbox_mark_sent(b, 40);
-        assert_eq!(
-            store.outbox_get(b).unwrap().unwrap().state,
-            OutboxState::Stale
-        );
-        assert!(store.outbox_pending("bot").unwrap().is_empty());
-        assert_eq!(store.outbox_prune(100).unwrap(), 2);
-        assert_eq!(store.outbox_pending("other").unwrap().len(), 1);
-    }
-
-    #[test]
-    fn a_checkpoint_round_starts_a_long_wal_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let wal = dir.path().join(format!("{DB_FILE}-wal"));
-        let text = "x".repeat(3000);
-        // Each row in its own commit: about one page per row.
-        let write = |n: i64| {
-            for i in 0..n {
-                store.outbox_push("bot", "lobby", &text, i).unwrap();
-            }
-        };
-        write(400);
-        let first = std::fs::metadata(&wal).unwrap().len();
-        let frames_first = first / 4096;
-        assert!(
-            frames_first > RESTART_WAL_FRAMES as u64,
-            "{frames_first} frames"
-        );
-        let conn = Connection::open(store.path()).unwrap();
-        checkpoint_round(&conn, store.path());
-        write(400);
-        let second = std::fs::metadata(&wal).unwrap().len();
-        // Started over: the second batch overwrote the first's frames instead of
-        // growing the file to about twice its size.
-        assert!(second <= first + first / 10, "{first} -> {second}");
-    }
-
-    #[test]
-    fn clones_share_one_connection() {
-        let store = Store::open_in_memory().unwrap();
-        let other = store.clone();
-        let id = other.outbox_push("b", "r", "t", 1).unwrap();
-        assert_eq!(store.outbox_get(id).unwrap().unwrap().text, "t");
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// LLM token budgets (see `llm::budget`)
-
-impl Store {
-    /// A persona's stored budget buckets `(wall-clock ms, tokens)` from `since_ms` on.
-    pub fn llm_budget_load(
-        &self,
-        persona: &str,
-        since_ms: i64,
-    ) -> Result<Vec<(i64, u64)>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT bucket_ms, tokens FROM llm_budget
-                 WHERE persona = ?1 AND bucket_ms >= ?2 ORDER BY bucket_ms",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![persona, since_ms], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
-    }
-
-    /// Sets the tokens of one budget bucket (a bucket of 0 tokens is removed) and
-    /// removes the persona's buckets older than `forget_before_ms`.
-    pub fn llm_budget_save(
-        &self,
-        persona: &str,
-        bucket_ms: i64,
-        tokens: u64,
-        forget_before_ms: i64,
-    ) -> Result<(), StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
-        if tokens == 0 {
-            tx.execute(
-                "DELETE FROM llm_budget WHERE persona = ?1 AND bucket_ms = ?2",
-                params![persona, bucket_ms],
-            )
-        } else {
-            tx.execute(
-                "INSERT INTO llm_budget (persona, bucket_ms, tokens) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (persona, bucket_ms) DO UPDATE SET tokens = excluded.tokens",
-                params![persona, bucket_ms, tokens.min(i64::MAX as u64) as i64],
-            )
-        }
-        .map_err(|e| self.err(e))?;
-        tx.execute(
-            "DELETE FROM llm_budget WHERE persona = ?1 AND bucket_ms < ?2",
-            params![persona, forget_before_ms],
-        )
-        .map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// per-persona key/value data (the `kv` capability)
 
 /// Size limits of one persona's key/value namespace. Sizes count the key's UTF-8 bytes
 /// plus the value's bytes of every entry.
@@ -1578,41 +282,560 @@ pub enum KvSetError {
     Store(#[from] StoreError),
 }
 
-/// Key/value data, one namespace per persona (its label). The caller scopes every call
-/// to one persona; nothing here lets one namespace reach another. Quotas are checked
-/// and the write made in one transaction, so concurrent writers cannot overshoot.
-///
-/// ```
-/// use roost::store::{KvQuota, KvSetError, Store};
-/// let store = Store::open_in_memory().unwrap();
-/// let quota = KvQuota { total_bytes: 16, value_bytes: 8 };
-/// store.kv_set("rook", "seen/ada", b"2", quota).unwrap();
-/// assert_eq!(store.kv_get("rook", "seen/ada").unwrap().as_deref(), Some(&b"2"[..]));
-/// assert_eq!(store.kv_get("sage", "seen/ada").unwrap(), None);
-/// assert_eq!(store.kv_usage("rook").unwrap(), 9);
-/// assert!(matches!(
-///     store.kv_set("rook", "seen/bob", b"12345678", quota),
-///     Err(KvSetError::QuotaExceeded { .. })
-/// ));
-/// assert_eq!(store.kv_list("rook", "seen/").unwrap(), ["seen/ada"]);
-/// assert!(store.kv_delete("rook", "seen/ada").unwrap());
-/// ```
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+
+
+// ---------------------------------------------------------------------------------------
+// the interface
+
+/// A cloneable handle on the state store (SQLite or PostgreSQL).
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    /// Lease fences (PostgreSQL with leases on): which epoch this host holds for each
+    /// persona and until when it may act on it. `None`: a single host, no leases.
+    fences: Option<Arc<Fences>>,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.backend {
+            Backend::Sqlite(s) => fmt::Debug::fmt(s, f),
+            Backend::Postgres(p) => fmt::Debug::fmt(p, f),
+        }
+    }
+}
+
+/// Which store a host uses: `[store] url`, `--store`, `ROOST_STORE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// The embedded SQLite file in the state directory (the default).
+    Sqlite,
+    /// A PostgreSQL server, `postgres://` or `postgresql://` (libpq URL syntax).
+    Postgres(String),
+}
+
+impl StoreUrl {
+    /// Parses a store URL: empty, `sqlite` or `sqlite:` is the embedded default;
+    /// `postgres://...` / `postgresql://...` a server. Anything else is a one-line error.
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        let url = url.trim();
+        if url.is_empty() || url == "sqlite" || url == "sqlite:" {
+            return Ok(StoreUrl::Sqlite);
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            url.parse::<tokio_postgres::Config>()
+                .map_err(|e| format!("store URL {}: {e}", redact_url(url)))?;
+            return Ok(StoreUrl::Postgres(url.to_string()));
+        }
+        Err(format!(
+            "store URL {}: expected postgres://... (or sqlite for the embedded default)",
+            redact_url(url)
+        ))
+    }
+}
+
+/// `url` with any password replaced by `***` (for logs and errors).
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unparseable URL)".to_string(),
+    }
+}
+
+/// What this host may do for each persona it holds a lease on.
+#[derive(Debug)]
+pub(crate) struct Fences {
+    pub(crate) host: String,
+    map: RwLock<HashMap<String, Fence>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Fence {
+    epoch: i64,
+    /// Past this instant (monotonic: it counts while the process is stopped) the host
+    /// no longer trusts its lease and sends nothing for the persona.
+    valid_until: Instant,
+}
+
+impl Fences {
+    fn get(&self, persona: &str) -> Option<Fence> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(persona)
+            .copied()
+    }
+}
+
+/// A write fenced by a lease: the persona, this host, the epoch it holds.
+#[derive(Clone, Debug)]
+pub(crate) struct FenceToken {
+    pub(crate) persona: String,
+    pub(crate) host: String,
+    pub(crate) epoch: i64,
+}
+
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $e:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($b) => $e,
+            Backend::Postgres($b) => $e,
+        }
+    };
+}
+
 impl Store {
+    /// Opens (creating if needed) `<state_dir>/roost.db` and migrates it to the current
+    /// schema, with `synchronous = NORMAL`.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with(state_dir, Synchronous::default())
+    }
+
+    /// [`Store::open`] with a choice of [`Synchronous`].
+    pub fn open_with(state_dir: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
+        Ok(Store::sqlite(sqlite::Sqlite::open_with(state_dir, synchronous)?))
+    }
+
+    /// An in-memory SQLite database (tests, `roost replay`). Nothing is persisted.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Ok(Store::sqlite(sqlite::Sqlite::open_in_memory()?))
+    }
+
+    /// Connects to PostgreSQL at `url` and applies the migrations this build knows
+    /// (one host at a time, under an advisory lock). Writes are not fenced until
+    /// [`Store::enable_leases`].
+    pub fn open_postgres(url: &str, options: PgOptions) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Postgres(postgres::Postgres::connect(url, options)?),
+            fences: None,
+        })
+    }
+
+    /// Opens what `url` names: SQLite in `state_dir`, or PostgreSQL.
+    pub fn open_url(
+        url: &StoreUrl,
+        state_dir: &Path,
+        synchronous: Synchronous,
+        options: PgOptions,
+    ) -> Result<Store, StoreError> {
+        match url {
+            StoreUrl::Sqlite => Store::open_with(state_dir, synchronous),
+            StoreUrl::Postgres(url) => Store::open_postgres(url, options),
+        }
+    }
+
+    fn sqlite(s: sqlite::Sqlite) -> Store {
+        Store {
+            backend: Backend::Sqlite(s),
+            fences: None,
+        }
+    }
+
+    /// True for the PostgreSQL backend (shared by several hosts).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// The SQLite file, or `None` for PostgreSQL.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Sqlite(s) => Some(s.path()),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// Where the state lives, for logs: the SQLite file or the PostgreSQL URL without
+    /// its password.
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(s) => s.path().display().to_string(),
+            Backend::Postgres(p) => p.location(),
+        }
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        dispatch!(self, b => b.schema_version())
+    }
+
+    /// One round trip to the store (the health check).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.schema_version().map(drop),
+            Backend::Postgres(p) => p.ping(),
+        }
+    }
+
+    // ---- leases and fences --------------------------------------------------------
+
+    /// Turns on lease fencing for host `host` (PostgreSQL only): from now on every
+    /// outbox row and kv write of a persona carries the epoch this host holds for it,
+    /// and a persona with no fence (no lease held) can neither write nor send.
+    pub fn enable_leases(&mut self, host: &str) -> Result<(), StoreError> {
+        if !self.is_shared() {
+            return Err(StoreError::NotShared);
+        }
+        self.fences = Some(Arc::new(Fences {
+            host: host.to_string(),
+            map: RwLock::default(),
+        }));
+        Ok(())
+    }
+
+    /// The host id leases are held under, if leases are on.
+    pub fn lease_host(&self) -> Option<&str> {
+        self.fences.as_deref().map(|f| f.host.as_str())
+    }
+
+    /// Records that this host holds `persona` at `epoch` and may act on it until
+    /// `valid_until`.
+    pub fn set_fence(&self, persona: &str, epoch: i64, valid_until: Instant) {
+        if let Some(f) = &self.fences {
+            f.map
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(persona.to_string(), Fence { epoch, valid_until });
+        }
+    }
+
+    /// Extends every fence of this host to `valid_until` (a renewal went through).
+    pub fn extend_fences(&self, valid_until: Instant) {
+        if let Some(f) = &self.fences {
+            for fence in f.map.write().unwrap_or_else(|p| p.into_inner()).values_mut() {
+                fence.valid_until = valid_until;
+            }
+        }
+    }
+
+    /// Forgets the fence of `persona`: nothing more is written or sent for it here.
+    pub fn clear_fence(&self, persona: &str) {
+        if let Some(f) = &self.fences {
+            f.map
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(persona);
+        }
+    }
+
+    /// The epoch this host holds for `persona` (leases on), if any.
+    pub fn fence_epoch(&self, persona: &str) -> Option<i64> {
+        self.fences
+            .as_deref()
+            .and_then(|f| f.get(persona))
+            .map(|f| f.epoch)
+    }
+
+    /// Whether the session of `persona` may write frames now: always without leases;
+    /// with leases, only while this host's lease on it is trusted (held, and its last
+    /// renewal recent enough that it cannot have expired).
+    pub fn may_send(&self, persona: &str) -> bool {
+        match &self.fences {
+            None => true,
+            Some(f) => f
+                .get(persona)
+                .is_some_and(|fence| Instant::now() < fence.valid_until),
+        }
+    }
+
+    /// The fence a write of `persona` carries: `Ok(None)` without leases, the token
+    /// with them, [`StoreError::Fenced`] if this host holds no lease on `persona`.
+    fn fence(&self, persona: &str) -> Result<Option<FenceToken>, StoreError> {
+        let Some(f) = &self.fences else {
+            return Ok(None);
+        };
+        match f.get(persona) {
+            Some(fence) => Ok(Some(FenceToken {
+                persona: persona.to_string(),
+                host: f.host.clone(),
+                epoch: fence.epoch,
+            })),
+            None => Err(StoreError::Fenced {
+                persona: persona.to_string(),
+            }),
+        }
+    }
+
+    fn pg(&self) -> Result<&postgres::Postgres, StoreError> {
+        match &self.backend {
+            Backend::Postgres(p) => Ok(p),
+            Backend::Sqlite(_) => Err(StoreError::NotShared),
+        }
+    }
+
+    /// Heartbeat: records `host` alive until `ttl` from now (the database's clock) and
+    /// returns the live hosts.
+    pub fn lease_heartbeat(&self, host: &str, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        self.pg()?.heartbeat(host, ttl)
+    }
+
+    /// Extends every lease `host` holds to `ttl` from now; returns `(persona, epoch)`
+    /// of each (a lease taken over by another host is not among them).
+    pub fn lease_renew(&self, host: &str, ttl: Duration) -> Result<Vec<(String, i64)>, StoreError> {
+        self.pg()?.renew(host, ttl)
+    }
+
+    /// Takes `persona` for `host` if it is free, expired or released; returns the new
+    /// epoch (one more than the last holder's), or `None` if another host holds it.
+    pub fn lease_acquire(
+        &self,
+        host: &str,
+        persona: &str,
+        ttl: Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        self.pg()?.acquire(host, persona, ttl)
+    }
+
+    /// Hands `persona` back (its bot is stopped): free at once for another host.
+    pub fn lease_release(&self, host: &str, persona: &str, epoch: i64) -> Result<(), StoreError> {
+        self.pg()?.release(host, persona, epoch)
+    }
+
+    /// Every lease row, by persona.
+    pub fn leases(&self) -> Result<Vec<LeaseRow>, StoreError> {
+        self.pg()?.leases()
+    }
+
+    // ---- credentials -------------------------------------------------------------
+
+    /// The credentials `persona` registered with on `server`, if any.
+    pub fn credentials(
+        &self,
+        server: &str,
+        persona: &str,
+    ) -> Result<Option<StoredCredentials>, StoreError> {
+        dispatch!(self, b => b.credentials(server, persona))
+    }
+
+    /// Stores (replacing) the credentials of `persona` on `server`.
+    pub fn save_credentials(
+        &self,
+        server: &str,
+        persona: &str,
+        name: &str,
+        key: &ApiKey,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, b => b.save_credentials(server, persona, name, key))
+    }
+
+    /// The personas whose stored identity on `server` is `name`, or `name` with a
+    /// registration suffix (`name-1a2b`).
+    pub fn personas_named(&self, server: &str, name: &str) -> Result<Vec<String>, StoreError> {
+        let stored = dispatch!(self, b => b.identities_on(server))?;
+        Ok(stored
+            .into_iter()
+            .filter(|(_, stored)| {
+                let suffixed = stored
+                    .strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|sfx| {
+                        sfx.len() == 4 && sfx.bytes().all(|b| b.is_ascii_hexdigit())
+                    });
+                stored == name || suffixed
+            })
+            .map(|(persona, _)| persona)
+            .collect())
+    }
+
+    /// Before 0.2 an identity was stored under the name a manifest claimed; now it
+    /// belongs to the file label. Moves the identity (credentials, open outbox rows,
+    /// recovery positions) stored under `name` to `label`, if `label` has none yet and
+    /// `trusted` (the name is the label itself, or the operator set it in roost.toml:
+    /// a manifest alone never inherits an identity). True if something moved.
+    pub fn adopt_legacy_identity(
+        &self,
+        server: &str,
+        name: &str,
+        label: &str,
+        trusted: bool,
+    ) -> Result<bool, StoreError> {
+        if name == label || !trusted {
+            return Ok(false);
+        }
+        let moved = dispatch!(self, b => b.adopt_legacy_identity(server, name, label))?;
+        if moved {
+            tracing::info!(
+                persona = label,
+                name,
+                "stored identity moved from the name to the persona's file label"
+            );
+        }
+        Ok(moved)
+    }
+
+    /// Forgets the credentials of `persona` on `server` (the server revoked the key).
+    pub fn delete_credentials(&self, server: &str, persona: &str) -> Result<(), StoreError> {
+        dispatch!(self, b => b.delete_credentials(server, persona))
+    }
+
+    /// Records a re-registration of `persona` on `server` at `at` (Unix ms).
+    pub fn record_registration(
+        &self,
+        server: &str,
+        persona: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, b => b.record_registration(server, persona, at))
+    }
+
+    /// Re-registrations of `persona` on `server` at or after `since` (Unix ms).
+    pub fn registrations_since(
+        &self,
+        server: &str,
+        persona: &str,
+        since: i64,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, b => b.registrations_since(server, persona, since))
+    }
+
+    // ---- recovery positions --------------------------------------------------------
+
+    /// The newest timestamp (Unix ms) delivered from each room of `bot`, as last saved.
+    pub fn room_positions(&self, bot: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        dispatch!(self, b => b.room_positions(bot))
+    }
+
+    /// Saves the recovery position of `bot`'s rooms in the next group commit (never
+    /// moving one back); a failure is logged. Fenced like every write.
+    pub fn save_room_positions(&self, bot: &str, positions: Vec<(String, u64)>) {
+        match &self.backend {
+            Backend::Sqlite(s) => s.save_room_positions(bot, positions),
+            Backend::Postgres(p) => match self.fence(bot) {
+                Ok(fence) => p.save_room_positions(bot, positions, fence),
+                Err(e) => tracing::warn!(bot, error = %e, "recovery positions not saved"),
+            },
+        }
+    }
+
+    /// Forgets the recovery position of `bot` in `room` (it left the room).
+    pub fn forget_room_position(&self, bot: &str, room: &str) {
+        match &self.backend {
+            Backend::Sqlite(s) => s.forget_room_position(bot, room),
+            Backend::Postgres(p) => {
+                if let Ok(fence) = self.fence(bot) {
+                    p.forget_room_position(bot, room, fence);
+                }
+            }
+        }
+    }
+
+    // ---- outbox --------------------------------------------------------------------
+
+    /// Queues a message and waits until its row is committed; returns its id.
+    /// `created_at` is Unix milliseconds. This blocks the calling thread: async code
+    /// uses [`Store::outbox_enqueue`].
+    pub fn outbox_push(
+        &self,
+        bot: &str,
+        room: &str,
+        text: &str,
+        created_at: i64,
+    ) -> Result<OutboxId, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let id = self.outbox_enqueue(bot, room, text, created_at, move |_, r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or(Err(StoreError::Gone))?;
+        Ok(id)
+    }
+
+    /// Queues a message for the next group commit and returns its id at once;
+    /// `durable` is called with that id (on a blocking thread) once the row is
+    /// committed, or with the error that kept it from being committed (with leases:
+    /// [`StoreError::Fenced`] when this host does not hold the persona's current
+    /// epoch). Nothing may send the message before `durable` has said `Ok`.
+    pub fn outbox_enqueue(
+        &self,
+        bot: &str,
+        room: &str,
+        text: &str,
+        created_at: i64,
+        durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
+    ) -> OutboxId {
+        match &self.backend {
+            Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, durable),
+            Backend::Postgres(p) => p.outbox_enqueue(bot, room, text, created_at, self.fence(bot), durable),
+        }
+    }
+
+    /// The open (pending or sent, unconfirmed) entries of `bot`, oldest first.
+    pub fn outbox_pending(&self, bot: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        dispatch!(self, b => b.outbox_pending(bot))
+    }
+
+    /// One entry by id.
+    pub fn outbox_get(&self, id: OutboxId) -> Result<Option<OutboxEntry>, StoreError> {
+        dispatch!(self, b => b.outbox_get(id))
+    }
+
+    /// Records that the entry was written to a connection at `sent_at` (Unix ms), in
+    /// the next group commit. A failure is logged: the in-memory outbox stays
+    /// authoritative for this run.
+    pub fn outbox_mark_sent(&self, id: OutboxId, sent_at: i64) {
+        dispatch!(self, b => b.outbox_mark_sent(id, sent_at))
+    }
+
+    /// Moves an entry to a final state (confirmed, stale, cancelled), in the next
+    /// group commit; a failure is logged.
+    pub fn outbox_finish(&self, id: OutboxId, state: OutboxState) {
+        dispatch!(self, b => b.outbox_finish(id, state))
+    }
+
+    /// Deletes finished (confirmed, stale, cancelled) entries created before `before` (Unix ms).
+    /// Returns how many rows went.
+    pub fn outbox_prune(&self, before: i64) -> Result<usize, StoreError> {
+        dispatch!(self, b => b.outbox_prune(before))
+    }
+
+    /// Waits until every write queued before this call is committed.
+    pub async fn flush(&self) {
+        dispatch!(self, b => b.flush().await)
+    }
+
+    /// Holds every group commit back until the returned guard is dropped (SQLite):
+    /// queued writes stay uncommitted (and their writers unanswered). For tests of
+    /// the promise that nothing is sent before its row is committed.
+    #[doc(hidden)]
+    pub fn hold_commits(&self) -> Option<CommitHold> {
+        match &self.backend {
+            Backend::Sqlite(s) => Some(s.hold_commits()),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// Transactions and writes committed so far by the group commit.
+    pub fn commit_stats(&self) -> CommitStats {
+        dispatch!(self, b => b.commit_stats())
+    }
+
+    // ---- kv ----------------------------------------------------------------------------
+
     /// The value of `key` in `persona`'s namespace.
     pub fn kv_get(&self, persona: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.lock()
-            .query_row(
-                "SELECT value FROM kv WHERE persona = ?1 AND key = ?2",
-                params![persona, key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))
+        dispatch!(self, b => b.kv_get(persona, key))
     }
 
     /// Stores `value` under `key`, replacing an earlier value, if the value fits
     /// `quota.value_bytes` and the namespace stays within `quota.total_bytes` (the
-    /// replaced entry no longer counts).
+    /// replaced entry no longer counts). Quota check and write are one transaction.
     pub fn kv_set(
         &self,
         persona: &str,
@@ -1627,120 +850,37 @@ impl Store {
                 limit: quota.value_bytes,
             });
         }
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| self.err(e))?;
-        // Two primary-key lookups: the namespace's running size and the entry replaced.
-        let used: i64 = tx
-            .query_row(
-                "SELECT bytes FROM kv_usage WHERE persona = ?1",
-                params![persona],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?
-            .unwrap_or(0);
-        let replaced: i64 = tx
-            .query_row(
-                "SELECT length(CAST(key AS BLOB)) + length(value)
-                 FROM kv WHERE persona = ?1 AND key = ?2",
-                params![persona, key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?
-            .unwrap_or(0);
-        let used = used.max(0) as u64;
-        let would_use = used - (replaced.max(0) as u64).min(used) + key.len() as u64 + size;
-        if would_use > quota.total_bytes {
-            // Dropping `tx` rolls back (nothing was written).
-            return Err(KvSetError::QuotaExceeded {
-                used,
-                would_use,
-                quota: quota.total_bytes,
-            });
+        match &self.backend {
+            Backend::Sqlite(s) => s.kv_set(persona, key, value, quota),
+            Backend::Postgres(p) => p.kv_set(persona, key, value, quota, self.fence(persona)?),
         }
-        tx.execute(
-            "INSERT INTO kv (persona, key, value) VALUES (?1, ?2, ?3)
-             ON CONFLICT (persona, key) DO UPDATE SET value = excluded.value",
-            params![persona, key, value],
-        )
-        .map_err(|e| self.err(e))?;
-        tx.execute(
-            "INSERT INTO kv_usage (persona, bytes) VALUES (?1, ?2)
-             ON CONFLICT (persona) DO UPDATE SET bytes = excluded.bytes",
-            params![persona, would_use as i64],
-        )
-        .map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(())
     }
 
     /// Removes `key`; `true` if it existed.
     pub fn kv_delete(&self, persona: &str, key: &str) -> Result<bool, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| self.err(e))?;
-        let freed: Option<i64> = tx
-            .query_row(
-                "DELETE FROM kv WHERE persona = ?1 AND key = ?2
-                 RETURNING length(CAST(key AS BLOB)) + length(value)",
-                params![persona, key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        if let Some(freed) = freed {
-            tx.execute(
-                "UPDATE kv_usage SET bytes = MAX(bytes - ?2, 0) WHERE persona = ?1",
-                params![persona, freed],
-            )
-            .map_err(|e| self.err(e))?;
+        match &self.backend {
+            Backend::Sqlite(s) => s.kv_delete(persona, key),
+            Backend::Postgres(p) => p.kv_delete(persona, key, self.fence(persona)?),
         }
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(freed.is_some())
     }
 
     /// The keys of `persona` starting with `prefix` (`""`: every key), in byte order.
     pub fn kv_list(&self, persona: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.lock();
-        // A range scan on the primary key: TEXT compares as UTF-8 bytes (BINARY), so
-        // every key with the prefix sorts at or after it, and they come first.
-        let mut stmt = conn
-            .prepare_cached("SELECT key FROM kv WHERE persona = ?1 AND key >= ?2 ORDER BY key")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![persona, prefix], |r| r.get::<_, String>(0))
-            .map_err(|e| self.err(e))?;
-        let mut keys = Vec::new();
-        for key in rows {
-            let key = key.map_err(|e| self.err(e))?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            keys.push(key);
-        }
-        Ok(keys)
+        dispatch!(self, b => b.kv_list(persona, prefix))
     }
 
-    /// Bytes (keys + values) `persona` holds (its running total: one lookup).
+    /// Bytes (keys + values) `persona` holds.
     pub fn kv_usage(&self, persona: &str) -> Result<u64, StoreError> {
-        self.lock()
-            .query_row(
-                "SELECT bytes FROM kv_usage WHERE persona = ?1",
-                params![persona],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-            .map(|n| n.unwrap_or(0).max(0) as u64)
-            .map_err(|e| self.err(e))
+        dispatch!(self, b => b.kv_usage(persona))
     }
 }
 
+
 #[cfg(test)]
-mod kv_tests {
+mod suite {
+    //! The behavioural tests of the store: every test runs on both backends (the
+    //! PostgreSQL ones need a server: `ROOST_TEST_POSTGRES=postgres://...`, run with
+    //! `--ignored`; `.ci/run` starts one).
     use super::*;
 
     const Q: KvQuota = KvQuota {
@@ -1748,9 +888,82 @@ mod kv_tests {
         value_bytes: 40,
     };
 
-    #[test]
-    fn set_get_replace_delete() {
-        let s = Store::open_in_memory().unwrap();
+    /// Waits for the bookkeeping writes (sends, confirmations) queued so far.
+    fn settle(store: &Store) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(store.flush());
+    }
+
+    macro_rules! on_both_backends {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite {
+                $( #[test] fn $name() { super::$name(super::super::test_support::sqlite()) } )*
+            }
+            mod postgres {
+                $(
+                    #[test]
+                    #[ignore = "needs PostgreSQL: set ROOST_TEST_POSTGRES"]
+                    fn $name() { super::$name(super::super::test_support::postgres()) }
+                )*
+            }
+        };
+    }
+
+    on_both_backends!(
+        outbox_lifecycle,
+        clones_share_one_store,
+        set_get_replace_delete,
+        quotas_count_key_and_value_bytes,
+        list_is_by_prefix_in_byte_order_and_per_persona,
+        credentials_replace_and_delete,
+        identities_by_name_and_suffix,
+        registrations_are_counted_since,
+        recovery_positions_never_move_back,
+        legacy_identity_moves_to_the_label,
+        outbox_ids_are_unique_and_increasing,
+    );
+
+    fn outbox_lifecycle(store: Store) {
+        let a = store.outbox_push("bot", "lobby", "one", 10).unwrap();
+        let b = store.outbox_push("bot", "lobby", "two", 11).unwrap();
+        let c = store.outbox_push("other", "lobby", "x", 12).unwrap();
+        assert!(a < b && b < c);
+        let pending = store.outbox_pending("bot").unwrap();
+        assert_eq!(pending.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a, b]);
+        assert_eq!(pending[0].state, OutboxState::Pending);
+        store.outbox_mark_sent(a, 20);
+        store.outbox_mark_sent(a, 30);
+        settle(&store);
+        let e = store.outbox_get(a).unwrap().unwrap();
+        assert_eq!(
+            (e.state, e.attempts, e.sent_at),
+            (OutboxState::Sent, 2, Some(30))
+        );
+        store.outbox_finish(a, OutboxState::Confirmed);
+        store.outbox_finish(b, OutboxState::Stale);
+        settle(&store);
+        // A finished entry is not revived by a late mark_sent.
+        store.outbox_mark_sent(b, 40);
+        settle(&store);
+        assert_eq!(
+            store.outbox_get(b).unwrap().unwrap().state,
+            OutboxState::Stale
+        );
+        assert!(store.outbox_pending("bot").unwrap().is_empty());
+        assert_eq!(store.outbox_prune(100).unwrap(), 2);
+        assert_eq!(store.outbox_pending("other").unwrap().len(), 1);
+    }
+
+    fn clones_share_one_store(store: Store) {
+        let other = store.clone();
+        let id = other.outbox_push("b", "r", "t", 1).unwrap();
+        assert_eq!(store.outbox_get(id).unwrap().unwrap().text, "t");
+    }
+
+    fn set_get_replace_delete(s: Store) {
         assert_eq!(s.kv_get("p", "k").unwrap(), None);
         s.kv_set("p", "k", b"one", Q).unwrap();
         s.kv_set("p", "k", b"two!", Q).unwrap();
@@ -1763,9 +976,7 @@ mod kv_tests {
         assert_eq!(s.kv_usage("p").unwrap(), 5);
     }
 
-    #[test]
-    fn quotas_count_key_and_value_bytes() {
-        let s = Store::open_in_memory().unwrap();
+    fn quotas_count_key_and_value_bytes(s: Store) {
         let too_big = s.kv_set("p", "k", &[0; 41], Q).unwrap_err();
         assert!(
             matches!(
@@ -1805,9 +1016,7 @@ mod kv_tests {
         s.kv_set("q", "a3", &[3; 40], Q).unwrap();
     }
 
-    #[test]
-    fn list_is_by_prefix_in_byte_order_and_per_persona() {
-        let s = Store::open_in_memory().unwrap();
+    fn list_is_by_prefix_in_byte_order_and_per_persona(s: Store) {
         for k in ["b/2", "b/10", "a", "b/é", "b/Z", "c"] {
             s.kv_set("p", k, b"x", Q).unwrap();
         }
@@ -1819,71 +1028,253 @@ mod kv_tests {
         assert_eq!(s.kv_get("p", "b/secret").unwrap(), None);
     }
 
-    #[test]
-    fn data_survives_reopening() {
-        let tmp = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(tmp.path()).unwrap();
-            s.kv_set("p", "k", b"kept", Q).unwrap();
-        }
-        let s = Store::open(tmp.path()).unwrap();
-        assert_eq!(s.kv_get("p", "k").unwrap().unwrap(), b"kept");
-    }
 
-    /// The namespace's size as a full scan would count it.
-    fn summed(s: &Store, persona: &str) -> u64 {
-        s.lock()
-            .query_row(
-                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0)
-                 FROM kv WHERE persona = ?1",
-                params![persona],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap() as u64
-    }
-
-    #[test]
-    fn running_usage_matches_a_full_count_through_writes_and_deletes() {
-        let s = Store::open_in_memory().unwrap();
-        let q = KvQuota {
-            total_bytes: 10_000,
-            value_bytes: 100,
-        };
-        for i in 0..200u32 {
-            let key = format!("k{}", i % 37);
-            s.kv_set("p", &key, &vec![7; (i % 90) as usize], q).unwrap();
-            if i % 5 == 0 {
-                s.kv_delete("p", &format!("k{}", (i * 7) % 37)).unwrap();
-            }
-            assert_eq!(s.kv_usage("p").unwrap(), summed(&s, "p"), "after write {i}");
-        }
-        assert!(!s.kv_delete("p", "never").unwrap());
-        assert_eq!(s.kv_usage("p").unwrap(), summed(&s, "p"));
-        assert_eq!(s.kv_usage("nobody").unwrap(), 0);
-    }
-
-    #[test]
-    fn migrating_from_version_2_counts_existing_namespaces() {
-        let tmp = tempfile::tempdir().unwrap();
-        {
-            let mut conn = Connection::open(tmp.path().join(DB_FILE)).unwrap();
-            let tx = conn.transaction().unwrap();
-            for sql in &MIGRATIONS[..2] {
-                tx.execute_batch(sql).unwrap();
-            }
-            tx.pragma_update(None, "user_version", 2).unwrap();
-            tx.execute(
-                "INSERT INTO kv (persona, key, value) VALUES ('p', 'ab', x'010203'), ('p', 'é', x''), ('q', 'k', x'00')",
-                [],
-            )
+    fn credentials_replace_and_delete(store: Store) {
+        let key = ApiKey::new("secret-key-1");
+        store.save_credentials("http://a", "p", "name-1", &key).unwrap();
+        let creds = store.credentials("http://a", "p").unwrap().unwrap();
+        assert_eq!(creds.name, "name-1");
+        assert_eq!(creds.key.expose(), "secret-key-1");
+        assert!(!format!("{creds:?}").contains("secret-key-1"));
+        assert!(store.credentials("http://b", "p").unwrap().is_none());
+        store
+            .save_credentials("http://a", "p", "name-2", &ApiKey::new("k2"))
             .unwrap();
-            tx.commit().unwrap();
+        assert_eq!(
+            store.credentials("http://a", "p").unwrap().unwrap().name,
+            "name-2"
+        );
+        store.delete_credentials("http://a", "p").unwrap();
+        assert!(store.credentials("http://a", "p").unwrap().is_none());
+    }
+
+    fn identities_by_name_and_suffix(store: Store) {
+        let k = ApiKey::new("k");
+        store.save_credentials("s", "one", "echo", &k).unwrap();
+        store.save_credentials("s", "two", "echo-1a2b", &k).unwrap();
+        store.save_credentials("s", "three", "echo-xyz", &k).unwrap();
+        store.save_credentials("t", "four", "echo", &k).unwrap();
+        let mut found = store.personas_named("s", "echo").unwrap();
+        found.sort();
+        assert_eq!(found, ["one", "two"]);
+    }
+
+    fn registrations_are_counted_since(store: Store) {
+        store.record_registration("s", "p", 1_000).unwrap();
+        store.record_registration("s", "p", 2_000).unwrap();
+        store.record_registration("s", "q", 2_000).unwrap();
+        assert_eq!(store.registrations_since("s", "p", 1_500).unwrap(), 1);
+        assert_eq!(store.registrations_since("s", "p", 0).unwrap(), 2);
+        // A week later the old ones are gone.
+        store
+            .record_registration("s", "p", 8 * 86_400_000)
+            .unwrap();
+        assert_eq!(store.registrations_since("s", "p", 0).unwrap(), 1);
+    }
+
+    fn recovery_positions_never_move_back(store: Store) {
+        store.save_room_positions("b", vec![("lobby".into(), 50), ("dev".into(), 7)]);
+        settle(&store);
+        store.save_room_positions("b", vec![("lobby".into(), 40)]);
+        settle(&store);
+        let mut pos = store.room_positions("b").unwrap();
+        pos.sort();
+        assert_eq!(pos, [("dev".to_string(), 7), ("lobby".to_string(), 50)]);
+        store.forget_room_position("b", "dev");
+        settle(&store);
+        assert_eq!(store.room_positions("b").unwrap(), [("lobby".to_string(), 50)]);
+        assert!(store.room_positions("other").unwrap().is_empty());
+    }
+
+    fn legacy_identity_moves_to_the_label(store: Store) {
+        let k = ApiKey::new("k");
+        store.save_credentials("s", "Echo Bot", "echo", &k).unwrap();
+        store.outbox_push("Echo Bot", "lobby", "hi", 1).unwrap();
+        store.save_room_positions("Echo Bot", vec![("lobby".into(), 9)]);
+        settle(&store);
+        assert!(!store.adopt_legacy_identity("s", "Echo Bot", "echo", false).unwrap());
+        assert!(store.adopt_legacy_identity("s", "Echo Bot", "echo", true).unwrap());
+        assert_eq!(store.credentials("s", "echo").unwrap().unwrap().name, "echo");
+        assert!(store.credentials("s", "Echo Bot").unwrap().is_none());
+        assert_eq!(store.outbox_pending("echo").unwrap().len(), 1);
+        assert_eq!(store.room_positions("echo").unwrap(), [("lobby".to_string(), 9)]);
+        // The label has its own identity now: nothing more moves.
+        store.save_credentials("s", "Echo Bot", "other", &k).unwrap();
+        assert!(!store.adopt_legacy_identity("s", "Echo Bot", "echo", true).unwrap());
+    }
+
+    fn outbox_ids_are_unique_and_increasing(store: Store) {
+        let other = store.clone();
+        let mut ids = Vec::new();
+        for i in 0..50 {
+            let s = if i % 2 == 0 { &store } else { &other };
+            ids.push(s.outbox_push("b", "r", &format!("m{i}"), i).unwrap());
         }
-        let s = Store::open(tmp.path()).unwrap();
-        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-        assert_eq!(s.kv_usage("p").unwrap(), 5 + 2);
-        assert_eq!(s.kv_usage("q").unwrap(), 2);
-        s.kv_set("p", "ab", b"1", Q).unwrap();
-        assert_eq!(s.kv_usage("p").unwrap(), summed(&s, "p"));
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let pending = store.outbox_pending("b").unwrap();
+        assert_eq!(pending.len(), 50);
+        assert_eq!(pending[49].text, "m49");
+    }
+}
+
+/// Stores for tests: SQLite in memory, or a fresh schema on `ROOST_TEST_POSTGRES`.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    pub(crate) fn sqlite() -> Store {
+        Store::open_in_memory().unwrap()
+    }
+
+    /// A unique schema name per call.
+    pub(crate) fn fresh_schema() -> String {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        format!(
+            "t_{}_{}_{:08x}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            rand::random::<u32>()
+        )
+    }
+
+    pub(crate) fn postgres_url() -> String {
+        std::env::var("ROOST_TEST_POSTGRES")
+            .expect("set ROOST_TEST_POSTGRES to a PostgreSQL URL (e.g. postgres://postgres@127.0.0.1:55432/postgres)")
+    }
+
+    /// A store on its own schema of the test server.
+    pub(crate) fn postgres() -> Store {
+        postgres_in(&fresh_schema())
+    }
+
+    /// A store on `schema` (two calls with one schema: two hosts on one database).
+    pub(crate) fn postgres_in(schema: &str) -> Store {
+        Store::open_postgres(
+            &postgres_url(),
+            PgOptions {
+                schema: Some(schema.to_string()),
+            },
+        )
+        .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod pg_leases {
+    //! Leases and fencing on a real PostgreSQL (`ROOST_TEST_POSTGRES`, `--ignored`).
+    use super::test_support::{fresh_schema, postgres_in};
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(8);
+    const Q: KvQuota = KvQuota {
+        total_bytes: 1000,
+        value_bytes: 100,
+    };
+
+    fn two_hosts() -> (Store, Store) {
+        let schema = fresh_schema();
+        let mut a = postgres_in(&schema);
+        let mut b = postgres_in(&schema);
+        a.enable_leases("host-a").unwrap();
+        b.enable_leases("host-b").unwrap();
+        (a, b)
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    /// Makes every lease of `host` expire now (as if it stopped renewing 8 s ago).
+    fn expire(store: &Store, host: &str) {
+        store.lease_renew(host, Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    #[test]
+    #[ignore = "needs PostgreSQL: set ROOST_TEST_POSTGRES"]
+    fn migrations_are_versioned_and_idempotent() {
+        let schema = fresh_schema();
+        let a = postgres_in(&schema);
+        assert_eq!(a.schema_version().unwrap(), postgres::PG_SCHEMA_VERSION);
+        // A second host on the same database migrates nothing and sees the same data.
+        a.save_credentials("s", "p", "n", &ApiKey::new("k")).unwrap();
+        let b = postgres_in(&schema);
+        assert_eq!(b.credentials("s", "p").unwrap().unwrap().name, "n");
+        a.ping().unwrap();
+    }
+
+    #[test]
+    #[ignore = "needs PostgreSQL: set ROOST_TEST_POSTGRES"]
+    fn one_holder_at_a_time_and_the_epoch_grows_with_each_holder() {
+        let (a, b) = two_hosts();
+        assert_eq!(a.lease_acquire("host-a", "echo", TTL).unwrap(), Some(1));
+        assert_eq!(b.lease_acquire("host-b", "echo", TTL).unwrap(), None);
+        assert_eq!(a.lease_renew("host-a", TTL).unwrap(), [("echo".to_string(), 1)]);
+        expire(&a, "host-a");
+        assert_eq!(b.lease_acquire("host-b", "echo", TTL).unwrap(), Some(2));
+        assert!(a.lease_renew("host-a", TTL).unwrap().is_empty(), "a lost it");
+        // A release frees it at once, for the next epoch.
+        b.lease_release("host-b", "echo", 2).unwrap();
+        assert_eq!(a.lease_acquire("host-a", "echo", TTL).unwrap(), Some(3));
+        let rows = b.leases().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].holder.as_str(), rows[0].epoch), ("host-a", 3));
+        assert!(rows[0].expires_in_ms > 0);
+        let live = a.lease_heartbeat("host-a", TTL).unwrap();
+        assert_eq!(live, ["host-a"]);
+        let live = b.lease_heartbeat("host-b", TTL).unwrap();
+        assert_eq!(live, ["host-a", "host-b"]);
+    }
+
+    #[test]
+    #[ignore = "needs PostgreSQL: set ROOST_TEST_POSTGRES"]
+    fn a_stale_epoch_cannot_send_or_write() {
+        let (a, b) = two_hosts();
+        let e1 = a.lease_acquire("host-a", "echo", TTL).unwrap().unwrap();
+        a.set_fence("echo", e1, far());
+        a.outbox_push("echo", "lobby", "from a", 1).unwrap();
+        a.kv_set("echo", "k", b"a", Q).unwrap();
+        // a is paused past its lease; b takes over.
+        expire(&a, "host-a");
+        let e2 = b.lease_acquire("host-b", "echo", TTL).unwrap().unwrap();
+        assert_eq!(e2, e1 + 1);
+        b.set_fence("echo", e2, far());
+        // a wakes up still believing it holds epoch 1: every write is refused.
+        let err = a.outbox_push("echo", "lobby", "stale", 2).unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+        let err = a.kv_set("echo", "k", b"stale", Q).unwrap_err();
+        assert!(matches!(err, KvSetError::Store(StoreError::Fenced { .. })), "{err}");
+        let err = a.kv_delete("echo", "k").unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+        // b's writes go through, and b sees a's committed row and value.
+        b.outbox_push("echo", "lobby", "from b", 3).unwrap();
+        b.kv_set("echo", "k2", b"b", Q).unwrap();
+        let texts: Vec<String> = b
+            .outbox_pending("echo")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(texts, ["from a", "from b"], "new rows sort after the old holder's");
+        assert_eq!(b.kv_get("echo", "k").unwrap().unwrap(), b"a");
+        // A persona this host holds no lease on cannot write at all.
+        let err = b.outbox_push("other", "lobby", "x", 4).unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    }
+
+    #[test]
+    #[ignore = "needs PostgreSQL: set ROOST_TEST_POSTGRES"]
+    fn sending_stops_when_the_lease_is_no_longer_trusted() {
+        let (a, _b) = two_hosts();
+        let e = a.lease_acquire("host-a", "echo", TTL).unwrap().unwrap();
+        assert!(!a.may_send("echo"), "no fence yet");
+        a.set_fence("echo", e, Instant::now() + Duration::from_millis(50));
+        assert!(a.may_send("echo"));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!a.may_send("echo"), "past the trusted time");
+        a.extend_fences(far());
+        assert!(a.may_send("echo"));
+        a.clear_fence("echo");
+        assert!(!a.may_send("echo"));
     }
 }

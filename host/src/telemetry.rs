@@ -39,6 +39,8 @@ pub struct BotProbe {
 pub struct Probes {
     bots: Arc<Mutex<BTreeMap<String, BotProbe>>>,
     reload: Arc<Mutex<Option<Arc<ReloadStats>>>>,
+    store: Arc<Mutex<Option<crate::store::Store>>>,
+    leases: Arc<Mutex<Option<Arc<Mutex<crate::lease::LeaseSnapshot>>>>>,
 }
 
 impl std::fmt::Debug for Probes {
@@ -91,6 +93,27 @@ impl Probes {
         self.bots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `/healthz` also checks this store's connection.
+    pub fn set_store(&self, store: crate::store::Store) {
+        *self.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
+    }
+
+    /// The store `/healthz` checks, if any.
+    pub fn store(&self) -> Option<crate::store::Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// With a shared store: the lease view status and metrics show.
+    pub fn set_leases(&self, leases: Arc<Mutex<crate::lease::LeaseSnapshot>>) {
+        *self.leases.lock().unwrap_or_else(|e| e.into_inner()) = Some(leases);
+    }
+
+    /// The last lease view (which host holds which persona, at which epoch).
+    pub fn leases(&self) -> Option<crate::lease::LeaseSnapshot> {
+        let l = self.leases.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        l.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
     /// Reports the host's hot-reload and compile-cache counters too.
     pub fn set_reload_stats(&self, stats: Arc<ReloadStats>) {
         *self.reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
@@ -129,6 +152,12 @@ struct StateLabel {
 struct OutcomeLabel {
     bot: String,
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeaseLabel {
+    persona: String,
+    holder: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,6 +222,38 @@ fn gauge(mut e: MetricEncoder<'_>, v: i64) -> Result<(), std::fmt::Error> {
 impl Collector for BotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let bots = self.probes.snapshot();
+        if let Some(view) = self.probes.leases() {
+            let mut fam = enc.encode_descriptor(
+                "roost_lease_epoch",
+                "The fencing epoch of each persona's lease, by holding host (shared store)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for l in &view.leases {
+                let label = LeaseLabel {
+                    persona: l.persona.clone(),
+                    holder: l.holder.clone(),
+                };
+                gauge(fam.encode_family(&label)?, l.epoch)?;
+            }
+            drop(fam);
+            let mut mine = enc.encode_descriptor(
+                "roost_leases_held",
+                "Personas whose lease this host holds",
+                None,
+                MetricType::Gauge,
+            )?;
+            let held = view.leases.iter().filter(|l| l.holder == view.host).count();
+            mine.encode_gauge(&(held as i64))?;
+            drop(mine);
+            let mut hosts = enc.encode_descriptor(
+                "roost_live_hosts",
+                "Hosts renewing leases on the shared store",
+                None,
+                MetricType::Gauge,
+            )?;
+            hosts.encode_gauge(&(view.live_hosts as i64))?;
+        }
         {
             let mut fam = enc.encode_descriptor(
                 "roost_bot_connection_state",
@@ -566,6 +627,28 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    if let Some(store) = s.probes.store() {
+        let ping = tokio::task::spawn_blocking(move || store.ping().map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = ping {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({
+                    "status": "unhealthy",
+                    "reason": "the state store does not answer",
+                    "store": e,
+                })),
+            );
+        }
+        // A host of several may rightly run no bot (its share is empty).
+        if s.probes.leases().is_some() && s.probes.snapshot().is_empty() {
+            return (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({"status": "ok", "bots": 0})),
+            );
+        }
+    }
     match health(&s.probes.snapshot()) {
         Ok(()) => (
             StatusCode::OK,

@@ -17,6 +17,7 @@ mod rooms;
 mod runtime;
 mod session;
 mod shadow;
+mod shared_store;
 mod status;
 mod support;
 mod telemetry;

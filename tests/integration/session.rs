@@ -789,7 +789,7 @@ async fn a_reply_is_never_sent_before_its_row_is_committed() {
     let bot = start(config(&srv.base_url(), "durable"), &store);
     active(&bot.handle, 1).await;
 
-    let hold = store.hold_commits();
+    let hold = store.hold_commits().expect("an SQLite store");
     let id = bot.handle.send("lobby", "only once it is on disk").unwrap();
     // Long enough for any number of flushes and housekeeping ticks.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -825,7 +825,7 @@ async fn replies_queued_together_are_committed_together_and_sent_in_order() {
     let bot = start(config(&srv.base_url(), "grouped"), &store);
     active(&bot.handle, 1).await;
     let before = store.commit_stats();
-    let hold = store.hold_commits();
+    let hold = store.hold_commits().expect("an SQLite store");
     for i in 0..20 {
         bot.handle.send("lobby", &format!("reply {i}")).unwrap();
     }

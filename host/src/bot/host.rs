@@ -45,6 +45,8 @@ pub struct BotHost {
     pub bots: BTreeMap<String, Bot>,
     /// The compile cache, load/reload counters and what is known of each file.
     pub reload: super::reload::ReloadState,
+    /// With a shared store: the leases this host holds (a bot runs only for those).
+    pub leases: Option<crate::lease::Leases>,
 }
 
 impl BotHost {
@@ -57,7 +59,26 @@ impl BotHost {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let config = Arc::new(config);
         let runtime = Runtime::new(config.runtime_config())?;
-        let store = Store::open_with(&config.paths.state, config.store.synchronous)?;
+        let url = config
+            .store
+            .store_url()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut store = {
+            let (url, state, sync) = (url.clone(), config.paths.state.clone(), config.store.synchronous);
+            let options = crate::store::PgOptions {
+                schema: config.store.schema.clone(),
+            };
+            tokio::task::spawn_blocking(move || Store::open_url(&url, &state, sync, options))
+                .await??
+        };
+        let leases = if store.is_shared() {
+            let host = crate::lease::host_id();
+            store.enable_leases(&host)?;
+            tracing::info!(store = %store.location(), %host, "shared store: personas are spread over the hosts by leases");
+            Some(crate::lease::Leases::new(config.store.leases(), host))
+        } else {
+            None
+        };
         // Reads every provider key once (environment or file); a missing key stops here.
         // Token budgets persist in the store: a restart does not refill them.
         let llm = Arc::new(crate::llm::LlmHub::from_config(&config.llm)?.with_store(store.clone()));
@@ -72,11 +93,19 @@ impl BotHost {
             known,
         };
         let reload = super::reload::ReloadState::new(&context);
+        context.probes.set_store(context.store.clone());
+        if let Some(l) = &leases {
+            context.probes.set_leases(l.snapshot.clone());
+        }
         let mut host = BotHost {
             context,
             bots: BTreeMap::new(),
             reload,
+            leases,
         };
+        // With leases, the first round takes this host's share (after one renewal,
+        // so hosts starting together see each other); none is held yet.
+        host.lease_round().await;
         let mut files = persona_files(&config.paths.plugins)?;
         // A file `[personas.NAME] shadow` names is a shadow, not a persona.
         files.retain(|f| config.shadow_owner(f).is_none());
@@ -91,6 +120,139 @@ impl BotHost {
         for s in stops {
             let _ = s.await;
         }
+        // Every bot is stopped and flushed: hand the leases back so other hosts take
+        // the personas at once instead of waiting for the leases to expire.
+        if let Some(mut leases) = self.leases {
+            let store = self.context.store.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let held: Vec<String> = leases.held.keys().cloned().collect();
+                for p in held {
+                    leases.release(&store, &p);
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Whether this host may run `label` (always, without leases).
+    pub fn may_run(&self, label: &str) -> bool {
+        self.leases
+            .as_ref()
+            .is_none_or(|l| l.held.contains_key(label))
+    }
+
+    /// When the next lease round is due (`None` without leases).
+    pub fn next_lease_round(&self) -> Option<std::time::Duration> {
+        let leases = self.leases.as_ref()?;
+        let offered = persona_files(&self.context.config.paths.plugins)
+            .map(|f| f.len())
+            .unwrap_or(0);
+        Some(leases.next_tick(offered))
+    }
+
+    /// One lease round (see [`crate::lease`]): renew; stop the bots of leases lost or
+    /// no longer trusted; hand back a few over this host's share (bot stopped first);
+    /// take free or expired personas up to the share and start their bots.
+    pub async fn lease_round(&mut self) {
+        use crate::lease::{Renewal, plan};
+        let Some(leases) = self.leases.take() else {
+            return;
+        };
+        let store = self.context.store.clone();
+        let dir = self.context.config.paths.plugins.clone();
+        let now = std::time::Instant::now();
+        let (mut leases, renewal) = match tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || {
+                let mut leases = leases;
+                let r = leases.renew(&store, now);
+                (leases, r)
+            }
+        })
+        .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::error!("lease round failed: {e}");
+                return;
+            }
+        };
+        let lost: Vec<String> = match renewal {
+            Renewal::Ok { lost } => lost,
+            Renewal::Failed => Vec::new(),
+            Renewal::Expired => {
+                tracing::error!(host = %leases.host, "the store has not answered for too long: stopping every bot before its lease expires");
+                self.bots.keys().cloned().collect()
+            }
+        };
+        for label in &lost {
+            tracing::warn!(bot = %label, "lease lost: stopping the bot");
+            self.stop_bot(label).await;
+        }
+        let files = persona_files(&dir).unwrap_or_default();
+        let offered: std::collections::BTreeSet<String> = files
+            .iter()
+            .map(|f| crate::plugin::component::label_for(f))
+            .collect();
+        let held: std::collections::BTreeSet<String> = leases.held.keys().cloned().collect();
+        let plan = plan(
+            &leases.host,
+            &held,
+            &offered,
+            leases.live_hosts,
+            leases.config.handover_per_tick,
+        );
+        for label in &plan.release {
+            tracing::info!(bot = %label, live_hosts = leases.live_hosts, "handing a persona back to another host");
+            self.stop_bot(label).await;
+            let store = store.clone();
+            let label = label.clone();
+            leases = match tokio::task::spawn_blocking(move || {
+                leases.release(&store, &label);
+                leases
+            })
+            .await
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("lease release failed: {e}");
+                    return;
+                }
+            };
+        }
+        let (leases, taken) = match tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || {
+                let taken = leases.acquire(&store, &plan, now);
+                leases.refresh_snapshot(&store);
+                (leases, taken)
+            }
+        })
+        .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::error!("lease acquisition failed: {e}");
+                return;
+            }
+        };
+        self.leases = Some(leases);
+        if !taken.is_empty() {
+            tracing::info!(personas = ?taken, "leases taken: starting the bots");
+            let files: Vec<PathBuf> = files
+                .into_iter()
+                .filter(|f| taken.contains(&crate::plugin::component::label_for(f)))
+                .collect();
+            self.add_files(&files).await;
+        }
+    }
+
+    /// Stops the bot of `label`, if one runs.
+    async fn stop_bot(&mut self, label: &str) {
+        self.reload.running.remove(label);
+        if let Some(bot) = self.bots.remove(label) {
+            bot.stop().await;
+        }
     }
 }
 
@@ -100,7 +262,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let plugins = config.paths.plugins.clone();
     let reload = config.reload.enabled;
     let mut host = BotHost::start(config).await?;
-    if host.bots.is_empty() && reload {
+    if host.leases.is_some() {
+        tracing::info!(bots = host.bots.len(), "shared store: more personas start as their leases are taken");
+    } else if host.bots.is_empty() && reload {
         tracing::warn!(
             dir = %plugins.display(),
             "no persona is running yet: waiting for a NAME.wasm to appear (build one with `roost build plugins/echo`)"
@@ -123,6 +287,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(bots = host.bots.len(), "roost is running; Ctrl-C to stop");
     if reload {
         host.serve_reloads(shutdown).await;
+    } else if host.leases.is_some() {
+        tokio::pin!(shutdown);
+        loop {
+            let wait = host.next_lease_round().unwrap_or(std::time::Duration::from_secs(2));
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(wait) => host.lease_round().await,
+            }
+        }
     } else {
         shutdown.await;
     }
@@ -159,9 +333,23 @@ impl BotHost {
         // Whatever changed between the start-up scan and the watch.
         self.rescan().await;
         loop {
+            // With leases: a lease round when due, and a rescan with it, so a change
+            // on a shared volume whose events do not reach this host (NFS and other
+            // network file systems) is still seen within a renewal.
+            let lease_wait = self.next_lease_round();
+            let lease_due = async {
+                match lease_wait {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = &mut shutdown => return,
+                () = lease_due => {
+                    self.lease_round().await;
+                    self.rescan().await;
+                }
                 batch = watcher.next() => match batch {
                     Some(Batch::Paths(paths)) => self.reconcile(paths).await,
                     Some(Batch::Rescan) => self.rescan().await,
@@ -182,6 +370,13 @@ impl BotHost {
     /// run. Bots whose manifests want the same network name: the first label wins.
     pub(crate) async fn add_files(&mut self, files: &[PathBuf]) {
         use futures_util::stream::{self, StreamExt};
+        // With leases, only the personas this host holds.
+        let files: Vec<PathBuf> = files
+            .iter()
+            .filter(|f| self.may_run(&label_for(f)))
+            .cloned()
+            .collect();
+        let files = &files[..];
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         // 1. Read and hash; keep the bytes of one file per distinct content only.
         let mut first_of: BTreeMap<ContentHash, PathBuf> = BTreeMap::new();
@@ -392,6 +587,10 @@ impl BotHost {
             return;
         }
         self.reload.seen.insert(label.clone(), Seen { hash, stamp });
+        if !running && !self.may_run(&label) {
+            // Another host runs it (or will): its lease decides, not this file event.
+            return;
+        }
         let result = match self.compile(path, bytes, stamp).await {
             Ok(compiled) if running => self.swap_in(compiled, settled_at).await,
             Ok(compiled) => self.start_compiled(compiled).await,

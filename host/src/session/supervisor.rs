@@ -1137,6 +1137,11 @@ impl Supervisor {
         if c.last_life.elapsed() > self.cfg.ping_interval {
             return Ok(());
         }
+        // With a shared store, only while this host's lease on the persona is trusted
+        // (a host waking from a pause past its lease sends nothing).
+        if !self.store.may_send(&self.shared.bot) {
+            return Ok(());
+        }
         self.next_due = None;
         let mut held: HashSet<String> = HashSet::new();
         for id in self.outbox.sendable(c.seq, &c.joined) {

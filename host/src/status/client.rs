@@ -152,6 +152,33 @@ pub fn render(s: &HostStatus) -> String {
         s.bots.len(),
         if s.bots.len() == 1 { "" } else { "s" }
     );
+    if let Some(l) = &s.leases {
+        let _ = writeln!(
+            out,
+            "host {} of {} live; leases ({} personas):",
+            l.host,
+            l.live_hosts,
+            l.leases.len()
+        );
+        for lease in &l.leases {
+            let holder = if lease.holder.is_empty() {
+                "(released)"
+            } else {
+                lease.holder.as_str()
+            };
+            let mine = if lease.holder == l.host { " *" } else { "" };
+            let expiry = if lease.expires_in_ms >= 0 {
+                format!("expires in {:.1}s", lease.expires_in_ms as f64 / 1000.0)
+            } else {
+                "expired".to_string()
+            };
+            let _ = writeln!(
+                out,
+                "  {:<20} {:<28} epoch {:<5} {expiry}{mine}",
+                lease.persona, holder, lease.epoch
+            );
+        }
+    }
     if !s.bots.is_empty() {
         let header = [
             "BOT",

@@ -56,6 +56,9 @@ pub struct HostStatus {
     pub bots: Vec<BotStatus>,
     /// Hot reload, when the host serves it.
     pub reloads: Option<Reloads>,
+    /// With a shared store: this host, the live hosts, and every persona's lease.
+    #[serde(default)]
+    pub leases: Option<crate::lease::LeaseSnapshot>,
 }
 
 /// One bot.
@@ -167,7 +170,13 @@ fn unix_ms(t: SystemTime) -> u64 {
 pub fn collect(probes: &Probes, started: Instant) -> HostStatus {
     let now = SystemTime::now();
     let bots = probes.snapshot();
-    let health = crate::telemetry::health(&bots);
+    let leases = probes.leases();
+    let health = if leases.is_some() && bots.is_empty() {
+        // A host of several may rightly run no bot (its share is empty).
+        Ok(())
+    } else {
+        crate::telemetry::health(&bots)
+    };
     let health_reason = health.as_ref().err().map(|v| {
         v.get("reason")
             .and_then(|r| r.as_str())
@@ -202,6 +211,7 @@ pub fn collect(probes: &Probes, started: Instant) -> HostStatus {
         health_reason,
         bots: bots.iter().map(|b| bot_status(b, now)).collect(),
         reloads,
+        leases,
     }
 }
 

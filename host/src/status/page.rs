@@ -410,6 +410,7 @@ mod tests {
                     }],
                 }),
             }],
+            leases: None,
             reloads: Some(Reloads {
                 loaded: 1,
                 reloaded: 1,
