@@ -86,7 +86,11 @@ pub fn host_id() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "roost".into());
-    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
 
 /// What to do this round.
@@ -394,7 +398,10 @@ mod tests {
         assert_eq!(held(&owner, "a").len(), 10);
         assert_eq!(held(&owner, "b").len(), 10);
         // Settled: the last rounds move nothing.
-        assert!(moves_per_round[10..].iter().all(|&m| m == 0), "{moves_per_round:?}");
+        assert!(
+            moves_per_round[10..].iter().all(|&m| m == 0),
+            "{moves_per_round:?}"
+        );
     }
 
     #[test]

@@ -114,7 +114,6 @@ pub enum StoreError {
     },
 }
 
-
 /// Credentials a persona registered with on one server.
 #[derive(Clone)]
 pub struct StoredCredentials {
@@ -209,7 +208,6 @@ pub struct OutboxEntry {
     pub sent_at: Option<i64>,
 }
 
-
 /// How hard a commit waits for the disk (SQLite's `synchronous` in WAL mode).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -234,7 +232,6 @@ impl Synchronous {
     }
 }
 
-
 /// How much the group commit has done: `writes / batches` is the mean group size.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CommitStats {
@@ -243,7 +240,6 @@ pub struct CommitStats {
     /// Writes committed in them.
     pub writes: u64,
 }
-
 
 /// Size limits of one persona's key/value namespace. Sizes count the key's UTF-8 bytes
 /// plus the value's bytes of every entry.
@@ -282,7 +278,6 @@ pub enum KvSetError {
     Store(#[from] StoreError),
 }
 
-
 /// Unix time in milliseconds (0 if the clock is before 1970).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -290,8 +285,6 @@ pub fn now_ms() -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
-
-
 
 // ---------------------------------------------------------------------------------------
 // the interface
@@ -412,7 +405,10 @@ impl Store {
 
     /// [`Store::open`] with a choice of [`Synchronous`].
     pub fn open_with(state_dir: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
-        Ok(Store::sqlite(sqlite::Sqlite::open_with(state_dir, synchronous)?))
+        Ok(Store::sqlite(sqlite::Sqlite::open_with(
+            state_dir,
+            synchronous,
+        )?))
     }
 
     /// An in-memory SQLite database (tests, `roost replay`). Nothing is persisted.
@@ -520,7 +516,12 @@ impl Store {
     /// Extends every fence of this host to `valid_until` (a renewal went through).
     pub fn extend_fences(&self, valid_until: Instant) {
         if let Some(f) = &self.fences {
-            for fence in f.map.write().unwrap_or_else(|p| p.into_inner()).values_mut() {
+            for fence in f
+                .map
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .values_mut()
+            {
                 fence.valid_until = valid_until;
             }
         }
@@ -772,7 +773,9 @@ impl Store {
     ) -> OutboxId {
         match &self.backend {
             Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, durable),
-            Backend::Postgres(p) => p.outbox_enqueue(bot, room, text, created_at, self.fence(bot), durable),
+            Backend::Postgres(p) => {
+                p.outbox_enqueue(bot, room, text, created_at, self.fence(bot), durable)
+            }
         }
     }
 
@@ -874,7 +877,6 @@ impl Store {
         dispatch!(self, b => b.kv_usage(persona))
     }
 }
-
 
 #[cfg(test)]
 mod suite {
@@ -1028,10 +1030,11 @@ mod suite {
         assert_eq!(s.kv_get("p", "b/secret").unwrap(), None);
     }
 
-
     fn credentials_replace_and_delete(store: Store) {
         let key = ApiKey::new("secret-key-1");
-        store.save_credentials("http://a", "p", "name-1", &key).unwrap();
+        store
+            .save_credentials("http://a", "p", "name-1", &key)
+            .unwrap();
         let creds = store.credentials("http://a", "p").unwrap().unwrap();
         assert_eq!(creds.name, "name-1");
         assert_eq!(creds.key.expose(), "secret-key-1");
@@ -1052,7 +1055,9 @@ mod suite {
         let k = ApiKey::new("k");
         store.save_credentials("s", "one", "echo", &k).unwrap();
         store.save_credentials("s", "two", "echo-1a2b", &k).unwrap();
-        store.save_credentials("s", "three", "echo-xyz", &k).unwrap();
+        store
+            .save_credentials("s", "three", "echo-xyz", &k)
+            .unwrap();
         store.save_credentials("t", "four", "echo", &k).unwrap();
         let mut found = store.personas_named("s", "echo").unwrap();
         found.sort();
@@ -1066,9 +1071,7 @@ mod suite {
         assert_eq!(store.registrations_since("s", "p", 1_500).unwrap(), 1);
         assert_eq!(store.registrations_since("s", "p", 0).unwrap(), 2);
         // A week later the old ones are gone.
-        store
-            .record_registration("s", "p", 8 * 86_400_000)
-            .unwrap();
+        store.record_registration("s", "p", 8 * 86_400_000).unwrap();
         assert_eq!(store.registrations_since("s", "p", 0).unwrap(), 1);
     }
 
@@ -1082,7 +1085,10 @@ mod suite {
         assert_eq!(pos, [("dev".to_string(), 7), ("lobby".to_string(), 50)]);
         store.forget_room_position("b", "dev");
         settle(&store);
-        assert_eq!(store.room_positions("b").unwrap(), [("lobby".to_string(), 50)]);
+        assert_eq!(
+            store.room_positions("b").unwrap(),
+            [("lobby".to_string(), 50)]
+        );
         assert!(store.room_positions("other").unwrap().is_empty());
     }
 
@@ -1092,15 +1098,35 @@ mod suite {
         store.outbox_push("Echo Bot", "lobby", "hi", 1).unwrap();
         store.save_room_positions("Echo Bot", vec![("lobby".into(), 9)]);
         settle(&store);
-        assert!(!store.adopt_legacy_identity("s", "Echo Bot", "echo", false).unwrap());
-        assert!(store.adopt_legacy_identity("s", "Echo Bot", "echo", true).unwrap());
-        assert_eq!(store.credentials("s", "echo").unwrap().unwrap().name, "echo");
+        assert!(
+            !store
+                .adopt_legacy_identity("s", "Echo Bot", "echo", false)
+                .unwrap()
+        );
+        assert!(
+            store
+                .adopt_legacy_identity("s", "Echo Bot", "echo", true)
+                .unwrap()
+        );
+        assert_eq!(
+            store.credentials("s", "echo").unwrap().unwrap().name,
+            "echo"
+        );
         assert!(store.credentials("s", "Echo Bot").unwrap().is_none());
         assert_eq!(store.outbox_pending("echo").unwrap().len(), 1);
-        assert_eq!(store.room_positions("echo").unwrap(), [("lobby".to_string(), 9)]);
+        assert_eq!(
+            store.room_positions("echo").unwrap(),
+            [("lobby".to_string(), 9)]
+        );
         // The label has its own identity now: nothing more moves.
-        store.save_credentials("s", "Echo Bot", "other", &k).unwrap();
-        assert!(!store.adopt_legacy_identity("s", "Echo Bot", "echo", true).unwrap());
+        store
+            .save_credentials("s", "Echo Bot", "other", &k)
+            .unwrap();
+        assert!(
+            !store
+                .adopt_legacy_identity("s", "Echo Bot", "echo", true)
+                .unwrap()
+        );
     }
 
     fn outbox_ids_are_unique_and_increasing(store: Store) {
@@ -1197,7 +1223,8 @@ mod pg_leases {
         let a = postgres_in(&schema);
         assert_eq!(a.schema_version().unwrap(), postgres::PG_SCHEMA_VERSION);
         // A second host on the same database migrates nothing and sees the same data.
-        a.save_credentials("s", "p", "n", &ApiKey::new("k")).unwrap();
+        a.save_credentials("s", "p", "n", &ApiKey::new("k"))
+            .unwrap();
         let b = postgres_in(&schema);
         assert_eq!(b.credentials("s", "p").unwrap().unwrap().name, "n");
         a.ping().unwrap();
@@ -1209,10 +1236,16 @@ mod pg_leases {
         let (a, b) = two_hosts();
         assert_eq!(a.lease_acquire("host-a", "echo", TTL).unwrap(), Some(1));
         assert_eq!(b.lease_acquire("host-b", "echo", TTL).unwrap(), None);
-        assert_eq!(a.lease_renew("host-a", TTL).unwrap(), [("echo".to_string(), 1)]);
+        assert_eq!(
+            a.lease_renew("host-a", TTL).unwrap(),
+            [("echo".to_string(), 1)]
+        );
         expire(&a, "host-a");
         assert_eq!(b.lease_acquire("host-b", "echo", TTL).unwrap(), Some(2));
-        assert!(a.lease_renew("host-a", TTL).unwrap().is_empty(), "a lost it");
+        assert!(
+            a.lease_renew("host-a", TTL).unwrap().is_empty(),
+            "a lost it"
+        );
         // A release frees it at once, for the next epoch.
         b.lease_release("host-b", "echo", 2).unwrap();
         assert_eq!(a.lease_acquire("host-a", "echo", TTL).unwrap(), Some(3));
@@ -1243,7 +1276,10 @@ mod pg_leases {
         let err = a.outbox_push("echo", "lobby", "stale", 2).unwrap_err();
         assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
         let err = a.kv_set("echo", "k", b"stale", Q).unwrap_err();
-        assert!(matches!(err, KvSetError::Store(StoreError::Fenced { .. })), "{err}");
+        assert!(
+            matches!(err, KvSetError::Store(StoreError::Fenced { .. })),
+            "{err}"
+        );
         let err = a.kv_delete("echo", "k").unwrap_err();
         assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
         // b's writes go through, and b sees a's committed row and value.
@@ -1255,7 +1291,11 @@ mod pg_leases {
             .into_iter()
             .map(|e| e.text)
             .collect();
-        assert_eq!(texts, ["from a", "from b"], "new rows sort after the old holder's");
+        assert_eq!(
+            texts,
+            ["from a", "from b"],
+            "new rows sort after the old holder's"
+        );
         assert_eq!(b.kv_get("echo", "k").unwrap().unwrap(), b"a");
         // A persona this host holds no lease on cannot write at all.
         let err = b.outbox_push("other", "lobby", "x", 4).unwrap_err();

@@ -110,7 +110,11 @@ impl Probes {
 
     /// The last lease view (which host holds which persona, at which epoch).
     pub fn leases(&self) -> Option<crate::lease::LeaseSnapshot> {
-        let l = self.leases.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let l = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         l.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 

@@ -248,7 +248,10 @@ async fn shared_store_kill_9_moves_personas_and_answers_each_mention_once() {
         Duration::from_secs(1),
     )
     .await;
-    assert!(before.values().all(|&n| n == 1) && before.len() == PERSONAS, "{before:?}");
+    assert!(
+        before.values().all(|&n| n == 1) && before.len() == PERSONAS,
+        "{before:?}"
+    );
 
     // kill -9 host A, and mention its personas while they move.
     let killed = Instant::now();
@@ -269,7 +272,11 @@ async fn shared_store_kill_9_moves_personas_and_answers_each_mention_once() {
         moved_in.as_secs_f64()
     );
     let missing: Vec<&String> = on_a.iter().filter(|p| !during.contains_key(*p)).collect();
-    assert!(missing.is_empty(), "not answered after the kill: {missing:?}\n--- b\n{}", b.log());
+    assert!(
+        missing.is_empty(),
+        "not answered after the kill: {missing:?}\n--- b\n{}",
+        b.log()
+    );
     let twice: Vec<(&String, &usize)> = during.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "answered more than once: {twice:?}");
     let h = holders(&store);
@@ -337,7 +344,11 @@ async fn shared_store_a_host_paused_past_its_lease_sends_nothing_when_it_wakes()
         }
     })
     .await;
-    assert!(moved.is_ok(), "B did not take A's personas: {:?}", holders(&store));
+    assert!(
+        moved.is_ok(),
+        "B did not take A's personas: {:?}",
+        holders(&store)
+    );
     // Mentions while A is stopped, then A continues: everything is answered once,
     // by B; A (whose sockets may still be open) writes nothing.
     let answered = {
@@ -360,7 +371,12 @@ async fn shared_store_a_host_paused_past_its_lease_sends_nothing_when_it_wakes()
     };
     let twice: Vec<(&String, &usize)> = answered.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "answered more than once: {twice:?}");
-    assert_eq!(answered.len(), on_a.len(), "{answered:?}\n--- b\n{}", b.log());
+    assert_eq!(
+        answered.len(),
+        on_a.len(),
+        "{answered:?}\n--- b\n{}",
+        b.log()
+    );
     // The messages posted while A was stopped were answered exactly once too.
     let paused_replies = server
         .state()

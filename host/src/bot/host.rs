@@ -64,7 +64,11 @@ impl BotHost {
             .store_url()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut store = {
-            let (url, state, sync) = (url.clone(), config.paths.state.clone(), config.store.synchronous);
+            let (url, state, sync) = (
+                url.clone(),
+                config.paths.state.clone(),
+                config.store.synchronous,
+            );
             let options = crate::store::PgOptions {
                 schema: config.store.schema.clone(),
             };
@@ -263,7 +267,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let reload = config.reload.enabled;
     let mut host = BotHost::start(config).await?;
     if host.leases.is_some() {
-        tracing::info!(bots = host.bots.len(), "shared store: more personas start as their leases are taken");
+        tracing::info!(
+            bots = host.bots.len(),
+            "shared store: more personas start as their leases are taken"
+        );
     } else if host.bots.is_empty() && reload {
         tracing::warn!(
             dir = %plugins.display(),
@@ -290,7 +297,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else if host.leases.is_some() {
         tokio::pin!(shutdown);
         loop {
-            let wait = host.next_lease_round().unwrap_or(std::time::Duration::from_secs(2));
+            let wait = host
+                .next_lease_round()
+                .unwrap_or(std::time::Duration::from_secs(2));
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,

@@ -31,8 +31,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
 
 use super::{
-    CommitStats, FenceToken, KvQuota, KvSetError, OutboxEntry, OutboxId, OutboxState,
-    StoreError, StoredCredentials,
+    CommitStats, FenceToken, KvQuota, KvSetError, OutboxEntry, OutboxId, OutboxState, StoreError,
+    StoredCredentials,
 };
 use crate::protocol::ApiKey;
 
@@ -356,7 +356,8 @@ impl Postgres {
         self.submit(write, move |r| {
             let _ = tx.send(r);
         });
-        rx.recv().unwrap_or(Err(KvSetError::Store(StoreError::Gone)))
+        rx.recv()
+            .unwrap_or(Err(KvSetError::Store(StoreError::Gone)))
     }
 
     fn write_store(&self, write: Write) -> Result<u64, StoreError> {
@@ -404,7 +405,11 @@ impl Postgres {
         })
     }
 
-    pub(crate) fn renew(&self, host: &str, ttl: Duration) -> Result<Vec<(String, i64)>, StoreError> {
+    pub(crate) fn renew(
+        &self,
+        host: &str,
+        ttl: Duration,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
         let host = host.to_string();
         let ms = ttl.as_millis() as f64;
         self.read(move |c| async move {
@@ -954,7 +959,9 @@ async fn migrate(shared: &Shared) -> Result<(), StoreError> {
             let to = from as i64 + 1;
             let tx = client.transaction().await.map_err(e)?;
             tx.batch_execute(sql).await.map_err(e)?;
-            tx.execute("DELETE FROM roost_schema", &[]).await.map_err(e)?;
+            tx.execute("DELETE FROM roost_schema", &[])
+                .await
+                .map_err(e)?;
             tx.execute("INSERT INTO roost_schema (version) VALUES ($1)", &[&to])
                 .await
                 .map_err(e)?;
@@ -1006,7 +1013,10 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
             continue;
         };
         let n = jobs.len() as u64;
-        match batch(client, stmts, &jobs).await {
+        let writes: Vec<&Write> = jobs.iter().map(|j| &j.write).collect();
+        let outcome = batch(client, stmts, &writes).await;
+        drop(writes);
+        match outcome {
             Ok(outcomes) => {
                 shared.batches.fetch_add(1, Ordering::Relaxed);
                 shared.writes.fetch_add(n, Ordering::Relaxed);
@@ -1018,7 +1028,7 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 tracing::warn!(store = %shared.location, error = %e, writes = n, "group commit failed; retrying write by write");
                 *stmts = Stmts::default();
                 for job in jobs {
-                    let outcome = match batch(client, stmts, std::slice::from_ref(&job)).await {
+                    let outcome = match batch(client, stmts, &[&job.write]).await {
                         Ok(mut o) => o.pop().unwrap_or(Ok(0)),
                         Err(e) => Err(KvSetError::Store(pg_err(&shared.location, &e))),
                     };
@@ -1048,17 +1058,17 @@ impl Stmts {
     }
 }
 
-/// Runs `jobs` in one transaction: the outer error is a database error (nothing
+/// Runs `writes` in one transaction: the outer error is a database error (nothing
 /// committed), the inner results are each write's own outcome.
 async fn batch(
     client: &mut Client,
     stmts: &mut Stmts,
-    jobs: &[Job],
+    writes: &[&Write],
 ) -> Result<Vec<Result<u64, KvSetError>>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let mut out = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        out.push(apply(&tx, stmts, &job.write).await?);
+    let mut out = Vec::with_capacity(writes.len());
+    for write in writes {
+        out.push(apply(&tx, stmts, write).await?);
     }
     tx.commit().await?;
     Ok(out)
@@ -1087,7 +1097,10 @@ async fn holds(
 }
 
 fn fenced(fence: &Option<FenceToken>) -> Result<u64, KvSetError> {
-    let persona = fence.as_ref().map(|f| f.persona.clone()).unwrap_or_default();
+    let persona = fence
+        .as_ref()
+        .map(|f| f.persona.clone())
+        .unwrap_or_default();
     Err(KvSetError::Store(StoreError::Fenced { persona }))
 }
 
@@ -1164,7 +1177,10 @@ async fn apply(
                 return Ok(fenced(fence));
             }
             let st = stmts
-                .get(tx, "DELETE FROM room_positions WHERE bot = $1 AND room = $2")
+                .get(
+                    tx,
+                    "DELETE FROM room_positions WHERE bot = $1 AND room = $2",
+                )
                 .await?;
             Ok(tx.execute(&st, &[bot, room]).await?)
         }
@@ -1237,11 +1253,8 @@ async fn apply(
                 )
                 .await?;
             if moved > 0 {
-                tx.execute(
-                    "UPDATE outbox SET bot = $2 WHERE bot = $1",
-                    &[name, label],
-                )
-                .await?;
+                tx.execute("UPDATE outbox SET bot = $2 WHERE bot = $1", &[name, label])
+                    .await?;
                 tx.execute(
                     "UPDATE room_positions SET bot = $2 WHERE bot = $1
                      AND NOT EXISTS (SELECT 1 FROM room_positions p

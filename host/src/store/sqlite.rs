@@ -156,6 +156,7 @@ impl OutboxRow {
 impl Sqlite {
     /// Opens (creating if needed) `<state_dir>/roost.db` and migrates it to the current
     /// schema, with `synchronous = NORMAL`.
+    #[cfg(test)]
     pub fn open(state_dir: &Path) -> Result<Sqlite, StoreError> {
         Self::open_with(state_dir, Synchronous::default())
     }
@@ -498,6 +499,7 @@ impl Sqlite {
     /// Queues a message and waits until its row is committed; returns its id.
     /// `created_at` is Unix milliseconds. This blocks the calling thread: async code
     /// uses [`Store::outbox_enqueue`].
+    #[cfg(test)]
     pub fn outbox_push(
         &self,
         bot: &str,
@@ -723,6 +725,7 @@ impl Sqlite {
         self.commits.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[cfg(test)]
     fn gone(&self) -> StoreError {
         StoreError::Sqlite {
             path: self.path.to_path_buf(),
@@ -1209,7 +1212,6 @@ mod tests {
         store.delete_credentials("http://a", "p").unwrap();
         assert!(store.credentials("http://a", "p").unwrap().is_none());
     }
-
 }
 
 // ---------------------------------------------------------------------------------------
