@@ -35,7 +35,6 @@ fn label(i: usize) -> String {
 
 /// A `roost run` child, killed when dropped.
 struct Host {
-    name: String,
     child: Child,
     log: PathBuf,
 }
@@ -60,7 +59,6 @@ impl Host {
             .spawn()
             .expect("spawn roost run");
         Host {
-            name: name.to_string(),
             child,
             log,
         }
