@@ -58,10 +58,7 @@ impl Host {
             .stderr(err)
             .spawn()
             .expect("spawn roost run");
-        Host {
-            child,
-            log,
-        }
+        Host { child, log }
     }
 
     fn signal(&self, sig: libc::c_int) {
