@@ -342,14 +342,31 @@ impl StoreUrl {
     }
 }
 
-/// `url` with any password replaced by `***` (for logs and errors).
+/// `url` with any password replaced by `***` (for logs, errors and the printed
+/// configuration): the one in the user-info part and a `password=` parameter.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            let secret = |k: &str| k.eq_ignore_ascii_case("password");
+            if u.query_pairs().any(|(k, _)| secret(&k)) {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if secret(&k) {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
-        Ok(u) => u.to_string(),
         Err(_) => "(unparseable URL)".to_string(),
     }
 }
@@ -773,9 +790,40 @@ impl Store {
     ) -> OutboxId {
         match &self.backend {
             Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, durable),
-            Backend::Postgres(p) => {
-                p.outbox_enqueue(bot, room, text, created_at, self.fence(bot), durable)
-            }
+            Backend::Postgres(p) => p.outbox_enqueue(
+                bot,
+                room,
+                text,
+                created_at,
+                Vec::new(),
+                self.fence(bot),
+                durable,
+            ),
+        }
+    }
+
+    /// [`Store::outbox_enqueue`], and with a shared store the recovery `positions` of
+    /// `bot` saved in the same transaction as the row (SQLite: the row alone).
+    pub fn outbox_enqueue_with_positions(
+        &self,
+        bot: &str,
+        room: &str,
+        text: &str,
+        created_at: i64,
+        positions: Vec<(String, u64)>,
+        durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
+    ) -> OutboxId {
+        match &self.backend {
+            Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, durable),
+            Backend::Postgres(p) => p.outbox_enqueue(
+                bot,
+                room,
+                text,
+                created_at,
+                positions,
+                self.fence(bot),
+                durable,
+            ),
         }
     }
 
@@ -872,9 +920,67 @@ impl Store {
         dispatch!(self, b => b.kv_list(persona, prefix))
     }
 
-    /// Bytes (keys + values) `persona` holds.
+    /// Bytes (keys + values) `persona` holds (a running total: one lookup).
     pub fn kv_usage(&self, persona: &str) -> Result<u64, StoreError> {
         dispatch!(self, b => b.kv_usage(persona))
+    }
+
+    // ---- LLM token budgets (see `llm::budget`) -------------------------------------
+
+    /// A persona's stored budget buckets `(wall-clock ms, tokens)` from `since_ms` on.
+    pub fn llm_budget_load(
+        &self,
+        persona: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, u64)>, StoreError> {
+        dispatch!(self, b => b.llm_budget_load(persona, since_ms))
+    }
+
+    /// Sets the tokens of one budget bucket (a bucket of 0 tokens is removed) and
+    /// removes the persona's buckets older than `forget_before_ms`. With leases, the
+    /// write carries the persona's epoch like a kv write.
+    pub fn llm_budget_save(
+        &self,
+        persona: &str,
+        bucket_ms: i64,
+        tokens: u64,
+        forget_before_ms: i64,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.llm_budget_save(persona, bucket_ms, tokens, forget_before_ms),
+            Backend::Postgres(p) => p.llm_budget_save(
+                persona,
+                bucket_ms,
+                tokens,
+                forget_before_ms,
+                self.fence(persona)?,
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        for (url, shown) in [
+            (
+                "postgres://roost:s3cret@db:5432/roost",
+                "postgres://roost:***@db:5432/roost",
+            ),
+            (
+                "postgresql://db/roost?user=roost&password=s3cret&sslmode=disable",
+                "postgresql://db/roost?user=roost&password=***&sslmode=disable",
+            ),
+            ("postgres://roost@db/roost", "postgres://roost@db/roost"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        assert_eq!(redact_url("not a url s3cret"), "(unparseable URL)");
+        let e = StoreUrl::parse("mysql://u:s3cret@h/db").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
     }
 }
 
@@ -926,6 +1032,8 @@ mod suite {
         recovery_positions_never_move_back,
         legacy_identity_moves_to_the_label,
         outbox_ids_are_unique_and_increasing,
+        running_usage_matches_a_full_count_through_writes_and_deletes,
+        llm_budget_buckets_are_set_removed_and_forgotten,
     );
 
     fn outbox_lifecycle(store: Store) {
@@ -1016,6 +1124,70 @@ mod suite {
         assert_eq!(s.kv_usage("p").unwrap(), 42 + 12 + 12);
         // The quota is per persona.
         s.kv_set("q", "a3", &[3; 40], Q).unwrap();
+    }
+
+    /// The namespace's size as a full count through the interface would make it.
+    fn counted(s: &Store, persona: &str) -> u64 {
+        s.kv_list(persona, "")
+            .unwrap()
+            .iter()
+            .map(|k| k.len() as u64 + s.kv_get(persona, k).unwrap().unwrap().len() as u64)
+            .sum()
+    }
+
+    fn running_usage_matches_a_full_count_through_writes_and_deletes(s: Store) {
+        let q = KvQuota {
+            total_bytes: 10_000,
+            value_bytes: 100,
+        };
+        for i in 0..200u32 {
+            let key = format!("k{}", i % 37);
+            s.kv_set("p", &key, &vec![7; (i % 90) as usize], q).unwrap();
+            if i % 5 == 0 {
+                s.kv_delete("p", &format!("k{}", (i * 7) % 37)).unwrap();
+            }
+            if i % 10 == 0 {
+                assert_eq!(
+                    s.kv_usage("p").unwrap(),
+                    counted(&s, "p"),
+                    "after write {i}"
+                );
+            }
+        }
+        assert!(!s.kv_delete("p", "never").unwrap());
+        assert_eq!(s.kv_usage("p").unwrap(), counted(&s, "p"));
+        assert_eq!(s.kv_usage("nobody").unwrap(), 0);
+        // A refused write leaves the total as it was.
+        let before = s.kv_usage("p").unwrap();
+        let tight = KvQuota {
+            total_bytes: before,
+            value_bytes: 100,
+        };
+        assert!(s.kv_set("p", "new-key", b"x", tight).is_err());
+        assert_eq!(s.kv_usage("p").unwrap(), before);
+    }
+
+    fn llm_budget_buckets_are_set_removed_and_forgotten(s: Store) {
+        assert!(s.llm_budget_load("p", 0).unwrap().is_empty());
+        s.llm_budget_save("p", 1_000, 5, 0).unwrap();
+        s.llm_budget_save("p", 2_000, 7, 0).unwrap();
+        s.llm_budget_save("p", 1_000, 9, 0).unwrap();
+        s.llm_budget_save("q", 1_000, 1, 0).unwrap();
+        assert_eq!(s.llm_budget_load("p", 0).unwrap(), [(1_000, 9), (2_000, 7)]);
+        assert_eq!(s.llm_budget_load("p", 1_500).unwrap(), [(2_000, 7)]);
+        // A bucket of 0 tokens goes; buckets older than the horizon go.
+        s.llm_budget_save("p", 2_000, 0, 0).unwrap();
+        assert_eq!(s.llm_budget_load("p", 0).unwrap(), [(1_000, 9)]);
+        s.llm_budget_save("p", 3_000, u64::MAX, 1_500).unwrap();
+        assert_eq!(
+            s.llm_budget_load("p", 0).unwrap(),
+            [(3_000, i64::MAX as u64)]
+        );
+        assert_eq!(
+            s.llm_budget_load("q", 0).unwrap(),
+            [(1_000, 1)],
+            "per persona"
+        );
     }
 
     fn list_is_by_prefix_in_byte_order_and_per_persona(s: Store) {
@@ -1232,6 +1404,25 @@ mod pg_leases {
 
     #[test]
     #[ignore = "needs PostgreSQL: set ROOST_TEST_POSTGRES"]
+    fn migrating_from_pg_version_1_counts_existing_namespaces() {
+        let schema = fresh_schema();
+        postgres::migrate_to_for_test(
+            &test_support::postgres_url(),
+            &schema,
+            1,
+            "INSERT INTO kv (persona, key, value) VALUES \
+             ('p', 'ab', '\\x010203'), ('p', 'é', ''), ('q', 'k', '\\x00')",
+        );
+        let s = postgres_in(&schema);
+        assert_eq!(s.schema_version().unwrap(), postgres::PG_SCHEMA_VERSION);
+        assert_eq!(s.kv_usage("p").unwrap(), 5 + 2);
+        assert_eq!(s.kv_usage("q").unwrap(), 2);
+        s.kv_set("p", "ab", b"1", Q).unwrap();
+        assert_eq!(s.kv_usage("p").unwrap(), 3 + 2);
+    }
+
+    #[test]
+    #[ignore = "needs PostgreSQL: set ROOST_TEST_POSTGRES"]
     fn one_holder_at_a_time_and_the_epoch_grows_with_each_holder() {
         let (a, b) = two_hosts();
         assert_eq!(a.lease_acquire("host-a", "echo", TTL).unwrap(), Some(1));
@@ -1282,6 +1473,9 @@ mod pg_leases {
         );
         let err = a.kv_delete("echo", "k").unwrap_err();
         assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+        let err = a.llm_budget_save("echo", 1_000, 99, 0).unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+        assert!(b.llm_budget_load("echo", 0).unwrap().is_empty());
         // b's writes go through, and b sees a's committed row and value.
         b.outbox_push("echo", "lobby", "from b", 3).unwrap();
         b.kv_set("echo", "k2", b"b", Q).unwrap();

@@ -450,6 +450,11 @@ struct Shared {
     /// The bot's end reads these.
     events: Arc<EventQueue>,
     membership: Membership,
+    /// With a shared store: each room's position up to the last message handed to the
+    /// bot. A reply's outbox row is committed together with them (one transaction),
+    /// so a host that dies after it cannot leave the next holder a mention that was
+    /// answered but looks unanswered.
+    delivered: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Shared {
@@ -495,11 +500,23 @@ impl SessionHandle {
         self.shared
             .outbox_committing
             .fetch_add(1, Ordering::Relaxed);
-        let id = self.store.outbox_enqueue(
+        let positions: Vec<(String, u64)> = if self.store.is_shared() {
+            self.shared
+                .delivered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(r, ts)| (r.clone(), *ts))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let id = self.store.outbox_enqueue_with_positions(
             &self.shared.bot,
             room,
             text,
             created_at,
+            positions,
             move |id, committed| {
                 match committed {
                     Ok(()) => {
@@ -684,6 +701,7 @@ pub fn spawn_with(
         state_tx,
         events: events.clone(),
         membership,
+        delivered: Mutex::new(Default::default()),
     });
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let task = supervisor::Supervisor::new(supervisor::Parts {

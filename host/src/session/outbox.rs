@@ -40,10 +40,19 @@ pub struct Outbox {
 impl Outbox {
     /// Loads the bot's open entries (queued before a restart) from the store.
     pub fn load(store: Store, bot: &str) -> Result<Self, crate::store::StoreError> {
+        // With a shared store the rows may come from another host that died between
+        // writing an entry to its connection and recording that it did: an entry it
+        // left pending may have been sent. Such entries count as sent once, so they
+        // go out again only if the recovered history shows they never arrived.
+        let maybe_sent = store.is_shared();
         let open = store
             .outbox_pending(bot)?
             .into_iter()
-            .map(|entry| {
+            .map(|mut entry| {
+                if maybe_sent && entry.state == OutboxState::Pending {
+                    entry.state = OutboxState::Sent;
+                    entry.attempts = entry.attempts.max(1);
+                }
                 (
                     entry.id,
                     Open {

@@ -1368,6 +1368,13 @@ impl Supervisor {
             if room.last_ts != Some(ts) {
                 room.last_ts = Some(ts);
                 room.dirty = true;
+                if self.store.is_shared() {
+                    self.shared
+                        .delivered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(msg.room.clone(), ts);
+                }
             }
         }
         self.deliver(msg);

@@ -37,7 +37,7 @@ use super::{
 use crate::protocol::ApiKey;
 
 /// The schema version this build writes to PostgreSQL.
-pub const PG_SCHEMA_VERSION: i64 = 1;
+pub const PG_SCHEMA_VERSION: i64 = 2;
 
 /// Migrations, index `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -93,6 +93,24 @@ const MIGRATIONS: &[&str] = &[
         epoch       BIGINT NOT NULL,
         expires_at  TIMESTAMPTZ NOT NULL,
         acquired_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+    );
+    "#,
+    // 1 -> 2: each kv namespace's size is kept as a running total (a write costs O(1)
+    // instead of summing the namespace; its row also serialises the namespace's
+    // writers), and LLM token budgets survive a restart and follow a persona to
+    // another host.
+    r#"
+    CREATE TABLE kv_usage (
+        persona TEXT PRIMARY KEY,
+        bytes   BIGINT NOT NULL
+    );
+    INSERT INTO kv_usage (persona, bytes)
+        SELECT persona, SUM(octet_length(key) + octet_length(value)) FROM kv GROUP BY persona;
+    CREATE TABLE llm_budget (
+        persona   TEXT NOT NULL,
+        bucket_ms BIGINT NOT NULL,
+        tokens    BIGINT NOT NULL,
+        PRIMARY KEY (persona, bucket_ms)
     );
     "#,
 ];
@@ -180,6 +198,8 @@ enum Write {
         room: String,
         text: String,
         created_at: i64,
+        /// Recovery positions of `bot` committed with the row.
+        positions: Vec<(String, i64)>,
         fence: Option<FenceToken>,
     },
     MarkSent {
@@ -230,6 +250,13 @@ enum Write {
     KvDelete {
         persona: String,
         key: String,
+        fence: Option<FenceToken>,
+    },
+    BudgetSave {
+        persona: String,
+        bucket_ms: i64,
+        tokens: i64,
+        forget_before_ms: i64,
         fence: Option<FenceToken>,
     },
     Prune {
@@ -682,6 +709,7 @@ impl Postgres {
         room: &str,
         text: &str,
         created_at: i64,
+        positions: Vec<(String, u64)>,
         fence: Result<Option<FenceToken>, StoreError>,
         durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
     ) -> OutboxId {
@@ -706,6 +734,10 @@ impl Postgres {
                 room: room.into(),
                 text: text.into(),
                 created_at,
+                positions: positions
+                    .into_iter()
+                    .map(|(r, ts)| (r, i64::try_from(ts).unwrap_or(i64::MAX)))
+                    .collect(),
                 fence,
             },
             move |r| durable(OutboxId(id), r.map(drop).map_err(store_only)),
@@ -854,14 +886,51 @@ impl Postgres {
         let persona = persona.to_string();
         self.read(move |c| async move {
             let row = c
-                .query_one(
-                    "SELECT COALESCE(SUM(octet_length(key) + octet_length(value)), 0)::bigint
-                     FROM kv WHERE persona = $1",
-                    &[&persona],
+                .query_opt("SELECT bytes FROM kv_usage WHERE persona = $1", &[&persona])
+                .await?;
+            Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
+        })
+    }
+
+    // ---- LLM token budgets ---------------------------------------------------------
+
+    pub(crate) fn llm_budget_load(
+        &self,
+        persona: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, u64)>, StoreError> {
+        let persona = persona.to_string();
+        self.read(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT bucket_ms, tokens FROM llm_budget
+                     WHERE persona = $1 AND bucket_ms >= $2 ORDER BY bucket_ms",
+                    &[&persona, &since_ms],
                 )
                 .await?;
-            Ok(row.get::<_, i64>(0).max(0) as u64)
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1).max(0) as u64))
+                .collect())
         })
+    }
+
+    pub(crate) fn llm_budget_save(
+        &self,
+        persona: &str,
+        bucket_ms: i64,
+        tokens: u64,
+        forget_before_ms: i64,
+        fence: Option<FenceToken>,
+    ) -> Result<(), StoreError> {
+        self.write_store(Write::BudgetSave {
+            persona: persona.into(),
+            bucket_ms,
+            tokens: tokens.min(i64::MAX as u64) as i64,
+            forget_before_ms,
+            fence,
+        })
+        .map(drop)
     }
 }
 
@@ -975,6 +1044,37 @@ async fn migrate(shared: &Shared) -> Result<(), StoreError> {
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await;
     result
+}
+
+/// Brings a fresh `schema` of the server at `url` to schema `version` only, then runs
+/// `then` (SQL) in it: a database as an older build left it.
+#[cfg(test)]
+pub(crate) fn migrate_to_for_test(url: &str, schema: &str, version: usize, then: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, connection) = url
+            .parse::<tokio_postgres::Config>()
+            .unwrap()
+            .connect(NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
+                 CREATE TABLE roost_schema (version BIGINT NOT NULL);
+                 INSERT INTO roost_schema (version) VALUES ({version});"
+            ))
+            .await
+            .unwrap();
+        for sql in &MIGRATIONS[..version] {
+            client.batch_execute(sql).await.unwrap();
+        }
+        client.batch_execute(then).await.unwrap();
+    });
 }
 
 /// The writer: group commits in queue order until every handle is gone.
@@ -1117,6 +1217,7 @@ async fn apply(
             room,
             text,
             created_at,
+            positions,
             fence,
         } => {
             if !holds(tx, stmts, fence).await? {
@@ -1130,9 +1231,23 @@ async fn apply(
                      VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6)",
                 )
                 .await?;
-            Ok(tx
+            let n = tx
                 .execute(&st, &[id, bot, room, text, created_at, &epoch])
-                .await?)
+                .await?;
+            if !positions.is_empty() {
+                let st = stmts
+                    .get(
+                        tx,
+                        "INSERT INTO room_positions (bot, room, last_ts) VALUES ($1, $2, $3)
+                         ON CONFLICT (bot, room) DO UPDATE
+                         SET last_ts = GREATEST(room_positions.last_ts, excluded.last_ts)",
+                    )
+                    .await?;
+                for (room, ts) in positions {
+                    tx.execute(&st, &[bot, room, ts]).await?;
+                }
+            }
+            Ok(n)
         }
         Write::MarkSent { id, sent_at } => {
             let st = stmts
@@ -1275,17 +1390,30 @@ async fn apply(
             if !holds(tx, stmts, fence).await? {
                 return Ok(fenced(fence));
             }
+            // The namespace's running size, its row locked so that writers of one
+            // namespace (on any host) take turns, and the entry replaced: two
+            // primary-key lookups.
             let st = stmts
                 .get(
                     tx,
-                    "SELECT COALESCE(SUM(octet_length(key) + octet_length(value)), 0)::bigint,
-                            COALESCE(SUM(CASE WHEN key = $2 THEN octet_length(key) + octet_length(value) ELSE 0 END), 0)::bigint
-                     FROM kv WHERE persona = $1",
+                    "INSERT INTO kv_usage (persona, bytes) VALUES ($1, 0)
+                     ON CONFLICT (persona) DO UPDATE SET bytes = kv_usage.bytes
+                     RETURNING bytes",
                 )
                 .await?;
-            let row = tx.query_one(&st, &[persona, key]).await?;
-            let used = row.get::<_, i64>(0).max(0) as u64;
-            let replaced = (row.get::<_, i64>(1).max(0) as u64).min(used);
+            let used = tx.query_one(&st, &[persona]).await?.get::<_, i64>(0).max(0) as u64;
+            let st = stmts
+                .get(
+                    tx,
+                    "SELECT (octet_length(key) + octet_length(value))::bigint
+                     FROM kv WHERE persona = $1 AND key = $2",
+                )
+                .await?;
+            let replaced = tx
+                .query_opt(&st, &[persona, key])
+                .await?
+                .map_or(0, |r| r.get::<_, i64>(0).max(0) as u64)
+                .min(used);
             let would_use = used - replaced + key.len() as u64 + value.len() as u64;
             if would_use > quota.total_bytes {
                 return Ok(Err(KvSetError::QuotaExceeded {
@@ -1301,7 +1429,12 @@ async fn apply(
                      ON CONFLICT (persona, key) DO UPDATE SET value = excluded.value",
                 )
                 .await?;
-            Ok(tx.execute(&st, &[persona, key, value]).await?)
+            let n = tx.execute(&st, &[persona, key, value]).await?;
+            let st = stmts
+                .get(tx, "UPDATE kv_usage SET bytes = $2 WHERE persona = $1")
+                .await?;
+            tx.execute(&st, &[persona, &(would_use as i64)]).await?;
+            Ok(n)
         }
         Write::KvDelete {
             persona,
@@ -1312,9 +1445,60 @@ async fn apply(
                 return Ok(fenced(fence));
             }
             let st = stmts
-                .get(tx, "DELETE FROM kv WHERE persona = $1 AND key = $2")
+                .get(
+                    tx,
+                    "DELETE FROM kv WHERE persona = $1 AND key = $2
+                     RETURNING (octet_length(key) + octet_length(value))::bigint",
+                )
                 .await?;
-            Ok(tx.execute(&st, &[persona, key]).await?)
+            let Some(freed) = tx.query_opt(&st, &[persona, key]).await? else {
+                return Ok(Ok(0));
+            };
+            let st = stmts
+                .get(
+                    tx,
+                    "UPDATE kv_usage SET bytes = GREATEST(bytes - $2, 0) WHERE persona = $1",
+                )
+                .await?;
+            tx.execute(&st, &[persona, &freed.get::<_, i64>(0)]).await?;
+            Ok(1)
+        }
+        Write::BudgetSave {
+            persona,
+            bucket_ms,
+            tokens,
+            forget_before_ms,
+            fence,
+        } => {
+            if !holds(tx, stmts, fence).await? {
+                return Ok(fenced(fence));
+            }
+            if *tokens == 0 {
+                let st = stmts
+                    .get(
+                        tx,
+                        "DELETE FROM llm_budget WHERE persona = $1 AND bucket_ms = $2",
+                    )
+                    .await?;
+                tx.execute(&st, &[persona, bucket_ms]).await?;
+            } else {
+                let st = stmts
+                    .get(
+                        tx,
+                        "INSERT INTO llm_budget (persona, bucket_ms, tokens) VALUES ($1, $2, $3)
+                         ON CONFLICT (persona, bucket_ms) DO UPDATE SET tokens = excluded.tokens",
+                    )
+                    .await?;
+                tx.execute(&st, &[persona, bucket_ms, tokens]).await?;
+            }
+            let st = stmts
+                .get(
+                    tx,
+                    "DELETE FROM llm_budget WHERE persona = $1 AND bucket_ms < $2",
+                )
+                .await?;
+            tx.execute(&st, &[persona, forget_before_ms]).await?;
+            Ok(1)
         }
         Write::Prune { before } => {
             let st = stmts

@@ -47,7 +47,7 @@ use super::{
 pub const DB_FILE: &str = "roost.db";
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -106,6 +106,22 @@ const MIGRATIONS: &[&str] = &[
         room    TEXT NOT NULL,
         last_ts INTEGER NOT NULL,
         PRIMARY KEY (bot, room)
+    );
+    "#,
+    // 2 -> 3: each kv namespace's size is kept as a running total (a write costs O(1)
+    // instead of summing the namespace), and LLM token budgets survive a restart.
+    r#"
+    CREATE TABLE kv_usage (
+        persona TEXT PRIMARY KEY,
+        bytes   INTEGER NOT NULL
+    );
+    INSERT INTO kv_usage (persona, bytes)
+        SELECT persona, SUM(length(CAST(key AS BLOB)) + length(value)) FROM kv GROUP BY persona;
+    CREATE TABLE llm_budget (
+        persona   TEXT NOT NULL,
+        bucket_ms INTEGER NOT NULL,
+        tokens    INTEGER NOT NULL,
+        PRIMARY KEY (persona, bucket_ms)
     );
     "#,
 ];
@@ -1270,14 +1286,16 @@ impl Sqlite {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
+        // Two primary-key lookups: the namespace's running size and the entry replaced.
         let used: i64 = tx
             .query_row(
-                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0)
-                 FROM kv WHERE persona = ?1",
+                "SELECT bytes FROM kv_usage WHERE persona = ?1",
                 params![persona],
                 |r| r.get(0),
             )
-            .map_err(|e| self.err(e))?;
+            .optional()
+            .map_err(|e| self.err(e))?
+            .unwrap_or(0);
         let replaced: i64 = tx
             .query_row(
                 "SELECT length(CAST(key AS BLOB)) + length(value)
@@ -1304,19 +1322,40 @@ impl Sqlite {
             params![persona, key, value],
         )
         .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO kv_usage (persona, bytes) VALUES (?1, ?2)
+             ON CONFLICT (persona) DO UPDATE SET bytes = excluded.bytes",
+            params![persona, would_use as i64],
+        )
+        .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// Removes `key`; `true` if it existed.
     pub fn kv_delete(&self, persona: &str, key: &str) -> Result<bool, StoreError> {
-        self.lock()
-            .execute(
-                "DELETE FROM kv WHERE persona = ?1 AND key = ?2",
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let freed: Option<i64> = tx
+            .query_row(
+                "DELETE FROM kv WHERE persona = ?1 AND key = ?2
+                 RETURNING length(CAST(key AS BLOB)) + length(value)",
                 params![persona, key],
+                |r| r.get(0),
             )
-            .map(|n| n > 0)
-            .map_err(|e| self.err(e))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if let Some(freed) = freed {
+            tx.execute(
+                "UPDATE kv_usage SET bytes = MAX(bytes - ?2, 0) WHERE persona = ?1",
+                params![persona, freed],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(freed.is_some())
     }
 
     /// The keys of `persona` starting with `prefix` (`""`: every key), in byte order.
@@ -1341,17 +1380,75 @@ impl Sqlite {
         Ok(keys)
     }
 
-    /// Bytes (keys + values) `persona` holds.
+    /// Bytes (keys + values) `persona` holds (its running total: one lookup).
     pub fn kv_usage(&self, persona: &str) -> Result<u64, StoreError> {
         self.lock()
             .query_row(
-                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0)
-                 FROM kv WHERE persona = ?1",
+                "SELECT bytes FROM kv_usage WHERE persona = ?1",
                 params![persona],
                 |r| r.get::<_, i64>(0),
             )
-            .map(|n| n.max(0) as u64)
+            .optional()
+            .map(|n| n.unwrap_or(0).max(0) as u64)
             .map_err(|e| self.err(e))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// LLM token budgets (see `llm::budget`)
+
+impl Sqlite {
+    /// A persona's stored budget buckets `(wall-clock ms, tokens)` from `since_ms` on.
+    pub fn llm_budget_load(
+        &self,
+        persona: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, u64)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT bucket_ms, tokens FROM llm_budget
+                 WHERE persona = ?1 AND bucket_ms >= ?2 ORDER BY bucket_ms",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![persona, since_ms], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Sets the tokens of one budget bucket (a bucket of 0 tokens is removed) and
+    /// removes the persona's buckets older than `forget_before_ms`.
+    pub fn llm_budget_save(
+        &self,
+        persona: &str,
+        bucket_ms: i64,
+        tokens: u64,
+        forget_before_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        if tokens == 0 {
+            tx.execute(
+                "DELETE FROM llm_budget WHERE persona = ?1 AND bucket_ms = ?2",
+                params![persona, bucket_ms],
+            )
+        } else {
+            tx.execute(
+                "INSERT INTO llm_budget (persona, bucket_ms, tokens) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (persona, bucket_ms) DO UPDATE SET tokens = excluded.tokens",
+                params![persona, bucket_ms, tokens.min(i64::MAX as u64) as i64],
+            )
+        }
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "DELETE FROM llm_budget WHERE persona = ?1 AND bucket_ms < ?2",
+            params![persona, forget_before_ms],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
     }
 }
 
@@ -1373,5 +1470,42 @@ mod kv_tests {
         }
         let s = Sqlite::open(tmp.path()).unwrap();
         assert_eq!(s.kv_get("p", "k").unwrap().unwrap(), b"kept");
+    }
+
+    /// The namespace's size as a full scan would count it.
+    fn summed(s: &Sqlite, persona: &str) -> u64 {
+        s.lock()
+            .query_row(
+                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0)
+                 FROM kv WHERE persona = ?1",
+                params![persona],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap() as u64
+    }
+
+    #[test]
+    fn migrating_from_version_2_counts_existing_namespaces() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let mut conn = Connection::open(tmp.path().join(DB_FILE)).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..2] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 2).unwrap();
+            tx.execute(
+                "INSERT INTO kv (persona, key, value) VALUES ('p', 'ab', x'010203'), ('p', 'é', x''), ('q', 'k', x'00')",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Sqlite::open(tmp.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.kv_usage("p").unwrap(), 5 + 2);
+        assert_eq!(s.kv_usage("q").unwrap(), 2);
+        s.kv_set("p", "ab", b"1", Q).unwrap();
+        assert_eq!(s.kv_usage("p").unwrap(), summed(&s, "p"));
     }
 }
