@@ -93,6 +93,9 @@ pub fn host_id() -> String {
     )
 }
 
+/// How long after a lease's expiry (by the last snapshot) a host looks at it again.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
+
 /// What to do this round.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -168,6 +171,8 @@ pub struct Leases {
     pub live_hosts: usize,
     /// The last view of every lease (for status and metrics).
     pub snapshot: std::sync::Arc<std::sync::Mutex<LeaseSnapshot>>,
+    /// When [`Leases::snapshot`] was taken.
+    snapshot_at: Option<Instant>,
 }
 
 /// What status pages and metrics show.
@@ -203,16 +208,42 @@ impl Leases {
             first_seen: None,
             live_hosts: 1,
             snapshot: std::sync::Arc::new(std::sync::Mutex::new(snapshot)),
+            snapshot_at: None,
         }
     }
 
-    /// When to run the next round: a renewal period, a quarter of it while this host
-    /// is under its share (so an expired lease is taken soon after it expires).
-    pub fn next_tick(&self, offered: usize) -> Duration {
-        if self.held.len() < fair_share(offered, self.live_hosts) {
-            self.config.renew / 4
-        } else {
-            self.config.renew
+    /// When to run the next round, `now`: a renewal period; a quarter of it while
+    /// this host is under its share or an offered persona has no live lease (so a
+    /// free lease is taken soon); and no later than just after the next expiry of
+    /// another host's lease seen in the last snapshot (a dead host's personas are
+    /// taken as soon as they expire, not up to a renewal later).
+    pub fn next_tick(&self, offered: &BTreeSet<String>, now: Instant) -> Duration {
+        let quick = self.config.renew / 4;
+        if self.held.len() < fair_share(offered.len(), self.live_hosts) {
+            return quick;
+        }
+        let snapshot = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let live: BTreeMap<&str, &LeaseRow> = snapshot
+            .leases
+            .iter()
+            .filter(|l| !l.holder.is_empty())
+            .map(|l| (l.persona.as_str(), l))
+            .collect();
+        if offered.iter().any(|p| !live.contains_key(p.as_str())) {
+            return quick;
+        }
+        let age = self
+            .snapshot_at
+            .map_or(Duration::ZERO, |t| now.duration_since(t));
+        let next_expiry = live
+            .values()
+            .filter(|l| l.holder != self.host && offered.contains(&l.persona))
+            .map(|l| Duration::from_millis(l.expires_in_ms.max(0) as u64))
+            .min();
+        match next_expiry {
+            // Just after it expires (its holder may still renew it before).
+            Some(d) => (d.saturating_sub(age) + EXPIRY_MARGIN).clamp(quick, self.config.renew),
+            None => self.config.renew,
         }
     }
 
@@ -230,6 +261,16 @@ impl Leases {
                 self.last_ok = Some(now);
                 store.extend_fences(now + self.config.trust());
                 let renewed: BTreeMap<String, i64> = renewed.into_iter().collect();
+                // Held under this host id but not by this process (an earlier process
+                // with the same id died): nothing runs them here, hand them back.
+                for (persona, epoch) in &renewed {
+                    if !self.held.contains_key(persona) {
+                        tracing::info!(host = %self.host, persona, "releasing a lease an earlier process of this host held");
+                        if let Err(e) = store.lease_release(&self.host, persona, *epoch) {
+                            tracing::warn!(host = %self.host, persona, error = %e, "cannot release a lease (it will expire)");
+                        }
+                    }
+                }
                 let mut lost = Vec::new();
                 for (persona, epoch) in &self.held {
                     if renewed.get(persona) != Some(epoch) {
@@ -307,11 +348,13 @@ impl Leases {
     }
 
     /// Refreshes the status snapshot from the store.
-    pub fn refresh_snapshot(&self, store: &Store) {
+    pub fn refresh_snapshot(&mut self, store: &Store) {
+        let at = Instant::now();
         if let Ok(leases) = store.leases() {
             let mut s = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
             s.live_hosts = self.live_hosts;
             s.leases = leases;
+            self.snapshot_at = Some(at);
         }
     }
 }
@@ -434,6 +477,44 @@ mod tests {
             handover_per_tick: 2,
         };
         assert!(bad.validate().is_err());
+    }
+
+    fn row(persona: &str, holder: &str, expires_in_ms: i64) -> LeaseRow {
+        LeaseRow {
+            persona: persona.into(),
+            holder: holder.into(),
+            epoch: 1,
+            expires_in_ms,
+        }
+    }
+
+    #[test]
+    fn rounds_come_sooner_when_a_lease_is_free_or_about_to_expire() {
+        let mut l = Leases::new(LeaseConfig::default(), "a".into());
+        let t0 = Instant::now();
+        let offered = set(&["x", "y"]);
+        l.live_hosts = 2;
+        l.held.insert("x".into(), 1);
+        l.snapshot_at = Some(t0);
+        let renew = l.config.renew;
+        let quick = renew / 4;
+        // y has no lease at all: look again soon.
+        l.snapshot.lock().unwrap().leases = vec![row("x", "a", 8000)];
+        assert_eq!(l.next_tick(&offered, t0), quick);
+        // y is held by a live host renewing it: a normal round.
+        l.snapshot.lock().unwrap().leases = vec![row("x", "a", 8000), row("y", "b", 7000)];
+        assert_eq!(l.next_tick(&offered, t0), renew);
+        // y's holder stopped renewing: just after it expires.
+        l.snapshot.lock().unwrap().leases = vec![row("x", "a", 8000), row("y", "b", 1000)];
+        assert_eq!(l.next_tick(&offered, t0), Duration::from_millis(1050));
+        assert_eq!(
+            l.next_tick(&offered, t0 + Duration::from_millis(900)),
+            quick,
+            "never sooner than a quarter round"
+        );
+        // Under its share: quick.
+        l.held.clear();
+        assert_eq!(l.next_tick(&offered, t0), quick);
     }
 
     #[test]

@@ -148,10 +148,14 @@ impl BotHost {
     /// When the next lease round is due (`None` without leases).
     pub fn next_lease_round(&self) -> Option<std::time::Duration> {
         let leases = self.leases.as_ref()?;
-        let offered = persona_files(&self.context.config.paths.plugins)
-            .map(|f| f.len())
-            .unwrap_or(0);
-        Some(leases.next_tick(offered))
+        let offered: std::collections::BTreeSet<String> =
+            persona_files(&self.context.config.paths.plugins)
+                .unwrap_or_default()
+                .iter()
+                .filter(|f| self.context.config.shadow_owner(f).is_none())
+                .map(|f| crate::plugin::component::label_for(f))
+                .collect();
+        Some(leases.next_tick(&offered, std::time::Instant::now()))
     }
 
     /// One lease round (see [`crate::lease`]): renew; stop the bots of leases lost or
@@ -193,7 +197,8 @@ impl BotHost {
             tracing::warn!(bot = %label, "lease lost: stopping the bot");
             self.stop_bot(label).await;
         }
-        let files = persona_files(&dir).unwrap_or_default();
+        let mut files = persona_files(&dir).unwrap_or_default();
+        files.retain(|f| self.context.config.shadow_owner(f).is_none());
         let offered: std::collections::BTreeSet<String> = files
             .iter()
             .map(|f| crate::plugin::component::label_for(f))
@@ -227,6 +232,7 @@ impl BotHost {
         let (leases, taken) = match tokio::task::spawn_blocking({
             let store = store.clone();
             move || {
+                let mut leases = leases;
                 let taken = leases.acquire(&store, &plan, now);
                 leases.refresh_snapshot(&store);
                 (leases, taken)
@@ -341,14 +347,19 @@ impl BotHost {
         tracing::info!(dir = %dir.display(), "hot reload: watching the plugins folder");
         // Whatever changed between the start-up scan and the watch.
         self.rescan().await;
+        // With leases: a lease round when due, and a rescan with it, so a change on a
+        // shared volume whose events do not reach this host (NFS and other network
+        // file systems) is still seen within a renewal. The deadline is kept across
+        // folder events: a steady stream of them must not put the renewal off.
+        let next_round = |host: &Self| {
+            host.next_lease_round()
+                .map(|d| tokio::time::Instant::now() + d)
+        };
+        let mut lease_at = next_round(self);
         loop {
-            // With leases: a lease round when due, and a rescan with it, so a change
-            // on a shared volume whose events do not reach this host (NFS and other
-            // network file systems) is still seen within a renewal.
-            let lease_wait = self.next_lease_round();
             let lease_due = async {
-                match lease_wait {
-                    Some(d) => tokio::time::sleep(d).await,
+                match lease_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -358,6 +369,7 @@ impl BotHost {
                 () = lease_due => {
                     self.lease_round().await;
                     self.rescan().await;
+                    lease_at = next_round(self);
                 }
                 batch = watcher.next() => match batch {
                     Some(Batch::Paths(paths)) => self.reconcile(paths).await,

@@ -248,6 +248,11 @@ impl FolderWatcher {
                 let mut rescan = false;
                 for event in events {
                     rescan |= event.need_rescan();
+                    if is_read_only(&event.kind) {
+                        // roost reading the folder or a file (each round of leases
+                        // lists it, loading reads it): nothing changed.
+                        continue;
+                    }
                     for p in &event.paths {
                         if is_persona_file(p)
                             && let Some(name) = p.file_name()
@@ -266,6 +271,18 @@ impl FolderWatcher {
             }
         }
     }
+}
+
+/// Whether a folder event only says something was opened or read (not written).
+/// A file closed after writing (`Close(Write)`) is a change.
+pub(crate) fn is_read_only(kind: &notify_debouncer_full::notify::EventKind) -> bool {
+    use notify_debouncer_full::notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)
+        )
+    )
 }
 
 /// A file as found after waiting for it to settle.
@@ -349,6 +366,65 @@ mod tests {
         assert!(!is_persona_file(Path::new("plugins/echo.wasm~")));
         assert!(!is_persona_file(Path::new("plugins/echo")));
         assert!(!is_persona_file(Path::new("plugins/Cargo.toml")));
+    }
+
+    #[test]
+    fn reading_the_folder_is_not_a_change() {
+        use notify_debouncer_full::DebouncedEvent;
+        use notify_debouncer_full::notify::Event;
+        use notify_debouncer_full::notify::event::{AccessKind, AccessMode, CreateKind, EventKind};
+        let dir = tempfile::tempdir().unwrap();
+        let watcher = FolderWatcher::start(dir.path(), Duration::from_millis(50)).unwrap();
+        let file = dir.path().join("echo.wasm");
+        let batch = |kind: EventKind, path: &Path| {
+            let mut paths = BTreeSet::new();
+            let event = DebouncedEvent::new(Event::new(kind).add_path(path.into()), Instant::now());
+            assert!(!watcher.absorb(Ok(vec![event]), &mut paths));
+            paths
+        };
+        for read in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ] {
+            assert!(batch(read, &file).is_empty(), "{read:?}");
+            assert!(batch(read, dir.path()).is_empty(), "{read:?}");
+        }
+        // Written and closed, or created: a change.
+        let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert_eq!(batch(written, &file), BTreeSet::from([file.clone()]));
+        let created = EventKind::Create(CreateKind::File);
+        assert_eq!(batch(created, &file), BTreeSet::from([file.clone()]));
+    }
+
+    /// Listing the folder and reading its files (as every lease round and every load
+    /// do) brings no batch naming those files: only a real change does.
+    #[tokio::test]
+    async fn the_watcher_ignores_roost_reading_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = dir.path().join("a.wasm");
+        std::fs::write(&read, b"\0asm").unwrap();
+        let mut watcher = FolderWatcher::start(dir.path(), Duration::from_millis(20)).unwrap();
+        for _ in 0..5 {
+            let _ = std::fs::read(&read).unwrap();
+            let _ = super::super::host::persona_files(dir.path()).unwrap();
+        }
+        let changed = dir.path().join("b.wasm");
+        std::fs::write(&changed, b"\0asm").unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut seen = BTreeSet::new();
+            while !seen.contains(&changed) {
+                match watcher.next().await {
+                    Some(Batch::Paths(p)) => seen.extend(p),
+                    Some(Batch::Rescan) => panic!("a rescan"),
+                    None => panic!("the watcher ended"),
+                }
+            }
+            seen
+        })
+        .await
+        .expect("the change is seen");
+        assert_eq!(seen, BTreeSet::from([changed]), "reads are not changes");
     }
 
     #[tokio::test]
