@@ -145,7 +145,7 @@ impl Default for SessionSection {
 
 /// `[store]`: the state database: `<paths.state>/roost.db` (SQLite, the default), or
 /// a PostgreSQL server shared by several hosts (`url = "postgres://..."`).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
     /// `"normal"` (default): a commit survives the process crashing; `"full"`: it also
@@ -184,7 +184,29 @@ impl Default for StoreSection {
     }
 }
 
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSection")
+            .field("synchronous", &self.synchronous)
+            .field("url", &self.shown_url())
+            .field("schema", &self.schema)
+            .field("lease_renew_ms", &self.lease_renew_ms)
+            .field("lease_ttl_ms", &self.lease_ttl_ms)
+            .field("handover_per_tick", &self.handover_per_tick)
+            .finish()
+    }
+}
+
 impl StoreSection {
+    /// `url` as it may be shown (printed configuration, logs): a PostgreSQL URL's
+    /// password is replaced by `***`.
+    pub fn shown_url(&self) -> String {
+        match self.store_url() {
+            Ok(crate::store::StoreUrl::Sqlite) => self.url.clone(),
+            _ => crate::store::redact_url(&self.url),
+        }
+    }
+
     /// Which store `url` names.
     pub fn store_url(&self) -> Result<crate::store::StoreUrl, String> {
         crate::store::StoreUrl::parse(&self.url)
@@ -744,7 +766,9 @@ impl Config {
     /// secrets: keys are only named (`api_key_env`, `api_key_file`), and settings
     /// that look like credentials are refused at load.
     pub fn to_toml(&self) -> Result<String, ConfigError> {
-        toml::to_string_pretty(self)
+        let mut shown = self.clone();
+        shown.store.url = shown.store.shown_url();
+        toml::to_string_pretty(&shown)
             .map_err(|e| ConfigError(format!("cannot print the configuration: {e}")))
     }
 
@@ -906,6 +930,26 @@ mod transport_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_password_is_never_printed_or_logged() {
+        let text = "[store]\nurl = \"postgres://roost:s3cret@db.internal:5432/roost\"\n";
+        let c = Config::parse(text, "roost.toml").unwrap();
+        let printed = c.to_toml().unwrap();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("postgres://roost:***@db.internal:5432/roost"),
+            "{printed}"
+        );
+        // What is printed still loads, and the running config keeps the password.
+        assert!(Config::parse(&printed, "printed").is_ok());
+        assert!(c.store.url.contains("s3cret"));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        // The default (SQLite) is shown as it is.
+        let plain = Config::default().to_toml().unwrap();
+        assert_eq!(Config::parse(&plain, "printed").unwrap(), Config::default());
+    }
 
     #[test]
     fn an_empty_file_is_all_defaults() {

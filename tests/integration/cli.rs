@@ -494,3 +494,29 @@ fn the_container_keeps_metrics_on_loopback_unless_configured() {
     assert!(dockerfile.contains("COPY deploy/container.toml /etc/roost/roost.toml"));
     assert!(dockerfile.contains("\"--addr\", \"127.0.0.1:9090\""));
 }
+
+#[test]
+fn print_config_hides_the_store_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = roost(
+        &[
+            "run",
+            "--print-config",
+            "--store",
+            "postgres://roost:s3cret@127.0.0.1:9/roost?password=s3cret",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("s3cret"), "{text}");
+    let parsed = roost::config::Config::parse(&text, "printed").expect("prints valid TOML");
+    assert_eq!(
+        parsed.store.url,
+        "postgres://roost:***@127.0.0.1:9/roost?password=***"
+    );
+}
