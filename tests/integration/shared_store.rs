@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use roost::devserver::{DevServer, ServerEvent};
+use roost::protocol::ChatMessage;
 use roost::store::{PgOptions, Store};
 use tokio::sync::broadcast;
 
@@ -160,6 +161,20 @@ async fn mentions_answered(
     within: Duration,
     quiet: Duration,
 ) -> BTreeMap<String, usize> {
+    let mut seen = Vec::new();
+    mentions_answered_seeing(server, events, personas, tag, within, quiet, &mut seen).await
+}
+
+/// [`mentions_answered`], also keeping every chat message seen meanwhile in `seen`.
+async fn mentions_answered_seeing(
+    server: &DevServer,
+    events: &mut broadcast::Receiver<ServerEvent>,
+    personas: &BTreeSet<String>,
+    tag: &str,
+    within: Duration,
+    quiet: Duration,
+    seen: &mut Vec<ChatMessage>,
+) -> BTreeMap<String, usize> {
     for p in personas {
         server
             .state()
@@ -179,7 +194,11 @@ async fn mentions_answered(
         if now >= until {
             break;
         }
-        match tokio::time::timeout(until - now, events.recv()).await {
+        let event = tokio::time::timeout(until - now, events.recv()).await;
+        if let Ok(Ok(ServerEvent::Message(m))) = &event {
+            seen.push(m.clone());
+        }
+        match event {
             Ok(Ok(ServerEvent::Message(m))) if m.text.starts_with(&format!("{tag}-")) => {
                 if personas.contains(&m.from) && m.text == format!("{tag}-{}", m.from) {
                     *answers.entry(m.from.clone()).or_default() += 1;
@@ -188,7 +207,10 @@ async fn mentions_answered(
                     }
                 }
             }
-            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Ok(_)) => {}
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                panic!("{n} server events missed: the counts would be wrong")
+            }
             Ok(Err(_)) | Err(_) => break,
         }
     }
@@ -346,6 +368,7 @@ async fn shared_store_a_host_paused_past_its_lease_sends_nothing_when_it_wakes()
     );
     // Mentions while A is stopped, then A continues: everything is answered once,
     // by B; A (whose sockets may still be open) writes nothing.
+    let mut seen = Vec::new();
     let answered = {
         for p in &on_a {
             server
@@ -354,13 +377,14 @@ async fn shared_store_a_host_paused_past_its_lease_sends_nothing_when_it_wakes()
                 .expect("post");
         }
         a.signal(libc::SIGCONT);
-        mentions_answered(
+        mentions_answered_seeing(
             &server,
             &mut events,
             &on_a,
             "awake",
             MOVE_WAIT,
             Duration::from_secs(4),
+            &mut seen,
         )
         .await
     };
@@ -373,25 +397,23 @@ async fn shared_store_a_host_paused_past_its_lease_sends_nothing_when_it_wakes()
         b.log()
     );
     // The messages posted while A was stopped were answered exactly once too.
-    let paused_replies = server
-        .state()
-        .messages("lobby", None, 10_000)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|m| m.text.starts_with("paused-"))
+    let paused_replies = seen
+        .iter()
+        .filter(|m| m.text.starts_with("paused-") && m.text == format!("paused-{}", m.from))
         .fold(BTreeMap::<String, usize>::new(), |mut acc, m| {
             *acc.entry(m.text.clone()).or_default() += 1;
             acc
         });
     assert!(
         paused_replies.values().all(|&n| n == 1) && paused_replies.len() == on_a.len(),
-        "{paused_replies:?}"
+        "{paused_replies:?} of {on_a:?}\n--- a\n{}\n--- b\n{}",
+        a.log(),
+        b.log()
     );
-    assert!(
-        holders(&store).values().all(|v| v == "host-b"),
-        "A took nothing back while it was stale: {:?}",
-        holders(&store)
-    );
+    // A noticed on waking that its leases were gone (it may take some back later,
+    // under new epochs, as the split evens out again).
+    let log_a = a.log();
+    assert!(log_a.contains("lease lost"), "--- a\n{log_a}");
     drop(a);
     drop(b);
     server.shutdown().await;
