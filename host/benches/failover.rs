@@ -398,11 +398,13 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let warm: Vec<String> = all.iter().map(|p| driver.mention(p, "w")).collect();
     let warm_deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < warm_deadline {
-        let l = lock(&ledger);
-        if warm.iter().all(|t| l.answered_at(t).is_some()) {
+        let done = {
+            let l = lock(&ledger);
+            warm.iter().all(|t| l.answered_at(t).is_some())
+        };
+        if done {
             break;
         }
-        drop(l);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     {
@@ -503,11 +505,13 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     // Grace: whatever is still in flight is answered (or counted lost).
     let grace_deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < grace_deadline {
-        let l = lock(&ledger);
-        if l.sent.keys().all(|t| l.answers.contains_key(t)) {
+        let done = {
+            let l = lock(&ledger);
+            l.sent.keys().all(|t| l.answers.contains_key(t))
+        };
+        if done {
             break;
         }
-        drop(l);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;

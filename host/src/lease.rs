@@ -249,7 +249,8 @@ impl Leases {
 
     /// Heartbeat and renewal (blocking store calls: run on a blocking thread).
     pub fn renew(&mut self, store: &Store, now: Instant) -> Renewal {
-        let result: Result<(Vec<String>, Vec<(String, i64)>), StoreError> = (|| {
+        type Answers = (Vec<String>, Vec<(String, i64)>);
+        let result: Result<Answers, StoreError> = (|| {
             let live = store.lease_heartbeat(&self.host, self.config.ttl)?;
             let renewed = store.lease_renew(&self.host, self.config.ttl)?;
             Ok((live, renewed))

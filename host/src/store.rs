@@ -791,11 +791,13 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, durable),
             Backend::Postgres(p) => p.outbox_enqueue(
-                bot,
-                room,
-                text,
-                created_at,
-                Vec::new(),
+                postgres::NewRow {
+                    bot,
+                    room,
+                    text,
+                    created_at,
+                    positions: Vec::new(),
+                },
                 self.fence(bot),
                 durable,
             ),
@@ -816,11 +818,13 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, durable),
             Backend::Postgres(p) => p.outbox_enqueue(
-                bot,
-                room,
-                text,
-                created_at,
-                positions,
+                postgres::NewRow {
+                    bot,
+                    room,
+                    text,
+                    created_at,
+                    positions,
+                },
                 self.fence(bot),
                 durable,
             ),

@@ -227,29 +227,31 @@ impl Collector for BotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let bots = self.probes.snapshot();
         if let Some(view) = self.probes.leases() {
-            let mut fam = enc.encode_descriptor(
-                "roost_lease_epoch",
-                "The fencing epoch of each persona's lease, by holding host (shared store)",
-                None,
-                MetricType::Gauge,
-            )?;
-            for l in &view.leases {
-                let label = LeaseLabel {
-                    persona: l.persona.clone(),
-                    holder: l.holder.clone(),
-                };
-                gauge(fam.encode_family(&label)?, l.epoch)?;
+            {
+                let mut fam = enc.encode_descriptor(
+                    "roost_lease_epoch",
+                    "The fencing epoch of each persona's lease, by holding host (shared store)",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for l in &view.leases {
+                    let label = LeaseLabel {
+                        persona: l.persona.clone(),
+                        holder: l.holder.clone(),
+                    };
+                    gauge(fam.encode_family(&label)?, l.epoch)?;
+                }
             }
-            drop(fam);
-            let mut mine = enc.encode_descriptor(
-                "roost_leases_held",
-                "Personas whose lease this host holds",
-                None,
-                MetricType::Gauge,
-            )?;
-            let held = view.leases.iter().filter(|l| l.holder == view.host).count();
-            mine.encode_gauge(&(held as i64))?;
-            drop(mine);
+            {
+                let mut mine = enc.encode_descriptor(
+                    "roost_leases_held",
+                    "Personas whose lease this host holds",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                let held = view.leases.iter().filter(|l| l.holder == view.host).count();
+                mine.encode_gauge(&(held as i64))?;
+            }
             let mut hosts = enc.encode_descriptor(
                 "roost_live_hosts",
                 "Hosts renewing leases on the shared store",

@@ -120,7 +120,7 @@ const ID_BLOCK: i64 = 1 << 20;
 /// Most writes in one group commit.
 const MAX_BATCH: usize = 512;
 /// Advisory lock key held while migrating ("roost" in ASCII).
-const MIGRATION_LOCK: i64 = 0x726f_6f73_74;
+const MIGRATION_LOCK: i64 = 0x0072_6f6f_7374;
 
 /// PostgreSQL connection options beyond the URL.
 #[derive(Clone, Debug, Default)]
@@ -140,6 +140,15 @@ pub struct LeaseRow {
     pub epoch: i64,
     /// Milliseconds until it expires (negative: expired).
     pub expires_in_ms: i64,
+}
+
+/// An outbox row to insert, with the recovery positions of its bot committed with it.
+pub(crate) struct NewRow<'a> {
+    pub(crate) bot: &'a str,
+    pub(crate) room: &'a str,
+    pub(crate) text: &'a str,
+    pub(crate) created_at: i64,
+    pub(crate) positions: Vec<(String, u64)>,
 }
 
 /// The PostgreSQL backend (a cloneable handle).
@@ -705,14 +714,17 @@ impl Postgres {
 
     pub(crate) fn outbox_enqueue(
         &self,
-        bot: &str,
-        room: &str,
-        text: &str,
-        created_at: i64,
-        positions: Vec<(String, u64)>,
+        row: NewRow<'_>,
         fence: Result<Option<FenceToken>, StoreError>,
         durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
     ) -> OutboxId {
+        let NewRow {
+            bot,
+            room,
+            text,
+            created_at,
+            positions,
+        } = row;
         let id = match self.next_id() {
             Ok(id) => id,
             Err(e) => {
