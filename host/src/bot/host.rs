@@ -263,6 +263,8 @@ impl BotHost {
         if let Some(bot) = self.bots.remove(label) {
             bot.stop().await;
         }
+        // Another host runs it next and spends from the same stored budget.
+        self.context.llm.forget(label);
     }
 }
 

@@ -263,6 +263,14 @@ impl LlmHub {
         self.secrets.to_vec()
     }
 
+    /// Forgets what this hub holds in memory for `persona` (its budgets, its slots):
+    /// with a shared store its bot moved to another host, which spends from the same
+    /// stored budget, so if it comes back the budget is read from the store again.
+    /// Backends made before keep what they share.
+    pub fn forget(&self, persona: &str) {
+        self.personas().remove(persona);
+    }
+
     /// Tokens charged to `persona` in the current windows; `None` before its first
     /// backend.
     pub fn budget_usage(&self, persona: &str) -> Option<BudgetUsage> {
@@ -909,6 +917,50 @@ mod tests {
         for r in p.seen.lock().unwrap().iter() {
             assert!(u64::from(r.max_tokens.unwrap()) < 1000);
         }
+    }
+
+    /// Two hosts on one store: the persona moves to the other host and back; the
+    /// first host reads what the other spent instead of its own stale count.
+    #[tokio::test(start_paused = true)]
+    async fn a_persona_coming_back_reads_its_budget_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let p = Arc::new(Scripted {
+            usage: Some(Usage {
+                input: 30,
+                output: 20,
+            }),
+            ..Default::default()
+        });
+        let cfg = PersonaLlmConfig {
+            tokens_per_hour: 100,
+            ..PersonaLlmConfig::allowed()
+        };
+        let here = hub(p.clone()).with_store(store.clone());
+        let there = hub(p.clone()).with_store(store.clone());
+        here.backend_for("p", &cfg)
+            .unwrap()
+            .complete(ask("hi"))
+            .await
+            .unwrap();
+        // It moves: the other host spends the rest.
+        here.forget("p");
+        assert!(here.budget_usage("p").is_none());
+        there
+            .backend_for("p", &cfg)
+            .unwrap()
+            .complete(ask("hi"))
+            .await
+            .unwrap();
+        // And back.
+        there.forget("p");
+        let b = here.backend_for("p", &cfg).unwrap();
+        assert_eq!(here.budget_usage("p").unwrap().last_hour, 100);
+        assert!(matches!(
+            b.complete(ask("hi")).await,
+            Err(llm::Error::BudgetExhausted(_))
+        ));
+        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
