@@ -77,7 +77,17 @@ async fn an_infinite_loop_is_interrupted_and_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_hits_the_memory_limit() {
     let rt = runtime();
-    let mut sb = sandbox(&rt, &guest("membomb"));
+    // Only the memory limit may stop it: the CPU limit counts wall time the guest's
+    // thread spends descheduled, and filling 64 MiB on a loaded machine has taken
+    // longer than 200 ms of it.
+    let component = Arc::new(rt.load_file(&guest("membomb")).expect("load"));
+    let ctx = PersonaContext::sandbox(&component.label.clone());
+    let limits = Limits {
+        cpu_per_call: Duration::from_secs(60),
+        wall_per_call: Duration::from_secs(120),
+        ..Limits::default()
+    };
+    let mut sb = Sandbox::new(rt.clone(), component, ctx, limits);
     let err = sb.on_message(&msg("eat")).await.expect_err("must fail");
     assert!(
         matches!(err.kind, FailureKind::Limit(LimitHit::Memory { limit, .. }) if limit == 64 << 20),
