@@ -1356,3 +1356,42 @@ async fn a_gap_whose_slow_fetch_was_cut_off_is_fetched_on_the_next_connection() 
     bot.handle.shutdown().await;
     srv.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_gap_history_could_not_fill_is_fetched_again_on_the_next_connection() {
+    use roost::devserver::FaultSpan;
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, mut bot) = started(&srv.base_url(), "retrier").await;
+    drain_to_marker(&mut bot, &state, "settled").await;
+    outage(&srv, &bot).await;
+    state
+        .post_message("other-agent", "lobby", "missed while history fails")
+        .unwrap();
+    // History answers 403 for the next connection: the bot goes on without the gap.
+    srv.faults().forbid_history(FaultSpan::UntilCleared);
+    srv.faults().accept_upgrades();
+    active(&bot.handle, 2).await;
+    assert!(bot.handle.status().history_gaps >= 1);
+    let got = drain_to_marker(&mut bot, &state, "newer live").await;
+    assert_eq!(count_text(&got, "missed while history fails"), 0, "{got:?}");
+    // History works again; the next connection fetches the gap, although newer live
+    // messages were delivered since.
+    srv.faults().clear_history_faults();
+    srv.faults().drop_connections();
+    active(&bot.handle, 3).await;
+    let got = drain_to_marker(&mut bot, &state, "after").await;
+    assert_eq!(count_text(&got, "missed while history fails"), 1, "{got:?}");
+    assert_eq!(
+        count_text(&got, "newer live"),
+        0,
+        "delivered twice: {got:?}"
+    );
+    // Once only: a later connection does not fetch it again.
+    srv.faults().drop_connections();
+    active(&bot.handle, 4).await;
+    let got = drain_to_marker(&mut bot, &state, "later").await;
+    assert_eq!(count_text(&got, "missed while history fails"), 0, "{got:?}");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}

@@ -22,7 +22,8 @@
 //!   timestamp order, exactly once (deduplicated on room, sender, timestamp, text), nothing
 //!   older than `retention`. Live frames that arrive meanwhile are held and merged, for
 //!   up to `recovery_hold`: a slower fetch goes on while the session is active, and what
-//!   it recovers is delivered after the live messages.
+//!   it recovers is delivered after the live messages. A room whose history cannot be
+//!   fetched is a counted gap; the next recovery in this run tries it again.
 //! - **Outbox**: [`SessionHandle::send`] queues the message's row for the store's group
 //!   commit and returns its id at once; the task learns of the entry only once its row is
 //!   committed, then sends it on a connection that joined the room, in order per room, and

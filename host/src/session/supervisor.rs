@@ -79,11 +79,17 @@ struct RoomState {
     checked_from: Option<u64>,
     /// `last_ts` changed since it was last saved.
     dirty: bool,
-    /// The (`after_ms`, `have_until_ms`) of a recovery of this room that has not
-    /// finished while live messages moved `last_ts` on (the session went active before
-    /// its history arrived): the next recovery starts there, and the position is not
-    /// saved past it, until one finishes.
+    /// The (`after_ms`, `have_until_ms`) of this room's recovery while it has not
+    /// finished (set when one starts, cleared when one finishes). Once the session goes
+    /// active before the history arrives, live messages move `last_ts` past the gap:
+    /// a recovery started meanwhile fetches from here again, and the saved position
+    /// stays here.
     gap: Option<(u64, u64)>,
+    /// The same for a recovery that failed (the session went on without it): the next
+    /// recovery in this run tries that gap again, so a mention in it is answered once the
+    /// history answers (the saved position is not held back for it: after a restart
+    /// such a gap stays a counted gap).
+    unfetched: Option<(u64, u64)>,
 }
 
 /// The state of one connection (see [`Supervisor::serve`]).
@@ -303,6 +309,7 @@ impl Supervisor {
                         checked_from: None,
                         dirty: false,
                         gap: None,
+                        unfetched: None,
                     },
                 )
             })
@@ -526,6 +533,7 @@ impl Supervisor {
             checked_from: None,
             dirty: false,
             gap: None,
+            unfetched: None,
         });
     }
 
@@ -805,14 +813,12 @@ impl Supervisor {
                     let created = u64::try_from(created).unwrap_or(0);
                     after = after.min(created.saturating_sub(skew));
                 }
-                // An unfinished recovery's gap is still to be fetched.
-                let have_until = match st.gap {
-                    Some((gap_after, gap_until)) => {
-                        after = after.min(gap_after);
-                        have_until.min(gap_until)
-                    }
-                    None => have_until,
-                };
+                // An unfinished or failed recovery's gap is still to be fetched.
+                let mut have_until = have_until;
+                for (gap_after, gap_until) in st.gap.into_iter().chain(st.unfetched) {
+                    after = after.min(gap_after);
+                    have_until = have_until.min(gap_until);
+                }
                 RoomFetch {
                     room: room.clone(),
                     after_ms: after.max(oldest_allowed),
@@ -1392,12 +1398,13 @@ impl Supervisor {
                     bot = self.bot(),
                     room = %r.room,
                     error = %why,
-                    "missed messages of this room could not be recovered: going on without them"
+                    "missed messages of this room could not be recovered: going on without them (tried again on the next connection)"
                 );
             }
             if let Some(st) = self.rooms.get_mut(&r.room) {
                 st.checked_from = r.complete_since;
-                st.gap = None;
+                let gap = st.gap.take();
+                st.unfetched = if r.failed.is_some() { gap } else { None };
             }
             batch.extend(r.messages.into_iter().map(|m| (m, false)));
         }
