@@ -1244,3 +1244,154 @@ async fn a_backlog_after_an_outage_goes_out_at_the_paced_rate() {
     bot.handle.shutdown().await;
     srv.shutdown().await;
 }
+
+/// How long after `from` the bot is active on connection `n` (paused clock).
+async fn active_after(bot: &Bot, n: u64, from: Instant) -> Duration {
+    active(&bot.handle, n).await;
+    from.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_refused_upgrades_the_bot_is_back_within_an_eighth_of_the_outage() {
+    let srv = server().await;
+    let (_dir, bot) = started(&srv.base_url(), "returner").await;
+    // However many attempts the refusals cost (a 30 s outage is about seven, whose
+    // exponential ceiling alone would be 30 s), the first retry after the server
+    // accepts again comes within an eighth of the time the bot was away.
+    for (n, away) in [(2u64, 2u64), (3, 8), (4, 30), (5, 8)] {
+        outage(&srv, &bot).await;
+        let left = Instant::now();
+        tokio::time::sleep(Duration::from_secs(away)).await;
+        let attempts = match bot.handle.status().state {
+            SessionState::Disconnected { attempt } => attempt,
+            other => panic!("still refused, yet {other:?}"),
+        };
+        assert!(attempts >= 3, "{attempts} attempts in {away} s");
+        srv.faults().accept_upgrades();
+        let accepted = Instant::now();
+        let back = active_after(&bot, n, accepted).await;
+        let bound = (left.elapsed() / 8).max(Duration::from_millis(250));
+        assert!(
+            back <= bound,
+            "{away} s away: back {back:?} after the server accepted (bound {bound:?})"
+        );
+    }
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_history_fetch_holds_live_messages_and_replies_back_at_most_the_hold() {
+    use roost::devserver::FaultSpan;
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, mut bot) = started(&srv.base_url(), "unheld").await;
+    drain_to_marker(&mut bot, &state, "settled").await;
+    outage(&srv, &bot).await;
+    state
+        .post_message("other-agent", "lobby", "missed while away")
+        .unwrap();
+    // The history answer takes 8 s (within the 10 s request timeout).
+    srv.faults()
+        .slow_history(Duration::from_secs(8), FaultSpan::Next(1));
+    srv.faults().accept_upgrades();
+    let accepted = Instant::now();
+    // Active after the reconnect's jitter plus the 1 s hold, not after 8 s.
+    let back = active_after(&bot, 2, accepted).await;
+    assert!(back <= Duration::from_millis(1250), "active after {back:?}");
+    assert_eq!(bot.handle.status().recoveries_overdue, 1);
+    // Live messages flow and replies go out meanwhile.
+    let got = drain_to_marker(&mut bot, &state, "live now").await;
+    assert_eq!(count_text(&got, "missed while away"), 0, "{got:?}");
+    bot.handle.send("lobby", "answering live").unwrap();
+    wait_outbox_empty(&bot.handle).await;
+    assert!(accepted.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        history_count(&state, "lobby", "unheld", "answering live"),
+        1
+    );
+    // The missed message follows when the history arrives, once.
+    let got = recv_until(&mut bot.rx, "the missed message", |m| {
+        m.text == "missed while away"
+    })
+    .await;
+    assert!(accepted.elapsed() >= Duration::from_secs(8));
+    assert_eq!(count_text(&got, "live now"), 0, "{got:?}");
+    let got = drain_to_marker(&mut bot, &state, "after").await;
+    assert_eq!(count_text(&got, "missed while away"), 0, "{got:?}");
+    assert_eq!(count_text(&got, "live now"), 0, "{got:?}");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gap_whose_slow_fetch_was_cut_off_is_fetched_on_the_next_connection() {
+    use roost::devserver::FaultSpan;
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, mut bot) = started(&srv.base_url(), "gapfill").await;
+    drain_to_marker(&mut bot, &state, "settled").await;
+    outage(&srv, &bot).await;
+    state
+        .post_message("other-agent", "lobby", "missed before the cut")
+        .unwrap();
+    srv.faults()
+        .slow_history(Duration::from_secs(8), FaultSpan::Next(1));
+    srv.faults().accept_upgrades();
+    active(&bot.handle, 2).await;
+    // Newer live messages arrive while the gap is still being fetched...
+    let got = drain_to_marker(&mut bot, &state, "newer live").await;
+    assert_eq!(count_text(&got, "missed before the cut"), 0, "{got:?}");
+    // ...and the connection is lost before the fetch finishes: the next recovery
+    // starts before the gap, not after the newest live message.
+    srv.faults().drop_connections();
+    active(&bot.handle, 3).await;
+    let got = drain_to_marker(&mut bot, &state, "after").await;
+    assert_eq!(count_text(&got, "missed before the cut"), 1, "{got:?}");
+    assert_eq!(
+        count_text(&got, "newer live"),
+        0,
+        "delivered twice: {got:?}"
+    );
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gap_history_could_not_fill_is_fetched_again_on_the_next_connection() {
+    use roost::devserver::FaultSpan;
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, mut bot) = started(&srv.base_url(), "retrier").await;
+    drain_to_marker(&mut bot, &state, "settled").await;
+    outage(&srv, &bot).await;
+    state
+        .post_message("other-agent", "lobby", "missed while history fails")
+        .unwrap();
+    // History answers 403 for the next connection: the bot goes on without the gap.
+    srv.faults().forbid_history(FaultSpan::UntilCleared);
+    srv.faults().accept_upgrades();
+    active(&bot.handle, 2).await;
+    assert!(bot.handle.status().history_gaps >= 1);
+    let got = drain_to_marker(&mut bot, &state, "newer live").await;
+    assert_eq!(count_text(&got, "missed while history fails"), 0, "{got:?}");
+    // History works again; the next connection fetches the gap, although newer live
+    // messages were delivered since.
+    srv.faults().clear_history_faults();
+    srv.faults().drop_connections();
+    active(&bot.handle, 3).await;
+    let got = drain_to_marker(&mut bot, &state, "after").await;
+    assert_eq!(count_text(&got, "missed while history fails"), 1, "{got:?}");
+    assert_eq!(
+        count_text(&got, "newer live"),
+        0,
+        "delivered twice: {got:?}"
+    );
+    // Once only: a later connection does not fetch it again.
+    srv.faults().drop_connections();
+    active(&bot.handle, 4).await;
+    let got = drain_to_marker(&mut bot, &state, "later").await;
+    assert_eq!(count_text(&got, "missed while history fails"), 0, "{got:?}");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}

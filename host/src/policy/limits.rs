@@ -60,7 +60,10 @@ pub struct LimitsConfig {
     /// to one hour). Default 300000 (5 min).
     pub throttle_max_ms: u64,
     /// A throttle this long after the previous pause ended starts the backoff over, in s.
-    /// Default 600.
+    /// Default 60: throttled again within a minute of resuming, the bot is still too
+    /// fast and pauses twice as long; a throttle after a minute of sending is a new
+    /// incident (with a longer memory, a few unrelated 429s over half an hour add up
+    /// to minutes of silence, and paced replies are dropped as stale).
     pub throttle_reset_secs: u64,
     /// A reply the limits hold back waits for its slot (paced) unless the wait would be
     /// longer than this, in s; then it is dropped as stale. Default 120.
@@ -80,7 +83,7 @@ impl Default for LimitsConfig {
             room_min_interval_ms: 2000,
             throttle_base_ms: 1000,
             throttle_max_ms: 300_000,
-            throttle_reset_secs: 600,
+            throttle_reset_secs: 60,
             max_wait_secs: 120,
             max_queued_per_room: 20,
         }
@@ -492,6 +495,23 @@ mod tests {
             l.on_server_throttle(None);
         }
         assert_eq!(l.on_server_throttle(None), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unrelated_throttles_minutes_apart_do_not_add_up() {
+        let (t, mut l) = limits(LimitsConfig::default());
+        // One 429 every 90 s for half an hour: each is a first strike.
+        for _ in 0..20 {
+            assert_eq!(l.on_server_throttle(None), Duration::from_secs(1));
+            t.advance(Duration::from_secs(90));
+            assert!(l.check("a").is_ok());
+        }
+        // Throttled again within the minute after resuming: the backoff doubles.
+        l.on_server_throttle(None);
+        t.advance(Duration::from_secs(1 + 59));
+        assert_eq!(l.on_server_throttle(None), Duration::from_secs(2));
+        t.advance(Duration::from_secs(2 + 30));
+        assert_eq!(l.on_server_throttle(None), Duration::from_secs(4));
     }
 
     #[test]

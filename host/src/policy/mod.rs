@@ -100,7 +100,7 @@ use outbound::base_name;
 /// room_min_interval_ms = 2000
 /// throttle_base_ms = 1000   # server 429/close: first pause, doubling on repeats
 /// throttle_max_ms = 300000
-/// throttle_reset_secs = 600
+/// throttle_reset_secs = 60   # a throttle this long after the last pause: first pause again
 /// max_wait_secs = 120       # a held-back reply waits for its slot up to this; then stale
 /// max_queued_per_room = 20  # replies waiting for a slot in one room, at most
 ///

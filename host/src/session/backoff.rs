@@ -61,6 +61,21 @@ impl Backoff {
         Some(Duration::from_nanos(rng.random_range(0..=nanos)))
     }
 
+    /// Like [`Backoff::delay`], with the ceiling lowered to `limit` where that is smaller
+    /// (but never below `base`): uniform in `[0, min(ceiling(attempt), max(base, limit))]`.
+    pub fn delay_within<R: Rng + ?Sized>(
+        &self,
+        attempt: u32,
+        limit: Duration,
+        rng: &mut R,
+    ) -> Option<Duration> {
+        let lowered = Backoff {
+            cap: self.ceiling(attempt).min(limit.max(self.base)),
+            ..*self
+        };
+        lowered.delay(attempt, rng)
+    }
+
     /// Like [`Backoff::delay`] but never shorter than `floor` (used after rate limiting) and
     /// never longer than `max(cap, floor)`. Unlimited: ignores `max_attempts`.
     pub fn delay_at_least<R: Rng + ?Sized>(
@@ -155,6 +170,33 @@ mod tests {
             let d = b.delay_at_least(a, Duration::from_secs(5), &mut rng);
             assert!(d >= Duration::from_secs(5) && d <= Duration::from_secs(30));
         }
+    }
+
+    #[test]
+    fn a_limit_lowers_the_ceiling_but_not_below_the_base() {
+        let b = Backoff::default();
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..200 {
+            // Attempt 6 alone would allow 16 s.
+            let d = b.delay_within(6, Duration::from_secs(1), &mut rng).unwrap();
+            assert!(d <= Duration::from_secs(1), "{d:?}");
+            let d = b.delay_within(6, Duration::ZERO, &mut rng).unwrap();
+            assert!(d <= b.base, "{d:?}");
+            // A limit above the attempt's ceiling changes nothing.
+            let d = b
+                .delay_within(1, Duration::from_secs(60), &mut rng)
+                .unwrap();
+            assert!(d <= b.ceiling(1), "{d:?}");
+        }
+        let bounded = Backoff {
+            max_attempts: Some(2),
+            ..b
+        };
+        assert!(
+            bounded
+                .delay_within(2, Duration::from_secs(1), &mut rng)
+                .is_none()
+        );
     }
 
     #[test]

@@ -159,11 +159,21 @@ pub struct Retry {
     pub verify_key: bool,
 }
 
+/// A retry's delay is at most this share of the time the bot has been away: the
+/// escalation follows the outage, so however many attempts a few seconds of refused
+/// upgrades or a restarting server cost, the first retry after the server is back comes
+/// within 1/8 of the time it was gone (8 s away: within 1 s, 0.3 s at the median), and
+/// a server away for minutes still sees the full exponential backoff (30 s at 4 min).
+pub const OUTAGE_SHARE: u32 = 8;
+
 /// Decides the next attempt.
 ///
 /// - `attempt`: consecutive attempts that never became active.
 /// - `up_for`: how long the connection that just ended was active (None: it never became
 ///   active); any `Some` resets the escalation.
+/// - `away_for`: how long the bot has been without an active connection (since the last
+///   one ended, or since the session started trying); the delay's ceiling is the
+///   backoff's for `attempt`, lowered to `away_for / OUTAGE_SHARE` (never below the base).
 /// - `reregistered`: whether we already re-registered since the last healthy connection.
 ///   The first re-registration is immediate; a key rejected again right after a fresh
 ///   registration backs off before registering again, so a broken server cannot make
@@ -172,6 +182,7 @@ pub fn plan_retry<R: Rng + ?Sized>(
     policy: &RetryPolicy,
     attempt: u32,
     up_for: Option<Duration>,
+    away_for: Duration,
     next: Next,
     reregistered: bool,
     rng: &mut R,
@@ -180,6 +191,11 @@ pub fn plan_retry<R: Rng + ?Sized>(
     // first retry comes within the base jitter, however many faults came before.
     // Escalation is for consecutive attempts that never became active.
     let attempt = if up_for.is_some() { 0 } else { attempt };
+    let away = if up_for.is_some() {
+        Duration::ZERO
+    } else {
+        away_for
+    };
     let delay = match next {
         Next::Reregister if !reregistered => Duration::ZERO,
         Next::SlowDown => policy
@@ -187,7 +203,7 @@ pub fn plan_retry<R: Rng + ?Sized>(
             .delay_at_least(attempt, policy.rate_limit_backoff, rng),
         Next::Reconnect | Next::Reregister | Next::VerifyKey => policy
             .backoff
-            .delay(attempt, rng)
+            .delay_within(attempt, away / OUTAGE_SHARE, rng)
             .unwrap_or(policy.backoff.cap),
     };
     Retry {
@@ -203,6 +219,9 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    /// Away long enough that the outage share lowers no ceiling.
+    const LONG: Duration = Duration::from_secs(3600);
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -252,7 +271,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut attempt = 0;
         for expected in 1..=5 {
-            let r = plan_retry(&p, attempt, None, Next::Reconnect, false, &mut rng);
+            let r = plan_retry(&p, attempt, None, LONG, Next::Reconnect, false, &mut rng);
             assert_eq!(r.attempt, expected);
             assert!(r.delay <= p.backoff.ceiling(attempt));
             attempt = r.attempt;
@@ -264,13 +283,77 @@ mod tests {
             Duration::from_secs(3),
             Duration::from_secs(30),
         ] {
-            let r = plan_retry(&p, attempt, Some(up), Next::Reconnect, false, &mut rng);
+            let r = plan_retry(
+                &p,
+                attempt,
+                Some(up),
+                LONG,
+                Next::Reconnect,
+                false,
+                &mut rng,
+            );
             assert_eq!(r.attempt, 1, "after {up:?} up");
             assert!(r.delay <= Duration::from_millis(250), "{r:?}");
         }
         // Failures that never became active keep escalating.
-        let r = plan_retry(&p, attempt, None, Next::Reconnect, false, &mut rng);
+        let r = plan_retry(&p, attempt, None, LONG, Next::Reconnect, false, &mut rng);
         assert_eq!(r.attempt, 6);
+    }
+
+    #[test]
+    fn a_retry_waits_at_most_an_eighth_of_the_time_away() {
+        let p = policy();
+        let mut rng = StdRng::seed_from_u64(4);
+        // Ten failed attempts would allow 30 s; eight seconds away allow 1 s.
+        for _ in 0..200 {
+            let r = plan_retry(
+                &p,
+                10,
+                None,
+                Duration::from_secs(8),
+                Next::Reconnect,
+                false,
+                &mut rng,
+            );
+            assert_eq!(r.attempt, 11, "the attempts still count");
+            assert!(r.delay <= Duration::from_secs(1), "{r:?}");
+        }
+        // Never below the base, and never above the attempt's own ceiling.
+        let mut longest = Duration::ZERO;
+        for _ in 0..200 {
+            let r = plan_retry(
+                &p,
+                10,
+                None,
+                Duration::ZERO,
+                Next::Reconnect,
+                false,
+                &mut rng,
+            );
+            longest = longest.max(r.delay);
+            let r = plan_retry(&p, 1, None, LONG, Next::VerifyKey, false, &mut rng);
+            assert!(r.delay <= p.backoff.ceiling(1), "{r:?}");
+        }
+        assert!(longest <= p.backoff.base && longest > p.backoff.base / 2);
+        // Minutes away: the full backoff again.
+        let mut longest = Duration::ZERO;
+        for _ in 0..200 {
+            let away = Duration::from_secs(240);
+            let r = plan_retry(&p, 10, None, away, Next::Reconnect, false, &mut rng);
+            longest = longest.max(r.delay);
+        }
+        assert!(longest > Duration::from_secs(20), "{longest:?}");
+        // A connection that became active is a fresh start whatever `away_for` says.
+        let r = plan_retry(
+            &p,
+            10,
+            Some(Duration::ZERO),
+            LONG,
+            Next::Reconnect,
+            false,
+            &mut rng,
+        );
+        assert!(r.delay <= p.backoff.base, "{r:?}");
     }
 
     #[test]
@@ -278,7 +361,7 @@ mod tests {
         let p = policy();
         let mut rng = StdRng::seed_from_u64(2);
         for a in 0..10 {
-            let r = plan_retry(&p, a, None, Next::SlowDown, false, &mut rng);
+            let r = plan_retry(&p, a, None, LONG, Next::SlowDown, false, &mut rng);
             assert!(r.delay >= Duration::from_secs(5), "{r:?}");
             assert!(!r.reregister);
         }
@@ -292,6 +375,7 @@ mod tests {
             &p,
             0,
             Some(Duration::from_secs(1)),
+            LONG,
             Next::Reregister,
             false,
             &mut rng,
@@ -300,7 +384,7 @@ mod tests {
         assert_eq!(first.delay, Duration::ZERO);
         let mut saw_nonzero = false;
         for _ in 0..20 {
-            let again = plan_retry(&p, 3, None, Next::Reregister, true, &mut rng);
+            let again = plan_retry(&p, 3, None, LONG, Next::Reregister, true, &mut rng);
             assert!(again.reregister);
             assert!(again.delay <= p.backoff.ceiling(3));
             saw_nonzero |= again.delay > Duration::ZERO;

@@ -11,7 +11,8 @@
 //!   (once immediately, then with backoff).
 //! - **Supervisor**: the state machine of [`machine`] (`Connecting → Joined → Active →
 //!   Disconnected{attempt} → …`, `Stopped`), full-jitter [`backoff`], a connect timeout, the
-//!   attempt count reset after a healthy connection. Network errors never end a session;
+//!   attempt count reset by any connection that became active, and no retry waiting
+//!   longer than an eighth of the time the bot has been away ([`machine::OUTAGE_SHARE`]). Network errors never end a session;
 //!   only [`SessionHandle::shutdown`] (or dropping every handle) and unrecoverable
 //!   configuration errors do.
 //! - **Keepalive**: a WebSocket ping every `ping_interval`; any received frame is a sign of
@@ -19,7 +20,10 @@
 //! - **Recovery**: after every (re)connect the rooms are joined again and
 //!   `GET /api/rooms/:room/messages?after=` fills the gap; messages are handed over in
 //!   timestamp order, exactly once (deduplicated on room, sender, timestamp, text), nothing
-//!   older than `retention`. Live frames that arrive meanwhile are held and merged.
+//!   older than `retention`. Live frames that arrive meanwhile are held and merged, for
+//!   up to `recovery_hold`: a slower fetch goes on while the session is active, and what
+//!   it recovers is delivered after the live messages. A room whose history cannot be
+//!   fetched is a counted gap; the next recovery in this run tries it again.
 //! - **Outbox**: [`SessionHandle::send`] queues the message's row for the store's group
 //!   commit and returns its id at once; the task learns of the entry only once its row is
 //!   committed, then sends it on a connection that joined the room, in order per room, and
@@ -131,6 +135,10 @@ pub struct SessionConfig {
     /// How long to wait after joining for the server to confirm the joins (any message
     /// from the room, normally its "joined" line) before recovering anyway (default 3 s).
     pub join_ack_timeout: Duration,
+    /// Live messages and replies wait for the history fetch after a (re)connect at most
+    /// this long; a slower fetch goes on while the session is active, and what it
+    /// recovers follows the live messages (default 1 s).
+    pub recovery_hold: Duration,
     /// `limit` of each history request (default 50, the network's maximum).
     pub history_page_limit: u32,
     /// Outbox entries older than this are dropped as stale (default 5 min).
@@ -181,6 +189,7 @@ impl Default for SessionConfig {
             retention: Duration::from_secs(3600),
             clock_skew: Duration::from_secs(5),
             join_ack_timeout: Duration::from_secs(3),
+            recovery_hold: Duration::from_secs(1),
             history_page_limit: 50,
             outbox_ttl: Duration::from_secs(300),
             max_resends: 2,
@@ -313,6 +322,9 @@ pub struct SessionStatus {
     /// Rooms whose missed messages could not be recovered after a reconnect (the
     /// session went active without them).
     pub history_gaps: u64,
+    /// Recoveries slower than `recovery_hold`: the session went active before they
+    /// finished (their messages were delivered after the live ones).
+    pub recoveries_overdue: u64,
     /// Sent replies never confirmed and given up on (not sent again): the recovered
     /// history did not reach back to them, or they were re-sent `max_resends` times.
     pub outbox_unconfirmed: u64,
@@ -432,6 +444,7 @@ struct Shared {
     rejoins: AtomicU64,
     /// Rooms whose missed messages could not be recovered after a reconnect.
     history_gaps: AtomicU64,
+    recoveries_overdue: AtomicU64,
     /// Sent entries given up on without confirmation (not sent again).
     outbox_unconfirmed: AtomicU64,
     /// New registrations after a confirmed-rejected key, and those the cap refused.
@@ -605,6 +618,7 @@ impl SessionHandle {
             pace_wait_sum_ms: s.pacing.sum_ms.load(Ordering::Relaxed),
             rejoins: s.rejoins.load(Ordering::Relaxed),
             history_gaps: s.history_gaps.load(Ordering::Relaxed),
+            recoveries_overdue: s.recoveries_overdue.load(Ordering::Relaxed),
             outbox_unconfirmed: s.outbox_unconfirmed.load(Ordering::Relaxed),
             reregistrations: s.reregistrations.load(Ordering::Relaxed),
             reregistrations_refused: s.reregistrations_refused.load(Ordering::Relaxed),
@@ -689,6 +703,7 @@ pub fn spawn_with(
         outbox_stale: AtomicU64::new(0),
         rejoins: AtomicU64::new(0),
         history_gaps: AtomicU64::new(0),
+        recoveries_overdue: AtomicU64::new(0),
         outbox_unconfirmed: AtomicU64::new(0),
         reregistrations: AtomicU64::new(0),
         reregistrations_refused: AtomicU64::new(0),

@@ -79,6 +79,17 @@ struct RoomState {
     checked_from: Option<u64>,
     /// `last_ts` changed since it was last saved.
     dirty: bool,
+    /// The (`after_ms`, `have_until_ms`) of this room's recovery while it has not
+    /// finished (set when one starts, cleared when one finishes). Once the session goes
+    /// active before the history arrives, live messages move `last_ts` past the gap:
+    /// a recovery started meanwhile fetches from here again, and the saved position
+    /// stays here.
+    gap: Option<(u64, u64)>,
+    /// The same for a recovery that failed (the session went on without it): the next
+    /// recovery in this run tries that gap again, so a mention in it is answered once the
+    /// history answers (the saved position is not held back for it: after a restart
+    /// such a gap stays a counted gap).
+    unfetched: Option<(u64, u64)>,
 }
 
 /// The state of one connection (see [`Supervisor::serve`]).
@@ -100,8 +111,11 @@ struct Conn {
     dead_at: Instant,
     /// Recover anyway at this point, confirmed joins or not.
     ack_deadline: Instant,
-    /// Since when the connection is active (recovered, sending).
+    /// Since when the connection is active (recovered, or its recovery overdue; sending).
     active_since: Option<Instant>,
+    /// A recovery still running then no longer holds live messages and replies back:
+    /// the connection goes active and the recovered messages follow when they arrive.
+    hold_until: Option<Instant>,
 }
 
 impl Conn {
@@ -239,6 +253,9 @@ pub(super) struct Supervisor {
     held: Vec<ChatMessage>,
     /// Failed attempts since the last healthy connection.
     attempt: u32,
+    /// Since when the bot has been without an active connection (meaningful while it
+    /// is): the session's start, or when the last active connection ended.
+    away_since: Instant,
     /// Re-registered since the last healthy connection.
     reregistered: bool,
     /// The stored key was rejected: register again before the next connect.
@@ -291,6 +308,8 @@ impl Supervisor {
                         last_ts: last,
                         checked_from: None,
                         dirty: false,
+                        gap: None,
+                        unfetched: None,
                     },
                 )
             })
@@ -320,6 +339,7 @@ impl Supervisor {
             seen,
             held: Vec::new(),
             attempt: 0,
+            away_since: Instant::now(),
             reregistered: false,
             force_register: false,
             verify_key: false,
@@ -369,11 +389,15 @@ impl Supervisor {
                     if self.stopping.is_some() {
                         break;
                     }
+                    if up_for.is_some() {
+                        self.away_since = Instant::now();
+                    }
                     let policy = self.policy();
                     let retry = plan_retry(
                         &policy,
                         self.attempt,
                         up_for,
+                        self.away_since.elapsed(),
                         cause.next(),
                         self.reregistered,
                         &mut self.rng,
@@ -508,6 +532,8 @@ impl Supervisor {
             last_ts: None,
             checked_from: None,
             dirty: false,
+            gap: None,
+            unfetched: None,
         });
     }
 
@@ -545,8 +571,16 @@ impl Supervisor {
             .iter_mut()
             .filter(|(_, st)| st.dirty)
             .filter_map(|(room, st)| {
-                st.dirty = false;
-                st.last_ts.map(|ts| (room.clone(), ts))
+                let ts = st.last_ts?;
+                match st.gap {
+                    // Not past a gap still being recovered: its start now, the rest
+                    // once it is recovered.
+                    Some((_, until)) if until < ts => Some((room.clone(), until)),
+                    _ => {
+                        st.dirty = false;
+                        Some((room.clone(), ts))
+                    }
+                }
             })
             .collect();
         if !moved.is_empty() {
@@ -779,6 +813,12 @@ impl Supervisor {
                     let created = u64::try_from(created).unwrap_or(0);
                     after = after.min(created.saturating_sub(skew));
                 }
+                // An unfinished or failed recovery's gap is still to be fetched.
+                let mut have_until = have_until;
+                for (gap_after, gap_until) in st.gap.into_iter().chain(st.unfetched) {
+                    after = after.min(gap_after);
+                    have_until = have_until.min(gap_until);
+                }
                 RoomFetch {
                     room: room.clone(),
                     after_ms: after.max(oldest_allowed),
@@ -836,12 +876,17 @@ impl Supervisor {
                         rooms = ?c.unacked,
                         "joins not confirmed by the server in time; recovering anyway"
                     );
-                    c.recovery = Some(self.start_recovery(&c.identity));
+                    self.start_recovery(&mut c);
                     Ok(())
                 }
                 result = wait_recovery(&mut c.recovery), if recovering => {
                     c.recovery = None;
+                    c.hold_until = None;
                     self.on_recovered(&mut c, result)
+                }
+                () = sleep_until_due(c.hold_until), if recovering && c.hold_until.is_some() => {
+                    c.hold_until = None;
+                    self.recovery_overdue(&mut c)
                 }
                 _ = tick.tick(), if housekeeping => self.on_tick(&mut c),
                 () = sleep_until_due(self.next_due), if self.next_due.is_some() => {
@@ -908,9 +953,10 @@ impl Supervisor {
             dead_at: now + dead_after,
             ack_deadline: now + self.cfg.join_ack_timeout,
             active_since: None,
+            hold_until: None,
         };
         if c.unacked.is_empty() {
-            c.recovery = Some(self.start_recovery(&c.identity));
+            self.start_recovery(&mut c);
         }
         Ok(c)
     }
@@ -962,7 +1008,7 @@ impl Supervisor {
         let joined = &c.joined;
         c.unacked.retain(|r| joined.contains(r));
         if c.unacked.is_empty() && c.recovery.is_none() && c.active_since.is_none() {
-            c.recovery = Some(self.start_recovery(&c.identity));
+            self.start_recovery(c);
         }
         self.flush_if_active(c)
     }
@@ -989,7 +1035,7 @@ impl Supervisor {
                             && c.recovery.is_none()
                             && c.active_since.is_none()
                         {
-                            c.recovery = Some(self.start_recovery(&c.identity));
+                            self.start_recovery(c);
                         }
                     }
                     Heard::NotJoined => {
@@ -1054,22 +1100,57 @@ impl Supervisor {
         match result {
             Ok(recovered) => {
                 self.finish_recovery(recovered);
-                let now = Instant::now();
-                c.active_since = Some(now);
-                self.set_state(SessionState::Active);
-                self.shared.status().active_since = Some(now);
-                self.flush(c)
-                    .map_err(|cause| lost(cause, Some(Duration::ZERO)))
+                if c.active_since.is_some() {
+                    // Went active while this was running: what it recovered is
+                    // delivered now, and unconfirmed entries may be checked.
+                    return self.flush_if_active(c);
+                }
+                self.go_active(c)
             }
-            Err(FetchError::Unauthorized) => Err(lost(Disconnect::Unauthorized, None)),
+            Err(FetchError::Unauthorized) => Err(lost(Disconnect::Unauthorized, c.up_for())),
             Err(e @ FetchError::RateLimited(_)) => {
-                Err(lost(Disconnect::RateLimited(e.to_string()), None))
+                Err(lost(Disconnect::RateLimited(e.to_string()), c.up_for()))
             }
             Err(e) => Err(lost(
                 Disconnect::Transient(format!("recovering missed messages: {e}")),
-                None,
+                c.up_for(),
             )),
         }
+    }
+
+    fn go_active(&mut self, c: &mut Conn) -> Result<(), ConnEnd> {
+        let now = Instant::now();
+        c.active_since = Some(now);
+        self.set_state(SessionState::Active);
+        self.shared.status().active_since = Some(now);
+        self.flush(c)
+            .map_err(|cause| lost(cause, Some(Duration::ZERO)))
+    }
+
+    /// The history fetch is taking longer than `recovery_hold`: live messages and
+    /// replies are not held back for it any longer. The session goes active (the live
+    /// messages held so far are delivered, the outbox drains, except entries waiting for
+    /// their room's history to be checked) and the fetch goes on; its messages are
+    /// delivered when it finishes, once each. Until then each room's recovery
+    /// position stays before the gap, so a connection lost meanwhile fetches it again.
+    fn recovery_overdue(&mut self, c: &mut Conn) -> Result<(), ConnEnd> {
+        if c.active_since.is_some() {
+            return Ok(());
+        }
+        self.shared
+            .recoveries_overdue
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            bot = self.bot(),
+            hold_ms = self.cfg.recovery_hold.as_millis() as u64,
+            "recovering missed messages is slow: going active, they follow when they arrive"
+        );
+        let mut held = std::mem::take(&mut self.held);
+        held.sort_by_key(|m| m.timestamp_ms);
+        for msg in held {
+            self.accept(msg, true);
+        }
+        self.go_active(c)
     }
 
     /// Housekeeping: stale outbox entries, the healthy-connection reset, and another
@@ -1093,9 +1174,23 @@ impl Supervisor {
         self.flush(c).map_err(|cause| lost(cause, c.up_for()))
     }
 
-    fn start_recovery(
+    /// Starts the history fetch of every room on this connection; it holds live
+    /// messages and replies back for at most `recovery_hold`.
+    fn start_recovery(&mut self, c: &mut Conn) {
+        let plan = self.recovery_plan();
+        for fetch in &plan {
+            if let Some(st) = self.rooms.get_mut(&fetch.room) {
+                st.gap = Some((fetch.after_ms, fetch.have_until_ms));
+            }
+        }
+        c.recovery = Some(self.spawn_recovery(&c.identity, plan));
+        c.hold_until = Some(Instant::now() + self.cfg.recovery_hold);
+    }
+
+    fn spawn_recovery(
         &mut self,
         identity: &Identity,
+        plan: Vec<RoomFetch>,
     ) -> AbortOnDrop<Result<Vec<Recovered>, FetchError>> {
         let params = FetchParams {
             limit: self.cfg.history_page_limit,
@@ -1112,7 +1207,7 @@ impl Supervisor {
             self.http.clone(),
             self.endpoints.clone(),
             identity.key.clone(),
-            self.recovery_plan(),
+            plan,
             params,
             self.rng.random(),
         )))
@@ -1303,11 +1398,13 @@ impl Supervisor {
                     bot = self.bot(),
                     room = %r.room,
                     error = %why,
-                    "missed messages of this room could not be recovered: going on without them"
+                    "missed messages of this room could not be recovered: going on without them (tried again on the next connection)"
                 );
             }
             if let Some(st) = self.rooms.get_mut(&r.room) {
                 st.checked_from = r.complete_since;
+                let gap = st.gap.take();
+                st.unfetched = if r.failed.is_some() { gap } else { None };
             }
             batch.extend(r.messages.into_iter().map(|m| (m, false)));
         }
