@@ -512,25 +512,6 @@ impl Sqlite {
 
     // ---- outbox --------------------------------------------------------------------
 
-    /// Queues a message and waits until its row is committed; returns its id.
-    /// `created_at` is Unix milliseconds. This blocks the calling thread: async code
-    /// uses [`Store::outbox_enqueue`].
-    #[cfg(test)]
-    pub fn outbox_push(
-        &self,
-        bot: &str,
-        room: &str,
-        text: &str,
-        created_at: i64,
-    ) -> Result<OutboxId, StoreError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let id = self.outbox_enqueue(bot, room, text, created_at, move |_, r| {
-            let _ = tx.send(r);
-        });
-        rx.recv().unwrap_or_else(|_| Err(self.gone()))?;
-        Ok(id)
-    }
-
     /// Queues a message for the next group commit and returns its id at once;
     /// `durable` is called with that id (on a blocking thread) once the row is
     /// committed, or with the error that kept it from being committed. Nothing may
@@ -739,14 +720,6 @@ impl Drop for CommitHold {
 impl Sqlite {
     fn queue(&self) -> MutexGuard<'_, CommitQueue> {
         self.commits.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    #[cfg(test)]
-    fn gone(&self) -> StoreError {
-        StoreError::Sqlite {
-            path: self.path.to_path_buf(),
-            source: rusqlite::Error::InvalidQuery,
-        }
     }
 
     /// Queues `work` for the next group commit; `done` gets its outcome once the
@@ -1119,7 +1092,9 @@ mod tests {
         let store = Sqlite::open(&dir).unwrap();
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(store.path(), dir.join(DB_FILE));
-        store.outbox_push("b", "r", "t", 1).unwrap();
+        crate::store::Store::sqlite(store.clone())
+            .outbox_push("b", "r", "t", 1)
+            .unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -1145,9 +1120,10 @@ mod tests {
         let wal = dir.path().join(format!("{DB_FILE}-wal"));
         let text = "x".repeat(3000);
         // Each row in its own commit: about one page per row.
+        let facade = crate::store::Store::sqlite(store.clone());
         let write = |n: i64| {
             for i in 0..n {
-                store.outbox_push("bot", "lobby", &text, i).unwrap();
+                facade.outbox_push("bot", "lobby", &text, i).unwrap();
             }
         };
         write(400);
