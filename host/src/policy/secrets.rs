@@ -316,19 +316,28 @@ impl KnownSecrets {
         })
     }
 
-    /// Whether a fragment of a key runs across the end of `before` (squeezed) into
-    /// `text`: the windows of the squeezed text that start in `before`.
-    fn found_across(&self, before: &str, text: &str) -> bool {
+    /// Whether a fragment of a key runs from the end of the `recent` messages (oldest
+    /// first) into `folded` (a text in the host's view): the windows of the squeezed
+    /// texts that start before `folded`. Only as many recent messages are squeezed as
+    /// that tail needs.
+    fn found_across(&self, recent: &[&str], folded: &str) -> bool {
         let set = self.read();
-        if set.keys.is_empty() || before.is_empty() {
+        if set.keys.is_empty() || recent.is_empty() {
             return false;
         }
         let tail_len = set.frag - 1;
-        let tail = &before[before.len().saturating_sub(tail_len)..];
-        let head: String = squeeze(text).chars().take(tail_len).collect();
-        let mut joined = String::with_capacity(tail.len() + head.len());
-        joined.push_str(tail);
-        joined.push_str(&head);
+        // Squeezed text is ASCII: bytes are characters.
+        let mut tail: Vec<u8> = Vec::with_capacity(tail_len);
+        for r in recent.iter().rev() {
+            let sq = squeeze(&fold_confusables(&normalize(r)));
+            let need = tail_len - tail.len();
+            tail.splice(0..0, sq.bytes().skip(sq.len().saturating_sub(need)));
+            if tail.len() == tail_len {
+                break;
+            }
+        }
+        let mut joined = String::from_utf8(tail).unwrap_or_default();
+        joined.extend(squeeze(folded).chars().take(tail_len));
         set.holds(&joined)
     }
 }
@@ -474,13 +483,14 @@ impl SecretScanner {
 
     /// The first secret found in `text`, if any.
     pub fn scan(&self, text: &str) -> Option<Finding> {
-        self.scan_shaped(text).0
+        self.scan_shaped(text, &[]).0
     }
 
     /// [`scan`](Self::scan), and whether the text [may hold a reshaped
     /// key](may_hold_reshaped_key) in any of its views (when it may not, the reshaped
-    /// views were skipped: they cannot hold a key).
-    fn scan_shaped(&self, text: &str) -> (Option<Finding>, bool) {
+    /// views were skipped: they cannot hold a key). Such a text is also checked for a
+    /// known key's fragment running into it from the end of the `recent` messages.
+    fn scan_shaped(&self, text: &str, recent: &[&str]) -> (Option<Finding>, bool) {
         let norm = normalize(text);
         let folded = fold_confusables(&norm);
         let collapsed = collapse_spaced(&folded);
@@ -511,12 +521,16 @@ impl SecretScanner {
         {
             return (Some(f), shaped);
         }
-        if self.config.high_entropy {
-            let found = views
+        if self.config.high_entropy
+            && let Some(f) = views
                 .iter()
                 .zip(&runs)
-                .find_map(|(v, &run)| scan_entropy_run(v, run, self.config.entropy_min_len, 0));
-            return (found, shaped);
+                .find_map(|(v, &run)| scan_entropy_run(v, run, self.config.entropy_min_len, 0))
+        {
+            return (Some(f), shaped);
+        }
+        if !shaped && self.known.found_across(recent, &folded) {
+            return (Some(KNOWN), shaped);
         }
         (None, shaped)
     }
@@ -530,23 +544,9 @@ impl SecretScanner {
     /// known key's fragment running from the end of the recent messages into it is
     /// looked for.
     pub fn scan_after(&self, recent: &[&str], text: &str) -> Option<Finding> {
-        let (found, shaped) = self.scan_shaped(text);
-        if found.is_some() {
+        let (found, shaped) = self.scan_shaped(text, recent);
+        if found.is_some() || !shaped || recent.is_empty() {
             return found;
-        }
-        if recent.is_empty() {
-            return None;
-        }
-        if !shaped {
-            let before: String = recent
-                .iter()
-                .map(|r| squeeze(&fold_confusables(&normalize(r))))
-                .collect();
-            let norm = normalize(text);
-            return self
-                .known
-                .found_across(&before, &fold_confusables(&norm))
-                .then_some(KNOWN);
         }
         // Only what the new text completes counts: the earlier messages went out, and
         // what they hold together (a chance pattern) must not silence the bot.
@@ -2285,6 +2285,31 @@ mod tests {
         ] {
             assert!(may_hold_reshaped_key(shaped), "{shaped}");
         }
+    }
+
+    #[test]
+    fn a_known_key_in_plain_pieces_is_found_across_replies() {
+        // Letters only, in short words: no piece calls for the reshaped views, so only
+        // the boundary check sees the key, where one reply ends and the next begins.
+        let s = SecretScanner::new(SecretsConfig {
+            high_entropy: false,
+            ..Default::default()
+        });
+        assert!(s.add_known_secret("qwhzkvmxplrtnbgdsyfc"));
+        let piece = "rtnbgdsyfc ok";
+        assert!(!may_hold_reshaped_key(piece));
+        assert_eq!(s.scan(piece), None);
+        assert_eq!(
+            s.scan_after(&["it is qwhzkvmxpl"], piece).map(|f| f.rule),
+            Some(FindingRule::KnownSecret)
+        );
+        // The tail can come from more than one earlier reply.
+        assert_eq!(
+            s.scan_after(&["it is qwhzk", "vmx", "pl"], "rtnbg")
+                .map(|f| f.rule),
+            Some(FindingRule::KnownSecret)
+        );
+        assert_eq!(s.scan_after(&["it is nothing"], piece), None);
     }
 
     #[test]
