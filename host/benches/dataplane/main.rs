@@ -225,6 +225,26 @@ fn parse_opts() -> Result<Opts, String> {
     Ok(opts)
 }
 
+/// The fleet phase's plan for `bots` copies of `persona`: `echo` answers `ping SEQ`
+/// with it; any other persona's answer counts as one, and gets longer to come.
+fn fleet_plan(opts: &Opts, persona: &'static str, bots: usize) -> fleet::Plan {
+    let echo = persona == "echo";
+    fleet::Plan {
+        persona,
+        any_reply: !echo,
+        bots,
+        rooms: opts.rooms,
+        wait_limit: opts.fleet_limit,
+        stall: opts.stall,
+        settle: Duration::from_secs(if opts.quick { 1 } else { 3 }),
+        mentions: opts.mentions,
+        answer_within: Duration::from_secs(1),
+        give_up_after: Duration::from_secs(if echo { 3 } else { 5 }),
+        seed: opts.seed,
+        shutdown_grace: Duration::from_secs(30),
+    }
+}
+
 /// Prints the report once (the watchdog and the normal end race for it).
 fn print_once(report: &Mutex<Value>, printed: &AtomicBool) -> bool {
     if printed.swap(true, Ordering::SeqCst) {
@@ -353,20 +373,7 @@ fn main() -> ExitCode {
 
     if wants("fleet") {
         let v = if built {
-            let plan = fleet::Plan {
-                persona: "echo",
-                any_reply: false,
-                bots: opts.bots,
-                rooms: opts.rooms,
-                wait_limit: opts.fleet_limit,
-                stall: opts.stall,
-                settle: Duration::from_secs(if opts.quick { 1 } else { 3 }),
-                mentions: opts.mentions,
-                answer_within: Duration::from_secs(1),
-                give_up_after: Duration::from_secs(3),
-                seed: opts.seed,
-                shutdown_grace: Duration::from_secs(30),
-            };
+            let plan = fleet_plan(&opts, "echo", opts.bots);
             rt.block_on(fleet::run(&plan, work.path(), &echo))
         } else {
             json!({"error": "skipped: echo.wasm was not built"})
@@ -385,20 +392,7 @@ fn main() -> ExitCode {
         )) {
             Err(e) => json!({"error": format!("skipped: the quiz master was not built: {e:#}")}),
             Ok(build) => {
-                let plan = fleet::Plan {
-                    persona: "quizmaster",
-                    any_reply: true,
-                    bots: opts.py_bots,
-                    rooms: opts.rooms,
-                    wait_limit: opts.fleet_limit,
-                    stall: opts.stall,
-                    settle: Duration::from_secs(if opts.quick { 1 } else { 3 }),
-                    mentions: opts.mentions,
-                    answer_within: Duration::from_secs(1),
-                    give_up_after: Duration::from_secs(5),
-                    seed: opts.seed,
-                    shutdown_grace: Duration::from_secs(30),
-                };
+                let plan = fleet_plan(&opts, "quizmaster", opts.py_bots);
                 let mut v = rt.block_on(fleet::run(&plan, work.path(), &quiz));
                 v["build"] = build;
                 v
