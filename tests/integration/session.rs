@@ -906,18 +906,25 @@ async fn the_bot_learns_its_identity_and_throttles_from_its_events() {
         .unwrap();
     assert_eq!(key.expose(), stored.key.expose());
 
-    // A rate-limit close: the bot hears of it with the time the session stays away.
-    srv.faults().close_connections(4029, "slow down");
-    let retry = loop {
-        match timeout(WAIT, bot.rx.recv()).await.unwrap().unwrap() {
-            session::SessionEvent::Throttled { retry_after } => break retry_after,
-            _ => continue,
-        }
-    };
-    assert!(
-        retry.is_some_and(|d| d >= Duration::from_secs(1)),
-        "{retry:?}"
-    );
+    // A rate-limit close: the bot hears of it with the time the session stays away. A
+    // single one is a single fault (back within the base jitter); one more within a
+    // minute keeps the rate-limit floor.
+    let base = SessionConfig::default().backoff.base;
+    let floor = SessionConfig::default().rate_limit_backoff;
+    for (n, at_least, at_most) in [(2, Duration::ZERO, base), (3, floor, Duration::MAX)] {
+        srv.faults().close_connections(4029, "slow down");
+        let retry = loop {
+            match timeout(WAIT, bot.rx.recv()).await.unwrap().unwrap() {
+                session::SessionEvent::Throttled { retry_after } => break retry_after,
+                _ => continue,
+            }
+        };
+        assert!(
+            retry.is_some_and(|d| d >= at_least && d <= at_most),
+            "close {n}: {retry:?}"
+        );
+        active(&bot.handle, n).await;
+    }
     bot.handle.shutdown().await;
     srv.shutdown().await;
 }
@@ -1141,6 +1148,74 @@ async fn messages_posted_while_roost_was_stopped_are_recovered_once_after_a_rest
         "{got:?}"
     );
     assert_eq!(count_text(&got, "before the stop"), 0, "{got:?}");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+/// A join the server forgot, learned from a refused send: every room is joined again
+/// and what was said in them meanwhile is fetched, once.
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_join_learned_from_a_send_fetches_what_was_missed() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let mut cfg = config(&srv.base_url(), "forgotten");
+    cfg.membership_check = Duration::ZERO; // only the send tells
+    let mut bot = start(cfg, &store);
+    active(&bot.handle, 1).await;
+    srv.faults().forget_joins();
+    state
+        .post_message("other", "lobby", "said while forgotten")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    bot.handle.send("lobby", "anyone there?").unwrap();
+    wait_outbox_empty(&bot.handle).await;
+    let got = drain_to_marker(&mut bot, &state, "after the rejoin").await;
+    assert_eq!(count_text(&got, "said while forgotten"), 1, "{got:?}");
+    assert!(bot.handle.status().rejoins >= 1);
+    assert_eq!(bot.handle.status().reconnects, 0, "no reconnect needed");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+/// A join the server forgot silently, with nothing to send: the member check notices
+/// within a check period, joins again and fetches what was missed, once.
+#[tokio::test(start_paused = true)]
+async fn a_silently_forgotten_join_is_noticed_by_the_member_check() {
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, mut bot) = started(&srv.base_url(), "quiet").await;
+    let period = SessionConfig::default().membership_check;
+    // Quiet for a while first: the check runs and finds us listed.
+    tokio::time::sleep(period * 3).await;
+    assert_eq!(bot.handle.status().rejoins, 0, "listed: nothing to do");
+    srv.faults().forget_joins();
+    let t = Instant::now();
+    state
+        .post_message("other", "lobby", "@quiet are you there?")
+        .unwrap();
+    let got = recv_until(&mut bot.rx, "the missed mention", |m| {
+        m.text == "@quiet are you there?"
+    })
+    .await;
+    let took = t.elapsed();
+    assert!(
+        took <= period + SessionConfig::default().join_ack_timeout,
+        "noticed after {took:?}"
+    );
+    assert!(bot.handle.status().rejoins >= 1);
+    assert!(
+        state
+            .room_agents("lobby")
+            .unwrap()
+            .iter()
+            .any(|a| a.name == "quiet"),
+        "joined again"
+    );
+    let got2 = drain_to_marker(&mut bot, &state, "and after").await;
+    let all: Vec<_> = got.into_iter().chain(got2).collect();
+    assert_eq!(count_text(&all, "@quiet are you there?"), 1, "{all:?}");
+    assert_eq!(bot.handle.status().reconnects, 0, "no reconnect needed");
     bot.handle.shutdown().await;
     srv.shutdown().await;
 }

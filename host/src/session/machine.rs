@@ -142,9 +142,15 @@ impl fmt::Display for Disconnect {
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     pub backoff: Backoff,
-    /// The least delay after [`Next::SlowDown`].
+    /// The least delay after a [`Next::SlowDown`] that repeats one within
+    /// [`SLOW_DOWN_MEMORY`], or that ends an attempt which never became active.
     pub rate_limit_backoff: Duration,
 }
+
+/// A slow-down signal this soon after the previous one keeps the `rate_limit_backoff`
+/// floor; one after a quiet minute (on a connection that became active) is treated as
+/// any single fault and retried within the base jitter.
+pub const SLOW_DOWN_MEMORY: Duration = Duration::from_secs(60);
 
 /// The decision after a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +184,13 @@ pub const OUTAGE_SHARE: u32 = 8;
 ///   The first re-registration is immediate; a key rejected again right after a fresh
 ///   registration backs off before registering again, so a broken server cannot make
 ///   us register in a tight loop.
+/// - `slowed_recently`: whether another slow-down signal came within
+///   [`SLOW_DOWN_MEMORY`]. A single slow-down close (1013, 4008, 4029) of a connection
+///   that was active is one fault like any other: the first retry comes within the base
+///   jitter. The `rate_limit_backoff` floor holds for a repeated one, and for a refusal
+///   before the connection became active (a 429 upgrade), so a server that keeps asking
+///   us to slow down gets its pause.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_retry<R: Rng + ?Sized>(
     policy: &RetryPolicy,
     attempt: u32,
@@ -185,6 +198,7 @@ pub fn plan_retry<R: Rng + ?Sized>(
     away_for: Duration,
     next: Next,
     reregistered: bool,
+    slowed_recently: bool,
     rng: &mut R,
 ) -> Retry {
     // A connection that became active ends the escalation: after any single fault the
@@ -198,6 +212,10 @@ pub fn plan_retry<R: Rng + ?Sized>(
     };
     let delay = match next {
         Next::Reregister if !reregistered => Duration::ZERO,
+        Next::SlowDown if up_for.is_some() && !slowed_recently => policy
+            .backoff
+            .delay_within(0, Duration::ZERO, rng)
+            .unwrap_or(policy.backoff.base),
         Next::SlowDown => policy
             .backoff
             .delay_at_least(attempt, policy.rate_limit_backoff, rng),
@@ -271,7 +289,16 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut attempt = 0;
         for expected in 1..=5 {
-            let r = plan_retry(&p, attempt, None, LONG, Next::Reconnect, false, &mut rng);
+            let r = plan_retry(
+                &p,
+                attempt,
+                None,
+                LONG,
+                Next::Reconnect,
+                false,
+                false,
+                &mut rng,
+            );
             assert_eq!(r.attempt, expected);
             assert!(r.delay <= p.backoff.ceiling(attempt));
             attempt = r.attempt;
@@ -290,13 +317,23 @@ mod tests {
                 LONG,
                 Next::Reconnect,
                 false,
+                false,
                 &mut rng,
             );
             assert_eq!(r.attempt, 1, "after {up:?} up");
             assert!(r.delay <= Duration::from_millis(250), "{r:?}");
         }
         // Failures that never became active keep escalating.
-        let r = plan_retry(&p, attempt, None, LONG, Next::Reconnect, false, &mut rng);
+        let r = plan_retry(
+            &p,
+            attempt,
+            None,
+            LONG,
+            Next::Reconnect,
+            false,
+            false,
+            &mut rng,
+        );
         assert_eq!(r.attempt, 6);
     }
 
@@ -313,6 +350,7 @@ mod tests {
                 Duration::from_secs(8),
                 Next::Reconnect,
                 false,
+                false,
                 &mut rng,
             );
             assert_eq!(r.attempt, 11, "the attempts still count");
@@ -328,10 +366,11 @@ mod tests {
                 Duration::ZERO,
                 Next::Reconnect,
                 false,
+                false,
                 &mut rng,
             );
             longest = longest.max(r.delay);
-            let r = plan_retry(&p, 1, None, LONG, Next::VerifyKey, false, &mut rng);
+            let r = plan_retry(&p, 1, None, LONG, Next::VerifyKey, false, false, &mut rng);
             assert!(r.delay <= p.backoff.ceiling(1), "{r:?}");
         }
         assert!(longest <= p.backoff.base && longest > p.backoff.base / 2);
@@ -339,7 +378,7 @@ mod tests {
         let mut longest = Duration::ZERO;
         for _ in 0..200 {
             let away = Duration::from_secs(240);
-            let r = plan_retry(&p, 10, None, away, Next::Reconnect, false, &mut rng);
+            let r = plan_retry(&p, 10, None, away, Next::Reconnect, false, false, &mut rng);
             longest = longest.max(r.delay);
         }
         assert!(longest > Duration::from_secs(20), "{longest:?}");
@@ -351,6 +390,7 @@ mod tests {
             LONG,
             Next::Reconnect,
             false,
+            false,
             &mut rng,
         );
         assert!(r.delay <= p.backoff.base, "{r:?}");
@@ -361,10 +401,38 @@ mod tests {
         let p = policy();
         let mut rng = StdRng::seed_from_u64(2);
         for a in 0..10 {
-            let r = plan_retry(&p, a, None, LONG, Next::SlowDown, false, &mut rng);
+            let r = plan_retry(&p, a, None, LONG, Next::SlowDown, false, false, &mut rng);
             assert!(r.delay >= Duration::from_secs(5), "{r:?}");
             assert!(!r.reregister);
         }
+    }
+
+    #[test]
+    fn a_single_slow_down_close_is_one_fault_a_repeated_one_keeps_the_floor() {
+        let p = policy();
+        let mut rng = StdRng::seed_from_u64(5);
+        let up = Some(Duration::from_secs(1));
+        for attempt in [0, 3, 9] {
+            // A connection that was active, closed with "try again later" once.
+            let r = plan_retry(
+                &p,
+                attempt,
+                up,
+                LONG,
+                Next::SlowDown,
+                false,
+                false,
+                &mut rng,
+            );
+            assert!(r.delay <= p.backoff.base, "{r:?}");
+            assert_eq!(r.attempt, 1);
+            // The same within a minute of the last one: the floor holds.
+            let r = plan_retry(&p, attempt, up, LONG, Next::SlowDown, false, true, &mut rng);
+            assert!(r.delay >= p.rate_limit_backoff, "{r:?}");
+        }
+        // Refused before it became active (a 429 upgrade): the floor holds too.
+        let r = plan_retry(&p, 0, None, LONG, Next::SlowDown, false, false, &mut rng);
+        assert!(r.delay >= p.rate_limit_backoff, "{r:?}");
     }
 
     #[test]
@@ -378,13 +446,14 @@ mod tests {
             LONG,
             Next::Reregister,
             false,
+            false,
             &mut rng,
         );
         assert!(first.reregister);
         assert_eq!(first.delay, Duration::ZERO);
         let mut saw_nonzero = false;
         for _ in 0..20 {
-            let again = plan_retry(&p, 3, None, LONG, Next::Reregister, true, &mut rng);
+            let again = plan_retry(&p, 3, None, LONG, Next::Reregister, true, false, &mut rng);
             assert!(again.reregister);
             assert!(again.delay <= p.backoff.ceiling(3));
             saw_nonzero |= again.delay > Duration::ZERO;

@@ -119,7 +119,10 @@ pub struct SessionConfig {
     /// once again (default 30 s). The reconnect escalation resets on any connection
     /// that became active, however briefly.
     pub healthy_after: Duration,
-    /// The least delay after a rate limit (429 / close 4029 / 1013) (default 5 s).
+    /// The least delay after a rate limit (default 5 s): a 429 upgrade, or a slow-down
+    /// close (1013 / 4008 / 4029 / 4429) within a minute of another. A single slow-down
+    /// close of an active connection is one fault like any other: retried within the
+    /// backoff base.
     pub rate_limit_backoff: Duration,
     /// Names tried on 409 before giving up on a registration round (default 8).
     pub max_name_attempts: u32,
@@ -132,6 +135,12 @@ pub struct SessionConfig {
     /// before the last timestamp seen, and an echo in recovered history may be this much
     /// older than its outbox entry (default 5 s).
     pub clock_skew: Duration,
+    /// How often an active connection checks that the server still counts it in each
+    /// quiet room (`GET /api/rooms/:room/agents`; rooms that delivered a message within
+    /// the period are not asked). A room that no longer lists us is joined again and
+    /// what was missed in it is fetched; so is every room after a `not_joined` error
+    /// (default 10 s; zero: never check).
+    pub membership_check: Duration,
     /// How long to wait after joining for the server to confirm the joins (any message
     /// from the room, normally its "joined" line) before recovering anyway (default 3 s).
     pub join_ack_timeout: Duration,
@@ -188,6 +197,7 @@ impl Default for SessionConfig {
             max_reregistrations_per_day: 3,
             retention: Duration::from_secs(3600),
             clock_skew: Duration::from_secs(5),
+            membership_check: Duration::from_secs(10),
             join_ack_timeout: Duration::from_secs(3),
             recovery_hold: Duration::from_secs(1),
             history_page_limit: 50,
