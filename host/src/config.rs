@@ -101,6 +101,8 @@ pub struct SessionSection {
     pub write_timeout_ms: u64,
     pub ping_interval_ms: u64,
     pub dead_after_intervals: u32,
+    /// How often each quiet room's member list is checked for the bot (0: never).
+    pub membership_check_ms: u64,
     pub backoff_base_ms: u64,
     pub backoff_cap_ms: u64,
     /// `0` = retry forever.
@@ -128,6 +130,7 @@ impl Default for SessionSection {
             write_timeout_ms: d.write_timeout.as_millis() as u64,
             ping_interval_ms: d.ping_interval.as_millis() as u64,
             dead_after_intervals: d.dead_after_intervals,
+            membership_check_ms: d.membership_check.as_millis() as u64,
             backoff_base_ms: d.backoff.base.as_millis() as u64,
             backoff_cap_ms: d.backoff.cap.as_millis() as u64,
             max_attempts: d.backoff.max_attempts.unwrap_or(0),
@@ -844,6 +847,7 @@ impl Config {
             max_reregistrations_per_day: s.max_reregistrations_per_day,
             ping_interval: Duration::from_millis(s.ping_interval_ms),
             dead_after_intervals: s.dead_after_intervals.max(1),
+            membership_check: Duration::from_millis(s.membership_check_ms),
             healthy_after: Duration::from_millis(s.healthy_after_ms),
             retention: Duration::from_secs(s.retention_secs),
             outbox_ttl: Duration::from_secs(s.outbox_ttl_secs),

@@ -98,6 +98,11 @@ impl Endpoints {
         url
     }
 
+    /// `GET /api/rooms/:room/agents`.
+    pub fn room_agents(&self, room: &str) -> Url {
+        self.with_segments(["api", "rooms", room, "agents"])
+    }
+
     /// The WebSocket URL: http→ws, https→wss, path `/ws`, `?key=KEY`. Contains the key:
     /// never log it.
     pub fn websocket(&self, key: &ApiKey) -> Url {

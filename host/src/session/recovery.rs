@@ -7,7 +7,11 @@
 //! to decode are skipped and counted, never fatal. Transient failures are retried a few
 //! times; 401 and 429 are reported to the supervisor, which re-registers or backs off.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rand::Rng;
 use serde_json::Value;
@@ -221,6 +225,90 @@ async fn fetch_page(
             excerpt(&body)
         ))
     })
+}
+
+/// Member lists fetched lately, by URL, shared by every session of the process: bots
+/// of one host in one room ask the server once per half check period, not once each.
+static MEMBER_LISTS: LazyLock<Mutex<HashMap<String, (Instant, Arc<Vec<String>>)>>> =
+    LazyLock::new(Default::default);
+
+/// Of `rooms`, those whose member list (`GET /api/rooms/:room/agents`) names none of
+/// `names`: the server no longer counts us in them. A room whose list cannot be read
+/// (an error, a timeout, an unexpected shape) is not reported: only a list that answers
+/// and leaves us out is evidence. A list another session of this process fetched less
+/// than `max_age` ago is used instead of asking again.
+pub async fn rooms_missing_us(
+    http: reqwest::Client,
+    endpoints: Endpoints,
+    key: ApiKey,
+    rooms: Vec<String>,
+    names: Vec<String>,
+    timeout: Duration,
+    max_age: Duration,
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for room in rooms {
+        let url = endpoints.room_agents(&room);
+        let cached = lock(&MEMBER_LISTS)
+            .get(url.as_str())
+            .filter(|(at, _)| at.elapsed() <= max_age)
+            .map(|(_, list)| list.clone());
+        let list = match cached {
+            Some(list) => list,
+            None => match fetch_members(&http, url.clone(), &key, timeout).await {
+                Some(list) => {
+                    let list = Arc::new(list);
+                    let mut lists = lock(&MEMBER_LISTS);
+                    if lists.len() >= 4096 {
+                        lists.retain(|_, (at, _)| at.elapsed() <= max_age);
+                    }
+                    lists.insert(url.into(), (Instant::now(), list.clone()));
+                    list
+                }
+                None => continue,
+            },
+        };
+        if !list.iter().any(|n| names.contains(n)) {
+            missing.push(room);
+        }
+    }
+    missing
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The names in one room's member list, or `None` when it cannot be read.
+async fn fetch_members(
+    http: &reqwest::Client,
+    url: url::Url,
+    key: &ApiKey,
+    timeout: Duration,
+) -> Option<Vec<String>> {
+    let room = url.path().to_owned();
+    let resp = match http
+        .get(url)
+        .header("x-api-key", key.expose())
+        .timeout(timeout)
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            tracing::debug!(%room, status = r.status().as_u16(), "member list not readable");
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(%room, error = %error_chain(&e), "member list not readable");
+            return None;
+        }
+    };
+    let Ok((body, false)) = read_limited(resp, MAX_READ_BYTES).await else {
+        return None;
+    };
+    let list = crate::protocol::RoomAgentList::decode(&String::from_utf8_lossy(&body)).ok()?;
+    Some(list.0.into_iter().map(|a| a.name).collect())
 }
 
 /// Decodes a message list (a bare array or `{"messages": [...]}`) item by item; returns

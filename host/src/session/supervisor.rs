@@ -6,7 +6,7 @@
 //! its bounded event stream ([`super::events`]), which never makes this task wait: a slow
 //! bot only loses its oldest unread messages (counted), never keepalive.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -79,6 +79,8 @@ struct RoomState {
     checked_from: Option<u64>,
     /// `last_ts` changed since it was last saved.
     dirty: bool,
+    /// When (our clock) the room last delivered a message: proof we were in it then.
+    heard_at: Option<Instant>,
     /// The (`after_ms`, `have_until_ms`) of this room's recovery while it has not
     /// finished (set when one starts, cleared when one finishes). Once the session goes
     /// active before the history arrives, live messages move `last_ts` past the gap:
@@ -116,6 +118,15 @@ struct Conn {
     /// A recovery still running then no longer holds live messages and replies back:
     /// the connection goes active and the recovered messages follow when they arrive.
     hold_until: Option<Instant>,
+    /// Rooms joined again on this connection (the server had dropped us): what was
+    /// missed in each is fetched once its join is confirmed (any message from the
+    /// room, normally our own "joined" line), or at `catch_up_at` at the latest.
+    rejoined: BTreeSet<String>,
+    catch_up_at: Option<Instant>,
+    /// Rooms whose join is confirmed, waiting for the running recovery to finish.
+    catch_up_ready: BTreeSet<String>,
+    /// The running member-list check: the rooms that no longer list us.
+    membership: Option<AbortOnDrop<Vec<String>>>,
 }
 
 impl Conn {
@@ -258,6 +269,8 @@ pub(super) struct Supervisor {
     away_since: Instant,
     /// Re-registered since the last healthy connection.
     reregistered: bool,
+    /// When the server last told us to slow down by ending a connection.
+    last_slow_down: Option<Instant>,
     /// The stored key was rejected: register again before the next connect.
     force_register: bool,
     /// The key is in doubt: check it before the next connect.
@@ -308,6 +321,7 @@ impl Supervisor {
                         last_ts: last,
                         checked_from: None,
                         dirty: false,
+                        heard_at: None,
                         gap: None,
                         unfetched: None,
                     },
@@ -340,6 +354,7 @@ impl Supervisor {
             held: Vec::new(),
             attempt: 0,
             away_since: Instant::now(),
+            last_slow_down: None,
             reregistered: false,
             force_register: false,
             verify_key: false,
@@ -393,6 +408,10 @@ impl Supervisor {
                         self.away_since = Instant::now();
                     }
                     let policy = self.policy();
+                    let slow_down = cause.next() == super::machine::Next::SlowDown;
+                    let slowed_recently = self
+                        .last_slow_down
+                        .is_some_and(|t| t.elapsed() < super::machine::SLOW_DOWN_MEMORY);
                     let retry = plan_retry(
                         &policy,
                         self.attempt,
@@ -400,9 +419,11 @@ impl Supervisor {
                         self.away_since.elapsed(),
                         cause.next(),
                         self.reregistered,
+                        slowed_recently,
                         &mut self.rng,
                     );
-                    if cause.next() == super::machine::Next::SlowDown {
+                    if slow_down {
+                        self.last_slow_down = Some(Instant::now());
                         self.shared.throttles.fetch_add(1, Ordering::Relaxed);
                         if let Some(limits) = &mut self.limits {
                             limits.on_server_throttle(Some(retry.delay));
@@ -532,6 +553,7 @@ impl Supervisor {
             last_ts: None,
             checked_from: None,
             dirty: false,
+            heard_at: None,
             gap: None,
             unfetched: None,
         });
@@ -850,6 +872,12 @@ impl Supervisor {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let check_every = self.cfg.membership_check;
+        let mut membership_tick = tokio::time::interval_at(
+            Instant::now() + check_every.max(HOUSEKEEPING),
+            check_every.max(HOUSEKEEPING),
+        );
+        membership_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         loop {
             if self.shutdown_due(&c) {
@@ -882,7 +910,23 @@ impl Supervisor {
                 result = wait_recovery(&mut c.recovery), if recovering => {
                     c.recovery = None;
                     c.hold_until = None;
-                    self.on_recovered(&mut c, result)
+                    self.on_recovered(&mut c, result).map(|()| self.catch_up(&mut c, None))
+                }
+                _ = membership_tick.tick(), if !check_every.is_zero() => {
+                    self.check_membership(&mut c);
+                    Ok(())
+                }
+                missing = wait_task(&mut c.membership), if c.membership.is_some() => {
+                    c.membership = None;
+                    self.on_membership(&mut c, missing.unwrap_or_default());
+                    Ok(())
+                }
+                () = sleep_until_due(c.catch_up_at), if c.catch_up_at.is_some() => {
+                    // Joins not confirmed in time: fetch anyway.
+                    c.catch_up_at = None;
+                    let rooms = std::mem::take(&mut c.rejoined);
+                    self.catch_up(&mut c, Some(rooms));
+                    Ok(())
                 }
                 () = sleep_until_due(c.hold_until), if recovering && c.hold_until.is_some() => {
                     c.hold_until = None;
@@ -954,6 +998,10 @@ impl Supervisor {
             ack_deadline: now + self.cfg.join_ack_timeout,
             active_since: None,
             hold_until: None,
+            rejoined: BTreeSet::new(),
+            catch_up_at: None,
+            catch_up_ready: BTreeSet::new(),
+            membership: None,
         };
         if c.unacked.is_empty() {
             self.start_recovery(&mut c);
@@ -1037,16 +1085,19 @@ impl Supervisor {
                         {
                             self.start_recovery(c);
                         }
+                        if c.rejoined.remove(&room) {
+                            if c.rejoined.is_empty() {
+                                c.catch_up_at = None;
+                            }
+                            self.catch_up(c, Some(BTreeSet::from([room])));
+                        }
                     }
                     Heard::NotJoined => {
                         // The server forgot a join (or never saw it): join every room
-                        // again (joins are idempotent), and what it refused goes out
-                        // again behind the joins.
-                        for room in &c.joined {
-                            let frame = ClientFrame::Join { room: room.clone() }.encode();
-                            let _ = c.out_tx.try_send(Message::Text(frame.into()));
-                        }
-                        self.shared.rejoins.fetch_add(1, Ordering::Relaxed);
+                        // again (joins are idempotent), fetch what was missed in them,
+                        // and what it refused goes out again behind the joins.
+                        let rooms: Vec<String> = c.joined.iter().cloned().collect();
+                        self.rejoin(c, rooms);
                         self.outbox.unsend(c.seq);
                         return self.flush_if_active(c);
                     }
@@ -1185,6 +1236,110 @@ impl Supervisor {
         }
         c.recovery = Some(self.spawn_recovery(&c.identity, plan));
         c.hold_until = Some(Instant::now() + self.cfg.recovery_hold);
+    }
+
+    /// Joins `rooms` again on this connection: the server no longer counts us in them.
+    /// What was missed in each is fetched once the join is confirmed.
+    fn rejoin(&mut self, c: &mut Conn, rooms: Vec<String>) {
+        // The gap starts where each room stands now: the confirming "joined" line and
+        // whatever follows it move the position on before the fetch is planned.
+        for fetch in self.recovery_plan() {
+            if rooms.contains(&fetch.room)
+                && let Some(st) = self.rooms.get_mut(&fetch.room)
+                && st.gap.is_none()
+            {
+                st.gap = Some((fetch.after_ms, fetch.have_until_ms));
+            }
+        }
+        for room in rooms {
+            if !c.joined.contains(&room) {
+                continue;
+            }
+            let frame = ClientFrame::Join { room: room.clone() }.encode();
+            let _ = c.out_tx.try_send(Message::Text(frame.into()));
+            c.rejoined.insert(room);
+        }
+        self.shared.rejoins.fetch_add(1, Ordering::Relaxed);
+        if c.catch_up_at.is_none() && !c.rejoined.is_empty() {
+            c.catch_up_at = Some(Instant::now() + self.cfg.join_ack_timeout);
+        }
+    }
+
+    /// Fetches what was missed in `rooms` (joined again) on an active connection, or
+    /// queues them behind the recovery that is running (`None`: start what is queued).
+    fn catch_up(&mut self, c: &mut Conn, rooms: Option<BTreeSet<String>>) {
+        c.catch_up_ready.extend(rooms.into_iter().flatten());
+        if c.catch_up_ready.is_empty() || c.recovery.is_some() || c.active_since.is_none() {
+            // Before the connection is active, its own recovery still comes and covers
+            // these rooms too.
+            if c.active_since.is_none() {
+                c.catch_up_ready.clear();
+            }
+            return;
+        }
+        let ready = std::mem::take(&mut c.catch_up_ready);
+        let plan: Vec<RoomFetch> = self
+            .recovery_plan()
+            .into_iter()
+            .filter(|f| ready.contains(&f.room))
+            .collect();
+        if plan.is_empty() {
+            return;
+        }
+        tracing::info!(
+            bot = self.bot(),
+            rooms = ?ready,
+            "joined again where the server had dropped us: fetching what was missed"
+        );
+        for fetch in &plan {
+            if let Some(st) = self.rooms.get_mut(&fetch.room) {
+                st.gap = Some((fetch.after_ms, fetch.have_until_ms));
+            }
+        }
+        c.recovery = Some(self.spawn_recovery(&c.identity, plan));
+    }
+
+    /// Asks the server whether it still counts us in the rooms that have been quiet for
+    /// a check period (a room that delivered a message since did).
+    fn check_membership(&mut self, c: &mut Conn) {
+        if c.active_since.is_none() || c.membership.is_some() || !c.rejoined.is_empty() {
+            return;
+        }
+        let period = self.cfg.membership_check;
+        let rooms: Vec<String> = c
+            .joined
+            .iter()
+            .filter(|room| {
+                self.rooms
+                    .get(*room)
+                    .is_none_or(|st| st.heard_at.is_none_or(|t| t.elapsed() >= period))
+            })
+            .cloned()
+            .collect();
+        if rooms.is_empty() {
+            return;
+        }
+        c.membership = Some(AbortOnDrop(tokio::spawn(recovery::rooms_missing_us(
+            self.http.clone(),
+            self.endpoints.clone(),
+            c.identity.key.clone(),
+            rooms,
+            self.own_names.clone(),
+            self.cfg.request_timeout,
+            self.cfg.membership_check / 2,
+        ))));
+    }
+
+    fn on_membership(&mut self, c: &mut Conn, missing: Vec<String>) {
+        if missing.is_empty() || c.active_since.is_none() {
+            return;
+        }
+        tracing::warn!(
+            bot = self.bot(),
+            rooms = ?missing,
+            "the server no longer counts us in these rooms: joining again"
+        );
+        self.rejoin(c, missing);
     }
 
     fn spawn_recovery(
@@ -1462,6 +1617,9 @@ impl Supervisor {
             let ts = room
                 .last_ts
                 .map_or(msg.timestamp_ms, |t| t.max(msg.timestamp_ms));
+            if live {
+                room.heard_at = Some(Instant::now());
+            }
             if room.last_ts != Some(ts) {
                 room.last_ts = Some(ts);
                 room.dirty = true;
@@ -1499,6 +1657,13 @@ impl Supervisor {
 async fn sleep_until_due(due: Option<Instant>) {
     match due {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_task<T>(task: &mut Option<AbortOnDrop<T>>) -> Option<T> {
+    match task {
+        Some(t) => (&mut t.0).await.ok(),
         None => std::future::pending().await,
     }
 }
