@@ -352,6 +352,70 @@ impl Collector for BotCollector {
         )?;
         family(
             &mut enc,
+            "roost_bot_rejoins",
+            "Times the server no longer counted the bot in a room (a not_joined error, or a member list without it) and it joined again",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.rejoins),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_history_gaps",
+            "Rooms whose missed messages could not be fetched after a reconnect (fetched again on the next connection)",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.history_gaps),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_recoveries_overdue",
+            "History fetches slower than the recovery hold: the session went active before they finished",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.recoveries_overdue),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_outbox_unconfirmed",
+            "Sent replies never confirmed by their echo and not sent again (history too short, or max_resends reached)",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.outbox_unconfirmed),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_outbox_unsaved",
+            "Replies never sent because their outbox row could not be saved",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.outbox_unsaved),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_reregistrations",
+            "New registrations after the server confirmed the key rejected",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.reregistrations),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_reregistrations_refused",
+            "Re-registrations refused by session.max_reregistrations_per_day",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.reregistrations_refused),
+        )?;
+        family(
+            &mut enc,
+            "roost_bot_server_throttles",
+            "Times the server asked the bot to slow down (429, slow-down closes, rate_limited frames)",
+            MetricType::Counter,
+            &bots,
+            |b, e| counter(e, b.status.throttles),
+        )?;
+        family(
+            &mut enc,
             "roost_bot_reply_pace_wait_seconds",
             "How long paced replies waited for their rate-limit slot",
             MetricType::Histogram,

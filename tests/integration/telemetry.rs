@@ -114,6 +114,14 @@ async fn metrics_and_health_describe_the_running_bots() {
         "roost_bot_loop_guarded_total",
         "roost_persona_reloads_total",
         "roost_persona_quarantined",
+        "roost_bot_rejoins_total",
+        "roost_bot_history_gaps_total",
+        "roost_bot_recoveries_overdue_total",
+        "roost_bot_outbox_unconfirmed_total",
+        "roost_bot_outbox_unsaved_total",
+        "roost_bot_reregistrations_total",
+        "roost_bot_reregistrations_refused_total",
+        "roost_bot_server_throttles_total",
     ] {
         assert!(
             metrics.contains(&format!("{name}{{bot=\"echo\"")),
