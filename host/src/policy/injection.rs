@@ -43,7 +43,10 @@
 //! the literals every rule needs, `GATES` below), and only the rules it leaves run, with
 //! `find`/`is_match`; capture groups are resolved only for a match. An ordinary chat line
 //! runs none or one or two rules, and the spelled-out and leetspeak views are not built
-//! unless the text has what they need.
+//! unless the text has what they need. The multilingual intent scorer is gated the same
+//! way: its full lexicon pass runs only for a text holding one of the terms a score
+//! starts from (a verb, a role or switch phrase, an authority claim; see
+//! [`super::intent::score`]).
 //!
 //! ```
 //! use roost::policy::injection::detect;
@@ -120,7 +123,7 @@ fn detect_with(text: &str, normalized: &str, prefilter: bool) -> InjectionVerdic
         scan_view(&leet, &mut hits, prefilter);
     }
     scan_squeezed(&lower, &mut hits);
-    let intent = intent::score(normalized).total();
+    let intent = intent::score_with(normalized, prefilter).total();
 
     if let Some(hidden) = hidden_tag_text(text) {
         let hidden_lower = lower_view(&hidden);
@@ -2102,6 +2105,23 @@ mod tests {
     fn sus(t: &str) -> bool {
         let v = detect(t);
         v.suspicious()
+    }
+
+    /// The prefilter of the rules and the gate of the intent scorer never change a
+    /// verdict: the detector with them and without them agrees on every fixture text.
+    /// (`intent::tests::a_gate_missing_a_term_is_caught` shows these texts catch a wrong
+    /// gate.)
+    #[test]
+    fn gated_and_ungated_detector_agree() {
+        let texts = crate::policy::fixture_texts();
+        let mut flagged = 0;
+        for t in &texts {
+            let n = normalize(t);
+            let gated = detect_with(t, &n, true);
+            assert_eq!(gated, detect_with(t, &n, false), "{t}");
+            flagged += usize::from(gated.suspicious());
+        }
+        assert!(flagged > 100 && flagged < texts.len() / 2, "{flagged}");
     }
 
     #[test]

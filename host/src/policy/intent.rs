@@ -56,7 +56,9 @@
 
 use std::sync::LazyLock;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use aho_corasick::automaton::Automaton;
+use aho_corasick::dfa::DFA;
+use aho_corasick::{AhoCorasick, AhoCorasickKind, Anchored, MatchKind};
 
 /// Greatest distance in bytes between a verb and its object (about 8 words, or 30
 /// Chinese or Japanese characters).
@@ -846,7 +848,17 @@ struct Lexicon {
     terms: Vec<Term>,
     /// Longest pattern in bytes.
     longest: usize,
+    /// Term `i`'s pattern (folded).
+    patterns: Vec<String>,
+    /// The gate: the terms that can start a score (a class in [`ACTS`]), walked by hand
+    /// (see [`may_act`]); pattern `i` is term `act_terms[i]`.
+    acts: DFA,
+    act_terms: Vec<usize>,
 }
+
+/// Classes of the terms a score starts from: without one of them in the text (outside
+/// quotation marks, at its word boundaries), the score is zero.
+const ACTS: u32 = OVERRIDE | VOID | REVEAL | SWITCH | ROLE | AUTHORITY | ANNOUNCE;
 
 static LEX: LazyLock<Lexicon> = LazyLock::new(|| {
     let mut patterns: Vec<String> = Vec::new();
@@ -885,7 +897,21 @@ static LEX: LazyLock<Lexicon> = LazyLock::new(|| {
         .build(&patterns)
         .expect("intent lexicon automaton");
     let longest = patterns.iter().map(String::len).max().unwrap_or(0);
-    Lexicon { ac, terms, longest }
+    let act_terms: Vec<usize> = (0..terms.len())
+        .filter(|&i| terms[i].class & ACTS != 0)
+        .collect();
+    let acts = DFA::builder()
+        .match_kind(MatchKind::Standard)
+        .build(act_terms.iter().map(|&i| &patterns[i]))
+        .expect("intent gate automaton");
+    Lexicon {
+        ac,
+        terms,
+        longest,
+        patterns,
+        acts,
+        act_terms,
+    }
 });
 
 #[derive(Clone, Copy, Debug)]
@@ -924,6 +950,51 @@ fn word_char(c: char) -> bool {
     c.is_alphanumeric() && !is_cjk(c)
 }
 
+/// Whether `term`, found at `start..end` of `v`, stands at its word boundaries (Chinese
+/// and Japanese terms always do).
+fn bounded(term: &Term, v: &str, start: usize, end: usize) -> bool {
+    term.cjk
+        || ((term.compound || !v[..start].chars().next_back().is_some_and(word_char))
+            && (term.stem || !v[end..].chars().next().is_some_and(word_char)))
+}
+
+/// The gate of [`score`]: whether the folded text `v` holds a term of a class in
+/// [`ACTS`] at its word boundaries. Without one, no hit of the full pass ([`hits`]) has
+/// such a class and the score is zero, so the full pass is skipped. One walk of a small
+/// automaton (an ordinary chat line holds few of these terms), checked against the
+/// full pass by the tests.
+fn may_act(v: &str) -> bool {
+    let lex = &*LEX;
+    may_act_in(&lex.acts, &lex.act_terms, v)
+}
+
+/// [`may_act`] with the gate automaton `dfa`, whose pattern `i` is term `act_terms[i]`.
+fn may_act_in(dfa: &DFA, act_terms: &[usize], v: &str) -> bool {
+    let lex = &*LEX;
+    let Ok(mut sid) = dfa.start_state(Anchored::No) else {
+        return true;
+    };
+    for (i, &b) in v.as_bytes().iter().enumerate() {
+        sid = dfa.next_state(Anchored::No, sid, b);
+        if dfa.is_special(sid) {
+            if dfa.is_dead(sid) {
+                return false;
+            }
+            if dfa.is_match(sid) {
+                let end = i + 1;
+                for k in 0..dfa.match_len(sid) {
+                    let p = dfa.match_pattern(sid, k);
+                    let term = &lex.terms[act_terms[p.as_usize()]];
+                    if bounded(term, v, end - dfa.pattern_len(p), end) {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
 /// Hits of the lexicon in the folded text `v`, outside quotation marks, sorted by
 /// start (then end), with their cue classes resolved ([`resolve_cues`]).
 fn hits(v: &str) -> Vec<Hit> {
@@ -932,15 +1003,8 @@ fn hits(v: &str) -> Vec<Hit> {
     for m in lex.ac.find_overlapping_iter(v) {
         let term = &lex.terms[m.pattern().as_usize()];
         let (start, end) = (m.start(), m.end());
-        if !term.cjk {
-            let before = v[..start].chars().next_back();
-            if !term.compound && before.is_some_and(word_char) {
-                continue;
-            }
-            let after = v[end..].chars().next();
-            if !term.stem && after.is_some_and(word_char) {
-                continue;
-            }
+        if !bounded(term, v, start, end) {
+            continue;
         }
         out.push(Hit {
             start,
@@ -1043,15 +1107,26 @@ pub const MAX_PAIRS: usize = 4096;
 
 /// Scores `text` (already in the host's view, [`super::normalize`]).
 ///
-/// Cost: one automaton pass, a sort of the hits, then work per verb bounded by the hits
-/// near it ([`PAIR_SPAN`]) and by [`MAX_PAIRS`].
+/// Cost: one pass of a small automaton over the terms a score starts from (verbs, role,
+/// switch and authority terms: [`may_act`]); most chat has none and stops there.
+/// Otherwise one pass of the whole lexicon, a sort of the hits, then work per verb
+/// bounded by the hits near it ([`PAIR_SPAN`]) and by [`MAX_PAIRS`].
 pub fn score(text: &str) -> IntentScore {
+    score_with(text, true)
+}
+
+/// [`score`], with the gate ([`may_act`]) or without (`gate == false`: the full pass
+/// always runs; the tests compare the two).
+pub(crate) fn score_with(text: &str, gate: bool) -> IntentScore {
     let v = fold(text);
     let v = v.as_ref();
-    let all = hits(v);
     let mut score = IntentScore::default();
+    if gate && !may_act(v) {
+        return score;
+    }
+    let all = hits(v);
     // Nothing to act on: no verb, role, switch or authority term.
-    let acts = OVERRIDE | VOID | REVEAL | SWITCH | ROLE | AUTHORITY | ANNOUNCE;
+    let acts = ACTS;
     if !all.iter().any(|h| has(h, acts)) {
         return score;
     }
@@ -1351,6 +1426,62 @@ mod tests {
 
     fn total(t: &str) -> f32 {
         score(&crate::policy::normalize(t)).total()
+    }
+
+    /// The texts whose full pass has a hit the score starts from (a class in [`ACTS`])
+    /// while `gate` says there is none: the texts the gate would wrongly score zero.
+    fn hidden_by(gate: impl Fn(&str) -> bool, texts: &[String]) -> Vec<String> {
+        texts
+            .iter()
+            .filter(|t| {
+                let v = fold(&crate::policy::normalize(t)).into_owned();
+                !gate(&v) && hits(&v).iter().any(|h| has(h, ACTS))
+            })
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn gate_never_hides_a_score() {
+        let texts = crate::policy::fixture_texts();
+        let hidden = hidden_by(may_act, &texts);
+        assert!(hidden.is_empty(), "the gate hides {hidden:?}");
+        let mut passed = 0;
+        for t in &texts {
+            let n = crate::policy::normalize(t);
+            assert_eq!(score_with(&n, true), score_with(&n, false), "{t}");
+            passed += usize::from(may_act(&fold(&n)));
+        }
+        // The fixtures exercise both sides of the gate.
+        assert!(passed > texts.len() / 10, "{passed} of {}", texts.len());
+        assert!(passed < texts.len() * 9 / 10, "{passed} of {}", texts.len());
+    }
+
+    /// The check above fails for a wrong gate: one built without a single act term (each
+    /// of a sample of common ones in turn) hides a score in the fixtures.
+    #[test]
+    fn a_gate_missing_a_term_is_caught() {
+        let texts = crate::policy::fixture_texts();
+        let lex = &*LEX;
+        for missing in ["ignore", "show", "olvida", "забудь", "忽略", "無視して"] {
+            let folded = fold(missing).into_owned();
+            let kept: Vec<usize> = lex
+                .act_terms
+                .iter()
+                .copied()
+                .filter(|&i| lex.patterns[i] != folded)
+                .collect();
+            assert!(kept.len() < lex.act_terms.len(), "{missing} is no act term");
+            let dfa = DFA::builder()
+                .match_kind(MatchKind::Standard)
+                .build(kept.iter().map(|&i| &lex.patterns[i]))
+                .expect("gate automaton");
+            let hidden = hidden_by(|v| may_act_in(&dfa, &kept, v), &texts);
+            assert!(
+                !hidden.is_empty(),
+                "a gate without {missing} passed the check"
+            );
+        }
     }
 
     #[test]

@@ -740,6 +740,59 @@ fn mention_names(identity: &BotIdentity) -> Option<NameSet> {
     )
 }
 
+/// Every text of the test fixtures (tests/fixtures: the chat recordings, the labelled
+/// injections and secrets in every language, the look-alikes), each also in upper case
+/// and with its first half quoted: varied input for checking that a fast path (a gate,
+/// a prefilter) decides exactly like the slow one.
+#[cfg(test)]
+pub(crate) fn fixture_texts() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let mut texts = Vec::new();
+    for dir in ["nohumans", "filters", "injection", "secrets"] {
+        let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
+            .expect("fixture folder")
+            .map(|e| e.expect("fixture file").path())
+            .collect();
+        files.sort();
+        for path in files {
+            let data = std::fs::read_to_string(&path).expect("fixture");
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("jsonl") => {
+                    for line in data.lines().filter(|l| !l.trim().is_empty()) {
+                        let rec: serde_json::Value = serde_json::from_str(line).expect("json line");
+                        if let Some(t) = rec["text"].as_str() {
+                            texts.push(t.to_string());
+                        }
+                    }
+                }
+                Some("tsv") => texts.extend(
+                    data.lines()
+                        .filter(|l| !l.starts_with('#'))
+                        .filter_map(|l| l.split_once('\t'))
+                        .map(|(_, t)| t.to_string()),
+                ),
+                _ => {}
+            }
+        }
+    }
+    assert!(texts.len() > 500, "fixtures missing: {} texts", texts.len());
+    let variants: Vec<String> = texts
+        .iter()
+        .flat_map(|t| {
+            let mut half = t.len() / 2;
+            while !t.is_char_boundary(half) {
+                half -= 1;
+            }
+            [
+                t.to_uppercase(),
+                format!("\"{}\" {}", &t[..half], &t[half..]),
+            ]
+        })
+        .collect();
+    texts.extend(variants);
+    texts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
