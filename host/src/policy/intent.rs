@@ -848,7 +848,8 @@ struct Lexicon {
     terms: Vec<Term>,
     /// Longest pattern in bytes.
     longest: usize,
-    /// Term `i`'s pattern (folded).
+    /// Term `i`'s pattern (folded), for the tests of the gate.
+    #[cfg(test)]
     patterns: Vec<String>,
     /// The gate: the terms that can start a score (a class in [`ACTS`]), walked by hand
     /// (see [`may_act`]); pattern `i` is term `act_terms[i]`.
@@ -908,6 +909,7 @@ static LEX: LazyLock<Lexicon> = LazyLock::new(|| {
         ac,
         terms,
         longest,
+        #[cfg(test)]
         patterns,
         acts,
         act_terms,
