@@ -78,8 +78,8 @@ use serde::Deserialize;
 use super::normalize::{collapse_spaced, fold_confusables, hidden_tag_text, normalize};
 use super::prefilter::{Candidates, Gate, Prefilter, longest_key_run};
 use super::reshape::{
-    Skeleton, base64_decodings, char_codes, dechunk, hex_decodings, is_skeleton_byte, keyish_words,
-    printable_runs, rot13, squeeze, squeeze_bytes,
+    Skeleton, base64_decodings, char_codes, dechunk, has_digit_or_inner_capital, hex_decodings,
+    is_ascii_space, is_skeleton_byte, keyish_words, printable_runs, rot13, squeeze, squeeze_bytes,
 };
 
 /// Known secrets shorter than this are not registered (they would match ordinary text).
@@ -194,9 +194,65 @@ struct KnownSet {
     keys: HashSet<String>,
     /// Hashes of every fragment of every key, in the four orientations, by fragment
     /// length: `frag`, and the whole length of keys shorter than `frag` (matched whole).
-    windows: BTreeMap<usize, HashSet<u64, BuildMix>>,
+    windows: BTreeMap<usize, Windows>,
     /// The rolling hash, with a base drawn for this set.
     hash: WindowHash,
+    /// The filter's rolling hash, with its own base.
+    quick: QuickHash,
+}
+
+/// The fragments of one length: their hashes, and a filter that rules out almost every
+/// window of a text for the price of a few instructions before the set is asked.
+#[derive(Default)]
+struct Windows {
+    /// [`WindowHash`] of every fragment: the answer.
+    hashes: HashSet<u64, BuildMix>,
+    /// [`QuickHash`] of every fragment (repeats included), to rebuild the filter.
+    quick: Vec<u64>,
+    /// One bit per value of the quick hash's top bits, set for every fragment's
+    /// ([`Windows::filter_bits`] of them; at least 16 times as many bits as fragments).
+    filter: Vec<u64>,
+}
+
+/// Smallest and largest filter (bits, as a power of two): 2 KiB to 1 MiB.
+const FILTER_MIN_BITS: u32 = 14;
+const FILTER_MAX_BITS: u32 = 23;
+
+impl Windows {
+    fn filter_bits(&self) -> u32 {
+        (self.filter.len() * 64).trailing_zeros()
+    }
+
+    fn slot(bits: u32, quick: u64) -> (usize, u64) {
+        let i = (quick >> (64 - bits)) as usize;
+        (i / 64, 1 << (i % 64))
+    }
+
+    /// Adds a fragment with these hashes, growing the filter as the set grows.
+    fn insert(&mut self, strong: u64, quick: u64) {
+        self.hashes.insert(strong);
+        self.quick.push(quick);
+        let want = (self.quick.len() * 16)
+            .next_power_of_two()
+            .trailing_zeros()
+            .clamp(FILTER_MIN_BITS, FILTER_MAX_BITS);
+        if self.filter.is_empty() || want > self.filter_bits() {
+            self.filter = vec![0; (1 << want) / 64];
+            for &q in &self.quick {
+                let (w, bit) = Self::slot(want, q);
+                self.filter[w] |= bit;
+            }
+        } else {
+            let (w, bit) = Self::slot(self.filter_bits(), quick);
+            self.filter[w] |= bit;
+        }
+    }
+
+    /// Whether the filter lets a window with this quick hash through.
+    fn may_hold(&self, bits: u32, quick: u64) -> bool {
+        let (w, bit) = Self::slot(bits, quick);
+        self.filter[w] & bit != 0
+    }
 }
 
 impl Default for KnownSecrets {
@@ -225,6 +281,7 @@ impl KnownSecrets {
             keys: HashSet::new(),
             windows: BTreeMap::new(),
             hash: WindowHash::random(),
+            quick: QuickHash::random(),
         })))
     }
 
@@ -257,15 +314,15 @@ impl KnownSecrets {
             return true;
         }
         let len = sq.len().min(set.frag);
-        let hash = set.hash;
+        let (hash, quick) = (set.hash, set.quick);
         let rev: String = sq.chars().rev().collect();
         let orientations = [rot13(&sq), rot13(&rev), rev, sq.clone()];
         let windows = set.windows.entry(len).or_default();
         for o in &orientations {
-            hash.each(o.as_bytes(), len, |h| {
-                windows.insert(h);
-                false
-            });
+            let o = o.as_bytes();
+            for w in o.windows(len) {
+                windows.insert(hash.of(w), quick.of(w));
+            }
         }
         set.keys.insert(sq);
         true
@@ -305,14 +362,14 @@ impl KnownSecrets {
             return false;
         }
         views.iter().any(|v| {
-            set.holds(&squeeze(v))
-                || keyish_words(v).is_some_and(|k| set.holds(&squeeze(&k)))
+            set.holds(squeeze(v).as_bytes())
+                || keyish_words(v).is_some_and(|k| set.holds(squeeze(&k).as_bytes()))
                 || decode
                     && (base64_decodings(v)
                         .iter()
                         .chain(&hex_decodings(v))
-                        .any(|d| set.holds(&squeeze_bytes(d)))
-                        || char_codes(v).is_some_and(|c| set.holds(&squeeze(&c))))
+                        .any(|d| set.holds(squeeze_bytes(d).as_bytes()))
+                        || char_codes(v).is_some_and(|c| set.holds(squeeze(&c).as_bytes())))
         })
     }
 
@@ -326,28 +383,100 @@ impl KnownSecrets {
             return false;
         }
         let tail_len = set.frag - 1;
-        // Squeezed text is ASCII: bytes are characters.
-        let mut tail: Vec<u8> = Vec::with_capacity(tail_len);
+        // Squeezed text is ASCII: bytes are characters. Built back to front: the tails of
+        // the recent messages, newest first, each reversed, then the whole reversed.
+        let mut joined: Vec<u8> = Vec::with_capacity(2 * tail_len);
         for r in recent.iter().rev() {
-            let sq = squeeze(&fold_confusables(&normalize(r)));
-            let need = tail_len - tail.len();
-            tail.splice(0..0, sq.bytes().skip(sq.len().saturating_sub(need)));
-            if tail.len() == tail_len {
+            let need = tail_len - joined.len();
+            if r.is_ascii() {
+                // The host's view of ASCII text differs from it only in control
+                // characters, which squeezing drops anyway: squeeze from the end, only
+                // as far as needed.
+                joined.extend(
+                    r.bytes()
+                        .rev()
+                        .filter(u8::is_ascii_alphanumeric)
+                        .map(|b| b.to_ascii_lowercase())
+                        .take(need),
+                );
+            } else {
+                let sq = squeeze(&fold_confusables(&normalize(r)));
+                joined.extend(sq.bytes().rev().take(need));
+            }
+            if joined.len() == tail_len {
                 break;
             }
         }
-        let mut joined = String::from_utf8(tail).unwrap_or_default();
-        joined.extend(squeeze(folded).chars().take(tail_len));
+        joined.reverse();
+        joined.extend(
+            folded
+                .bytes()
+                .filter(u8::is_ascii_alphanumeric)
+                .map(|b| b.to_ascii_lowercase())
+                .take(tail_len),
+        );
         set.holds(&joined)
     }
 }
 
 impl KnownSet {
-    /// Whether the squeezed text `sq` holds a fragment (or a whole short key).
-    fn holds(&self, sq: &str) -> bool {
-        self.windows
-            .iter()
-            .any(|(&len, set)| self.hash.each(sq.as_bytes(), len, |h| set.contains(&h)))
+    /// Whether the squeezed text `sq` holds a fragment (or a whole short key): each
+    /// window's quick hash is looked up in the filter, and only a window the filter lets
+    /// through is hashed for the set.
+    fn holds(&self, sq: &[u8]) -> bool {
+        self.windows.iter().any(|(&len, set)| {
+            let bits = set.filter_bits();
+            self.quick.each(sq, len, |end, q| {
+                set.may_hold(bits, q) && set.hashes.contains(&self.hash.of(&sq[end - len..end]))
+            })
+        })
+    }
+}
+
+/// A rolling polynomial hash modulo 2^64 with a random odd base: a few instructions per
+/// window, for the filter only (the answer comes from [`WindowHash`]; a collision here
+/// costs one more lookup, never a wrong answer).
+#[derive(Clone, Copy)]
+struct QuickHash {
+    base: u64,
+}
+
+impl QuickHash {
+    fn random() -> Self {
+        use std::hash::BuildHasher;
+        let r = std::collections::hash_map::RandomState::new().hash_one(0x9_u64);
+        QuickHash { base: r | 1 }
+    }
+
+    /// The hash of `w`.
+    fn of(self, w: &[u8]) -> u64 {
+        w.iter().fold(0u64, |h, &b| {
+            h.wrapping_mul(self.base).wrapping_add(u64::from(b))
+        })
+    }
+
+    /// Calls `f(end, hash)` for every window `s[end - len..end]` of `s`, in order, until
+    /// it returns `true`; returns whether it did.
+    fn each(self, s: &[u8], len: usize, mut f: impl FnMut(usize, u64) -> bool) -> bool {
+        if len == 0 || s.len() < len {
+            return false;
+        }
+        // base^(len-1): what the byte leaving the window weighs.
+        let top = (1..len).fold(1u64, |t, _| t.wrapping_mul(self.base));
+        let mut h = self.of(&s[..len]);
+        if f(len, h) {
+            return true;
+        }
+        for i in len..s.len() {
+            h = h
+                .wrapping_sub(top.wrapping_mul(u64::from(s[i - len])))
+                .wrapping_mul(self.base)
+                .wrapping_add(u64::from(s[i]));
+            if f(i + 1, h) {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -383,33 +512,10 @@ impl WindowHash {
         if r >= MERSENNE_61 { r - MERSENNE_61 } else { r }
     }
 
-    /// Calls `f` with the hash of every window of `len` bytes of `s`, in order, until it
-    /// returns `true`; returns whether it did.
-    fn each(self, s: &[u8], len: usize, mut f: impl FnMut(u64) -> bool) -> bool {
-        if len == 0 || s.len() < len {
-            return false;
-        }
-        // base^(len-1): what the byte leaving the window weighs.
-        let mut top = 1;
-        for _ in 1..len {
-            top = Self::mul(top, self.base);
-        }
-        let mut h = 0;
-        for &b in &s[..len] {
-            h = Self::add(Self::mul(h, self.base), u64::from(b));
-        }
-        if f(h) {
-            return true;
-        }
-        for i in len..s.len() {
-            let out = Self::mul(top, u64::from(s[i - len]));
-            h = Self::add(h, MERSENNE_61 - out);
-            h = Self::add(Self::mul(h, self.base), u64::from(s[i]));
-            if f(h) {
-                return true;
-            }
-        }
-        false
+    /// The hash of `w`.
+    fn of(self, w: &[u8]) -> u64 {
+        w.iter()
+            .fold(0, |h, &b| Self::add(Self::mul(h, self.base), u64::from(b)))
     }
 }
 
@@ -1273,50 +1379,122 @@ const PUBLIC_ID_PREFIXES: &[&str] = &[
 /// its randomness (mixed case, digits, separators inside words) to be let through to
 /// them. A known key is still looked for as written in every text, whatever its shape.
 fn may_hold_reshaped_key(text: &str) -> bool {
-    let mut numbers = 0;
-    for tok in text.split(char::is_whitespace) {
-        let tok = tok.trim_matches(|c: char| {
-            matches!(
-                c,
-                '.' | ',' | '!' | '?' | ';' | ':' | '\'' | '"' | '(' | ')' | '[' | ']' | '*' | '`'
-            )
+    // Quick necessary conditions first, in folds over the bytes: each kind of such word
+    // (or number) has a digit, a capital after its first character, a `_ + / = \`, or
+    // 16 or more characters without whitespace (ASCII whitespace only: a longer run
+    // where the text has other whitespace only makes this say yes more often).
+    let b = text.as_bytes();
+    let punct = b.iter().fold(false, |found, &c| {
+        found | matches!(c, b'_' | b'+' | b'/' | b'=' | b'\\')
+    });
+    if !punct && !has_digit_or_inner_capital(text) {
+        let (_, longest) = b.iter().fold((0usize, 0usize), |(run, longest), &c| {
+            let run = if is_ascii_space(c) { 0 } else { run + 1 };
+            (run, longest.max(run))
         });
-        let b = tok.as_bytes();
-        if b.len() < 2 {
-            continue;
-        }
-        if b[0] == b'@' && b.len() <= 33 && b[1..].iter().all(|&c| is_skeleton_byte(c)) {
-            continue;
-        }
-        let alnum = b.iter().filter(|c| c.is_ascii_alphanumeric()).count();
-        let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
-        let letters = b.iter().filter(|c| c.is_ascii_alphabetic()).count();
-        // Mixed case inside a word (`eCtA`, `JCSJJh`), not a plural acronym (`APIs`).
-        let lower = b.iter().filter(|c| c.is_ascii_lowercase()).count();
-        let mixed = lower > 0
-            && b[1..].iter().any(u8::is_ascii_uppercase)
-            && !(lower == 1 && b[b.len() - 1] == b's');
-        if (digits > 0 && letters > 0 && alnum >= 4)
-            || mixed
-            || b.contains(&b'_')
-            || (alnum >= 8 && b.iter().any(|c| matches!(c, b'+' | b'/' | b'=' | b'\\')))
-            || (alnum >= 16 && b.contains(&b'-'))
-            || alnum >= 20
-        {
-            return true;
-        }
-        if digits > 0 && alnum <= 4 {
-            numbers += 1;
-            if numbers >= 4 {
-                return true;
-            }
-        } else if digits >= 16 {
-            // Hex of 8 bytes or more, written in digits only. Shorter numbers (ids,
-            // phone numbers, timestamps) are no reshaped key.
-            return true;
+        if longest < 16 {
+            return false;
         }
     }
-    false
+    let mut numbers = 0;
+    let mut judge = |tok: &[u8]| match reshaped_token(tok) {
+        Token::Shaped => true,
+        Token::Number => {
+            numbers += 1;
+            numbers >= 4
+        }
+        Token::Prose => false,
+    };
+    if text.is_ascii() {
+        // The same split on bytes (the whitespace of `char::is_whitespace` in ASCII).
+        text.as_bytes().split(|&b| is_ascii_space(b)).any(judge)
+    } else {
+        text.split(char::is_whitespace).any(|t| judge(t.as_bytes()))
+    }
+}
+
+/// What a whitespace-separated token tells [`may_hold_reshaped_key`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Token {
+    /// A piece of a key, or a number of 16 digits or more.
+    Shaped,
+    /// A short number (four of them make a text shaped).
+    Number,
+    Prose,
+}
+
+/// One pass over a token's bytes (see [`may_hold_reshaped_key`]).
+fn reshaped_token(tok: &[u8]) -> Token {
+    // Sentence punctuation, quotes and brackets around it are no part of it (all ASCII,
+    // so trimming bytes trims characters).
+    let trim = |c: &u8| {
+        matches!(
+            c,
+            b'.' | b','
+                | b'!'
+                | b'?'
+                | b';'
+                | b':'
+                | b'\''
+                | b'"'
+                | b'('
+                | b')'
+                | b'['
+                | b']'
+                | b'*'
+                | b'`'
+        )
+    };
+    let Some(first) = tok.iter().position(|c| !trim(c)) else {
+        return Token::Prose;
+    };
+    let last = tok.iter().rposition(|c| !trim(c)).unwrap_or(first);
+    let b = &tok[first..=last];
+    if b.len() < 2 {
+        return Token::Prose;
+    }
+    let (mut digits, mut upper, mut lower) = (0usize, 0usize, 0usize);
+    let (mut skeleton, mut underscore, mut b64, mut dash) = (true, false, false, false);
+    for &c in &b[1..] {
+        digits += usize::from(c.is_ascii_digit());
+        upper += usize::from(c.is_ascii_uppercase());
+        lower += usize::from(c.is_ascii_lowercase());
+        skeleton &= is_skeleton_byte(c);
+        underscore |= c == b'_';
+        b64 |= matches!(c, b'+' | b'/' | b'=' | b'\\');
+        dash |= c == b'-';
+    }
+    if b[0] == b'@' && b.len() <= 33 && skeleton {
+        return Token::Prose;
+    }
+    // The first byte: counted, but a capital there makes no mixed case.
+    let c = b[0];
+    digits += usize::from(c.is_ascii_digit());
+    lower += usize::from(c.is_ascii_lowercase());
+    let letters = lower + upper + usize::from(c.is_ascii_uppercase());
+    underscore |= c == b'_';
+    b64 |= matches!(c, b'+' | b'/' | b'=' | b'\\');
+    dash |= c == b'-';
+    let alnum = digits + letters;
+    // Mixed case inside a word (`eCtA`, `JCSJJh`), not a plural acronym (`APIs`).
+    let mixed = lower > 0 && upper > 0 && !(lower == 1 && b[b.len() - 1] == b's');
+    if (digits > 0 && letters > 0 && alnum >= 4)
+        || mixed
+        || underscore
+        || (alnum >= 8 && b64)
+        || (alnum >= 16 && dash)
+        || alnum >= 20
+    {
+        Token::Shaped
+    } else if digits > 0 && alnum <= 4 {
+        Token::Number
+    } else if digits >= 16 {
+        // Hex of 8 bytes or more, written in digits only. Shorter numbers (ids, phone
+        // numbers, timestamps) are no reshaped key.
+        Token::Shaped
+    } else {
+        Token::Prose
+    }
 }
 
 fn scan_reshaped(text: &str) -> Option<Finding> {
@@ -2100,12 +2278,118 @@ fn base64_text(tok: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// [`may_hold_reshaped_key`] as first written (a token at a time, a pass per
+    /// count): the oracle of the single pass.
+    fn may_hold_reshaped_key_reference(text: &str) -> bool {
+        let mut numbers = 0;
+        for tok in text.split(char::is_whitespace) {
+            let tok = tok.trim_matches(|c: char| {
+                matches!(
+                    c,
+                    '.' | ','
+                        | '!'
+                        | '?'
+                        | ';'
+                        | ':'
+                        | '\''
+                        | '"'
+                        | '('
+                        | ')'
+                        | '['
+                        | ']'
+                        | '*'
+                        | '`'
+                )
+            });
+            let b = tok.as_bytes();
+            if b.len() < 2 {
+                continue;
+            }
+            if b[0] == b'@' && b.len() <= 33 && b[1..].iter().all(|&c| is_skeleton_byte(c)) {
+                continue;
+            }
+            let alnum = b.iter().filter(|c| c.is_ascii_alphanumeric()).count();
+            let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
+            let letters = b.iter().filter(|c| c.is_ascii_alphabetic()).count();
+            // Mixed case inside a word (`eCtA`, `JCSJJh`), not a plural acronym (`APIs`).
+            let lower = b.iter().filter(|c| c.is_ascii_lowercase()).count();
+            let mixed = lower > 0
+                && b[1..].iter().any(u8::is_ascii_uppercase)
+                && !(lower == 1 && b[b.len() - 1] == b's');
+            if (digits > 0 && letters > 0 && alnum >= 4)
+                || mixed
+                || b.contains(&b'_')
+                || (alnum >= 8 && b.iter().any(|c| matches!(c, b'+' | b'/' | b'=' | b'\\')))
+                || (alnum >= 16 && b.contains(&b'-'))
+                || alnum >= 20
+            {
+                return true;
+            }
+            if digits > 0 && alnum <= 4 {
+                numbers += 1;
+                if numbers >= 4 {
+                    return true;
+                }
+            } else if digits >= 16 {
+                // Hex of 8 bytes or more, written in digits only. Shorter numbers (ids,
+                // phone numbers, timestamps) are no reshaped key.
+                return true;
+            }
+        }
+        false
+    }
+
     fn scanner() -> SecretScanner {
         SecretScanner::new(SecretsConfig::default())
     }
 
     fn blocked(t: &str) -> bool {
         scanner().scan(t).is_some()
+    }
+
+    #[test]
+    fn the_single_pass_shape_check_matches_the_reference() {
+        let mut shaped = 0;
+        let texts = crate::policy::fixture_texts();
+        for t in &texts {
+            let want = may_hold_reshaped_key_reference(t);
+            assert_eq!(may_hold_reshaped_key(t), want, "{t}");
+            shaped += usize::from(want);
+        }
+        assert!(shaped > 50 && shaped < texts.len() / 2, "{shaped}");
+        for t in [
+            "eCtA",
+            "APIs",
+            "Abs",
+            "aBs",
+            "@nightcrawler-7f",
+            "@x_y",
+            "@a+b",
+            "(ab_)",
+            "1 2 3 4",
+            "1\u{b}2\u{b}3\u{b}4",
+            "1\u{a0}2\u{a0}3\u{a0}4",
+            "1234567890123456",
+            "12345678901234567",
+            "ab-cdefghijklmnop",
+            "abcd+efgh",
+            "abcd+efg",
+            "\"x1yz\"",
+            "..",
+            "a",
+            "ab12",
+            "ÀB1c",
+            "Ж1a2",
+            "**a1b2**",
+            "'12'",
+            "12:30 1:45 2:00 3:15",
+        ] {
+            assert_eq!(
+                may_hold_reshaped_key(t),
+                may_hold_reshaped_key_reference(t),
+                "{t}"
+            );
+        }
     }
 
     #[test]
@@ -2906,6 +3190,16 @@ mod tests {
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn the_single_pass_shape_check_matches_the_reference_on_any_text(
+                text in "([a-zA-Z0-9]{1,6}|[ \t\u{b}\u{a0}\u{3000}]|[._@!'`*+/=\\\\-]|[éЖ]){0,40}",
+            ) {
+                prop_assert_eq!(
+                    may_hold_reshaped_key(&text),
+                    super::may_hold_reshaped_key_reference(&text)
+                );
+            }
 
             #[test]
             fn scanning_never_panics(
