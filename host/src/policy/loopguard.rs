@@ -211,14 +211,21 @@ impl Fingerprint {
         let bucket = |g: u64| {
             (g.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BUCKETS.trailing_zeros())) as usize
         };
-        for_each_trigram(&text, |g| {
-            windows += 1;
-            let count = &mut buckets.fine[bucket(g)];
-            occupied += usize::from(*count == 0);
-            *count = count.wrapping_add(1);
-        });
-        // No count can pass 255 with at most 255 trigrams; beyond that, count again in
-        // 16 bits (a count that does not fit a byte turns the bound off).
+        {
+            let Buckets { fine, coarse } = &mut *buckets;
+            for_each_trigram(&text, |g| {
+                windows += 1;
+                let b = bucket(g);
+                let count = &mut fine[b];
+                occupied += usize::from(*count == 0);
+                *count = count.wrapping_add(1);
+                // Coarse bucket `i` sums fine buckets `4i..4i + 4`.
+                coarse[b / 4] = coarse[b / 4].wrapping_add(1);
+            });
+        }
+        // No count can pass 255 with at most 255 trigrams, and the counts are complete;
+        // beyond that, count again in 16 bits (a count that does not fit a byte turns the
+        // bound off).
         let mut fits = true;
         if windows > usize::from(u8::MAX) {
             let mut wide = [0u16; BUCKETS];
@@ -231,12 +238,12 @@ impl Fingerprint {
                 *fine = c as u8;
             }
             occupied = wide.iter().map(|&c| usize::from(c > 0)).sum();
-        }
-        let Buckets { fine, coarse } = &mut *buckets;
-        for (coarse, four) in coarse.iter_mut().zip(fine.as_chunks::<4>().0) {
-            let c: u16 = four.iter().map(|&c| u16::from(c)).sum();
-            fits &= c <= u16::from(u8::MAX);
-            *coarse = c as u8;
+            let Buckets { fine, coarse } = &mut *buckets;
+            for (coarse, four) in coarse.iter_mut().zip(fine.as_chunks::<4>().0) {
+                let c: u16 = four.iter().map(|&c| u16::from(c)).sum();
+                fits &= c <= u16::from(u8::MAX);
+                *coarse = c as u8;
+            }
         }
         Fingerprint {
             text,

@@ -434,9 +434,10 @@ pub struct Policy {
     loop_guard: LoopGuard,
     clock: Clock,
     counters: PolicyCounters,
-    /// The bot's last sent messages per room (newest last), for the secret scan of
-    /// the next reply (see [`SecretsConfig::window_messages`]).
-    recent: HashMap<String, VecDeque<String>>,
+    /// The bot's last sent messages per room (newest last) with their lengths in
+    /// characters, for the secret scan of the next reply (see
+    /// [`SecretsConfig::window_messages`]).
+    recent: HashMap<String, VecDeque<(String, usize)>>,
 }
 
 /// Rooms whose recent messages a policy remembers at most (the least recently used
@@ -623,7 +624,7 @@ impl Policy {
         let recent: Vec<&str> = self
             .recent
             .get(room)
-            .map(|r| r.iter().map(String::as_str).collect())
+            .map(|r| r.iter().map(|(t, _)| t.as_str()).collect())
             .unwrap_or_default();
         if let Some(f) = self.scanner.scan_after(&recent, text) {
             return OutboundVerdict::Drop(DropReason::Secret {
@@ -692,18 +693,23 @@ impl Policy {
         if cfg.window_messages == 0 {
             return;
         }
-        if !self.recent.contains_key(room) && self.recent.len() >= MAX_RECENT_ROOMS {
-            // Forget a room (any: a bot in more rooms than this is rare).
-            if let Some(k) = self.recent.keys().next().cloned() {
-                self.recent.remove(&k);
+        if !self.recent.contains_key(room) {
+            if self.recent.len() >= MAX_RECENT_ROOMS {
+                // Forget a room (any: a bot in more rooms than this is rare).
+                if let Some(k) = self.recent.keys().next().cloned() {
+                    self.recent.remove(&k);
+                }
             }
+            self.recent.insert(room.to_string(), VecDeque::new());
         }
-        let window = self.recent.entry(room.to_string()).or_default();
-        window.push_back(text.to_string());
-        let mut chars: usize = window.iter().map(|t| t.chars().count()).sum();
+        let Some(window) = self.recent.get_mut(room) else {
+            return;
+        };
+        window.push_back((text.to_string(), text.chars().count()));
+        let mut chars: usize = window.iter().map(|(_, n)| n).sum();
         while window.len() > cfg.window_messages || (chars > cfg.window_chars && window.len() > 1) {
-            if let Some(old) = window.pop_front() {
-                chars -= old.chars().count();
+            if let Some((_, n)) = window.pop_front() {
+                chars -= n;
             }
         }
     }
