@@ -2594,6 +2594,57 @@ mod tests {
             Some(FindingRule::KnownSecret)
         );
         assert_eq!(s.scan_after(&["it is nothing"], piece), None);
+        // Tails in the host's view: full-width letters, look-alikes, capitals and
+        // punctuation in the earlier replies.
+        for tail in [
+            "it is ｑｗｈｚｋｖｍｘｐｌ",
+            "it is qwhzkvмxрl",
+            "it is Q-W-H-Z-K-V-M-X-P-L!",
+        ] {
+            assert_eq!(
+                s.scan_after(&[tail], piece).map(|f| f.rule),
+                Some(FindingRule::KnownSecret),
+                "{tail}"
+            );
+        }
+        assert_eq!(
+            s.scan_after(&["it is ｑｗｈｚｋ", "vmх", "pl"], "rtnbg")
+                .map(|f| f.rule),
+            Some(FindingRule::KnownSecret)
+        );
+    }
+
+    /// [`KnownSet::holds`] with its filter answers like a lookup of every window's hash
+    /// in the set, as the set grows (the filter is rebuilt larger on the way).
+    #[test]
+    fn the_known_key_filter_never_hides_a_window() {
+        let known = KnownSecrets::new();
+        let texts = crate::policy::fixture_texts();
+        let every_window = |set: &KnownSet, sq: &[u8]| {
+            set.windows.iter().any(|(&len, w)| {
+                sq.windows(len)
+                    .any(|win| w.hashes.contains(&set.hash.of(win)))
+            })
+        };
+        let mut keys = vec!["Qz7kP2mX9w".to_string()];
+        keys.extend((0..400).map(|i| format!("k{i:03}x9Vb2Lm7Qe4Rt8Yu1Io")));
+        let mut found = 0;
+        for (i, key) in keys.iter().enumerate() {
+            assert!(known.add(key));
+            if i % 50 != 0 && i + 1 != keys.len() {
+                continue;
+            }
+            let set = known.read();
+            let mut views: Vec<String> = texts.iter().map(|t| squeeze(t)).collect();
+            views.extend(keys[..=i].iter().map(|k| squeeze(&format!("it is {k}!"))));
+            views.push(squeeze("reversed w9Xm2Pk7zQ"));
+            for v in &views {
+                let want = every_window(&set, v.as_bytes());
+                assert_eq!(set.holds(v.as_bytes()), want, "{v}");
+                found += usize::from(want);
+            }
+        }
+        assert!(found > 400, "{found}");
     }
 
     #[test]
