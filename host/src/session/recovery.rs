@@ -229,8 +229,10 @@ async fn fetch_page(
 
 /// Member lists fetched lately, by URL, shared by every session of the process: bots
 /// of one host in one room ask the server once per half check period, not once each.
-static MEMBER_LISTS: LazyLock<Mutex<HashMap<String, (Instant, Arc<Vec<String>>)>>> =
-    LazyLock::new(Default::default);
+static MEMBER_LISTS: LazyLock<Mutex<MemberLists>> = LazyLock::new(Default::default);
+
+/// URL → (when it was fetched, the names it listed).
+type MemberLists = HashMap<String, (Instant, Arc<Vec<String>>)>;
 
 /// Of `rooms`, those whose member list (`GET /api/rooms/:room/agents`) names none of
 /// `names`: the server no longer counts us in them. A room whose list cannot be read
