@@ -906,25 +906,26 @@ async fn the_bot_learns_its_identity_and_throttles_from_its_events() {
         .unwrap();
     assert_eq!(key.expose(), stored.key.expose());
 
-    // A rate-limit close: the bot hears of it with the time the session stays away. A
-    // single one is a single fault (back within the base jitter); one more within a
-    // minute keeps the rate-limit floor.
+    // A single rate-limit close of an active connection is one fault: back within the
+    // base jitter, replies not paused (the bot hears of no throttle). One more within a
+    // minute is a throttle: the bot hears of it with the time the session stays away,
+    // the rate-limit floor at least.
     let base = SessionConfig::default().backoff.base;
     let floor = SessionConfig::default().rate_limit_backoff;
-    for (n, at_least, at_most) in [(2, Duration::ZERO, base), (3, floor, Duration::MAX)] {
-        srv.faults().close_connections(4029, "slow down");
-        let retry = loop {
-            match timeout(WAIT, bot.rx.recv()).await.unwrap().unwrap() {
-                session::SessionEvent::Throttled { retry_after } => break retry_after,
-                _ => continue,
-            }
-        };
-        assert!(
-            retry.is_some_and(|d| d >= at_least && d <= at_most),
-            "close {n}: {retry:?}"
-        );
-        active(&bot.handle, n).await;
-    }
+    let t = Instant::now();
+    srv.faults().close_connections(4029, "slow down");
+    active(&bot.handle, 2).await;
+    assert!(t.elapsed() <= base, "back after {:?}", t.elapsed());
+    assert_eq!(bot.handle.status().throttles, 1, "counted");
+    srv.faults().close_connections(4029, "slow down");
+    let retry = loop {
+        match timeout(WAIT, bot.rx.recv()).await.unwrap().unwrap() {
+            session::SessionEvent::Throttled { retry_after } => break retry_after,
+            _ => continue,
+        }
+    };
+    assert!(retry.is_some_and(|d| d >= floor), "{retry:?}");
+    active(&bot.handle, 3).await;
     bot.handle.shutdown().await;
     srv.shutdown().await;
 }

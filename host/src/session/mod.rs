@@ -136,10 +136,11 @@ pub struct SessionConfig {
     /// older than its outbox entry (default 5 s).
     pub clock_skew: Duration,
     /// How often an active connection checks that the server still counts it in each
-    /// quiet room (`GET /api/rooms/:room/agents`; rooms that delivered a message within
-    /// the period are not asked). A room that no longer lists us is joined again and
-    /// what was missed in it is fetched; so is every room after a `not_joined` error
-    /// (default 10 s; zero: never check).
+    /// room (`GET /api/rooms/:room/agents`; a room that delivered a message within the
+    /// last second is not asked, and the bots of one process share each list for half a
+    /// period). A room that no longer lists us is joined again and what was missed in it
+    /// is fetched; so is every room after a `not_joined` error (default 10 s; zero:
+    /// never check).
     pub membership_check: Duration,
     /// How long to wait after joining for the server to confirm the joins (any message
     /// from the room, normally its "joined" line) before recovering anyway (default 3 s).

@@ -52,6 +52,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const WS_BUFFER_BYTES: usize = 4 * 1024;
 /// Recovery positions are saved at most this often while messages flow (and at stop).
 const POSITIONS_EVERY: Duration = Duration::from_secs(1);
+/// A room that delivered a message this recently needs no member-list check: we were
+/// in it a moment ago.
+const PROOF_OF_MEMBERSHIP: Duration = Duration::from_secs(1);
 /// Retries of a history request within one connection.
 const HISTORY_RETRIES: u32 = 2;
 
@@ -425,13 +428,18 @@ impl Supervisor {
                     if slow_down {
                         self.last_slow_down = Some(Instant::now());
                         self.shared.throttles.fetch_add(1, Ordering::Relaxed);
-                        if let Some(limits) = &mut self.limits {
-                            limits.on_server_throttle(Some(retry.delay));
+                        // A single slow-down close of an active connection is one fault:
+                        // the reconnect is the pause. A repeated one (or a refusal before
+                        // the connection became active) pauses replies too, for as long
+                        // as we stay away at least.
+                        if slowed_recently || up_for.is_none() {
+                            if let Some(limits) = &mut self.limits {
+                                limits.on_server_throttle(Some(retry.delay));
+                            }
+                            self.shared.events.push(SessionEvent::Throttled {
+                                retry_after: Some(retry.delay),
+                            });
                         }
-                        // The bot's outbound policy pauses replies for as long as we stay away.
-                        self.shared.events.push(SessionEvent::Throttled {
-                            retry_after: Some(retry.delay),
-                        });
                     }
                     if retry.reregister {
                         self.force_register = true;
@@ -1299,20 +1307,20 @@ impl Supervisor {
         c.recovery = Some(self.spawn_recovery(&c.identity, plan));
     }
 
-    /// Asks the server whether it still counts us in the rooms that have been quiet for
-    /// a check period (a room that delivered a message since did).
+    /// Asks the server whether it still counts us in each room that has not just
+    /// delivered a message (one that did, within [`PROOF_OF_MEMBERSHIP`], did).
     fn check_membership(&mut self, c: &mut Conn) {
         if c.active_since.is_none() || c.membership.is_some() || !c.rejoined.is_empty() {
             return;
         }
-        let period = self.cfg.membership_check;
         let rooms: Vec<String> = c
             .joined
             .iter()
             .filter(|room| {
-                self.rooms
-                    .get(*room)
-                    .is_none_or(|st| st.heard_at.is_none_or(|t| t.elapsed() >= period))
+                self.rooms.get(*room).is_none_or(|st| {
+                    st.heard_at
+                        .is_none_or(|t| t.elapsed() >= PROOF_OF_MEMBERSHIP)
+                })
             })
             .cloned()
             .collect();
