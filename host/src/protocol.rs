@@ -743,8 +743,53 @@ fn read_room_names(v: &Value) -> Result<Vec<String>, ProtocolError> {
     RoomList::from_value(v).map(|l| l.names())
 }
 
+/// A chat message frame in its usual shape: exactly these five fields, every one of
+/// the type it should have, the timestamp an integer. Anything else (another frame
+/// type, a missing, extra, repeated or null field, a timestamp in another form) is
+/// not this, and goes the general way.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainMessage {
+    #[serde(rename = "type")]
+    frame_type: PlainType,
+    room: String,
+    from: String,
+    text: String,
+    timestamp: u64,
+}
+
+/// `"message"`, and nothing else.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PlainType {
+    Message,
+}
+
+/// The frame most frames are, decoded straight into its struct (no JSON tree, no
+/// field bookkeeping), or `None` when it is not in that shape. It decodes to what
+/// the general way would, with no unknown fields.
+fn decode_plain_message(text: &str) -> Option<ServerFrame> {
+    let m: PlainMessage = serde_json::from_str(text).ok()?;
+    let PlainType::Message = m.frame_type;
+    Some(ServerFrame::Message(ChatMessage {
+        room: m.room,
+        from: m.from,
+        text: m.text,
+        timestamp_ms: from_integer(m.timestamp).ok()?,
+    }))
+}
+
 /// Returns the frame and the number of unknown fields in it.
 fn decode_server_frame_inner(text: &str) -> Result<(ServerFrame, usize), ProtocolError> {
+    check_len(text, MAX_FRAME_BYTES)?;
+    if let Some(frame) = decode_plain_message(text) {
+        return Ok((frame, 0));
+    }
+    decode_server_frame_general(text)
+}
+
+/// [`decode_server_frame_inner`] for any frame, through a JSON tree.
+fn decode_server_frame_general(text: &str) -> Result<(ServerFrame, usize), ProtocolError> {
     let v = parse_value(text, MAX_FRAME_BYTES)?;
     let mut f = Fields::of(&v)?;
     let ty = f.req_str(&["type"])?;
@@ -1477,6 +1522,42 @@ mod tests {
         for f in frames {
             let text = f.encode();
             assert_eq!(decode_server_frame(&text).unwrap(), f, "{text}");
+        }
+    }
+
+    #[test]
+    fn plain_message_frames_decode_as_the_general_way_does() {
+        let frames = [
+            r#"{"type":"message","room":"lobby","from":"ada","text":"hi @bob","timestamp":1769790508966}"#,
+            r#"{"timestamp":1769790508,"text":"seconds","from":"ada","room":"lobby","type":"message"}"#,
+            r#"{"type":"message","room":"lobby","from":"ada","text":"esc \"q\" \u00e9 \n","timestamp":1769790508966}"#,
+            // Not the plain shape: each goes the general way, with the same outcome.
+            r#"{"type":"message","room":"lobby","from":"ada","text":"x","timestamp":1769790508966,"extra":1}"#,
+            r#"{"type":"message","room":"lobby","from":null,"sender":"ada","text":"x","timestamp":1}"#,
+            r#"{"type":"message","room":"lobby","from":"ada","from":"eve","text":"x","timestamp":1}"#,
+            r#"{"type":"message","room":"lobby","from":"ada","text":"x","timestamp":1769790508.5}"#,
+            r#"{"type":"message","room":"lobby","from":"ada","text":"x","timestamp":"2026-01-30T17:06:35Z"}"#,
+            r#"{"type":"message","room":"lobby","from":"ada","text":"x","timestamp":-5}"#,
+            r#"{"type":"message","room":"lobby","from":"ada","text":"x","timestamp":99999999999999999}"#,
+            r#"{"type":"message","room":"lobby","from":"ada","text":7,"timestamp":1}"#,
+            r#"{"type":"message","room":"lobby","text":"x","timestamp":1}"#,
+            r#"{"type":"error","room":"lobby","from":"ada","text":"x","timestamp":1}"#,
+            r#"{"type":"Message","room":"lobby","from":"ada","text":"x","timestamp":1}"#,
+            r#"{"type":"connected","agent":"ada"}"#,
+            r#"[1,2]"#,
+            "not json",
+        ];
+        for text in frames {
+            let general = decode_server_frame_general(text).map_err(|e| e.to_string());
+            let decoded = decode_server_frame_inner(text).map_err(|e| e.to_string());
+            assert_eq!(decoded, general, "{text}");
+        }
+        // The first three are the plain shape.
+        for text in &frames[..3] {
+            assert!(decode_plain_message(text).is_some(), "{text}");
+        }
+        for text in &frames[3..] {
+            assert!(decode_plain_message(text).is_none(), "{text}");
         }
     }
 
