@@ -241,6 +241,23 @@ pub struct CommitStats {
     pub writes: u64,
 }
 
+/// How [`Store::outbox_enqueue_reply`] writes and commits a reply's row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyRow {
+    /// The row is written as already handed to a connection (state `sent`, one
+    /// attempt, `sent_at` its creation): the caller sends it as soon as it is
+    /// committed and records no separate send for that first write, one write fewer
+    /// per reply. A crash between the commit and the send then counts as a send: the
+    /// entry goes out again after a restart only if the recovered history lacks it,
+    /// and the crash costs it one of its re-sends (never a send beyond the cap).
+    pub handed: bool,
+    /// The caller has nothing else to do until the row is committed (its bot has no
+    /// other message waiting): when no commit is running, the row is committed on
+    /// the calling thread before the call returns, with no hand-over to another
+    /// thread. SQLite only; otherwise it joins the next group commit.
+    pub here: bool,
+}
+
 /// Size limits of one persona's key/value namespace. Sizes count the key's UTF-8 bytes
 /// plus the value's bytes of every entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -788,35 +805,36 @@ impl Store {
         created_at: i64,
         durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
     ) -> OutboxId {
-        match &self.backend {
-            Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, durable),
-            Backend::Postgres(p) => p.outbox_enqueue(
-                postgres::NewRow {
-                    bot,
-                    room,
-                    text,
-                    created_at,
-                    positions: Vec::new(),
-                },
-                self.fence(bot),
-                durable,
-            ),
-        }
+        self.outbox_enqueue_reply(
+            bot,
+            room,
+            text,
+            created_at,
+            Vec::new(),
+            ReplyRow::default(),
+            durable,
+        )
     }
 
-    /// [`Store::outbox_enqueue`], and with a shared store the recovery `positions` of
-    /// `bot` saved in the same transaction as the row (SQLite: the row alone).
-    pub fn outbox_enqueue_with_positions(
+    /// [`Store::outbox_enqueue`] for a reply: with a shared store the recovery
+    /// `positions` of `bot` are saved in the same transaction as the row (SQLite: the
+    /// row alone; the session saves them right after), and `how` says how the row is
+    /// written and committed (see [`ReplyRow`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn outbox_enqueue_reply(
         &self,
         bot: &str,
         room: &str,
         text: &str,
         created_at: i64,
         positions: Vec<(String, u64)>,
+        how: ReplyRow,
         durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
     ) -> OutboxId {
         match &self.backend {
-            Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, durable),
+            Backend::Sqlite(s) => {
+                s.outbox_enqueue(bot, room, text, created_at, how.handed, how.here, durable)
+            }
             Backend::Postgres(p) => p.outbox_enqueue(
                 postgres::NewRow {
                     bot,
@@ -824,6 +842,7 @@ impl Store {
                     text,
                     created_at,
                     positions,
+                    handed: how.handed,
                 },
                 self.fence(bot),
                 durable,

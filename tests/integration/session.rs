@@ -1088,6 +1088,93 @@ async fn a_refused_send_is_sent_again_at_most_twice_then_reported_unconfirmed() 
     srv.shutdown().await;
 }
 
+/// A reply's row written as handed to the connection (the way a reply is queued while
+/// the session is active), after which the host died before the frame left: after
+/// the restart that lost send counts as one of its sends, so the entry goes out at
+/// most twice more in all (the cap of two re-sends), never a third time.
+#[tokio::test(start_paused = true)]
+async fn a_crash_between_commit_and_send_costs_a_re_send_never_an_extra_send() {
+    use roost::devserver::FaultSpan;
+    use roost::store::{OutboxState, ReplyRow};
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let how = ReplyRow {
+        handed: true,
+        here: true,
+    };
+    let created = roost::store::now_ms();
+    let id = store.outbox_enqueue_reply(
+        "crashed",
+        "lobby",
+        "committed, never sent",
+        created,
+        Vec::new(),
+        how,
+        move |_, r| {
+            let _ = tx.send(r);
+        },
+    );
+    rx.await.unwrap().unwrap();
+    let row = store.outbox_get(id).unwrap().unwrap();
+    assert_eq!((row.state, row.attempts), (OutboxState::Sent, 1));
+    // Every send is refused: each refusal pauses, then the entry goes out again while
+    // the cap allows.
+    srv.faults()
+        .rate_limit_ws_sends(Duration::from_secs(1), FaultSpan::UntilCleared);
+    let bot = start(config(&srv.base_url(), "crashed"), &store);
+    assert_eq!(bot.handle.status().outbox_depth, 1, "loaded at start");
+    active(&bot.handle, 1).await;
+    wait_outbox_empty(&bot.handle).await;
+    let st = bot.handle.status();
+    assert_eq!(st.messages_out, 2, "{st:?}");
+    assert_eq!(st.outbox_unconfirmed, 1, "{st:?}");
+    store.flush().await;
+    let row = store.outbox_get(id).unwrap().unwrap();
+    assert_eq!((row.state, row.attempts), (OutboxState::Stale, 3));
+    srv.faults().clear_all();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        history_count(&state, "lobby", "crashed", "committed, never sent"),
+        0
+    );
+    assert_eq!(bot.handle.status().messages_out, 2, "never sent again");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
+/// While the session is active a reply's row is written as handed to the connection:
+/// its send is recorded with the row (no write of its own), and the count is right.
+#[tokio::test(start_paused = true)]
+async fn a_reply_sent_at_once_is_recorded_with_its_row_and_counted_once() {
+    use roost::store::OutboxState;
+    let srv = server().await;
+    let state = srv.state();
+    let (_dir, store) = temp_store();
+    let bot = start(config(&srv.base_url(), "prompt"), &store);
+    active(&bot.handle, 1).await;
+    store.flush().await;
+    let hold = store.hold_commits().expect("an SQLite store");
+    let id = bot.handle.send("lobby", "handed at once").unwrap();
+    let before = store.commit_stats();
+    drop(hold);
+    wait_outbox_empty(&bot.handle).await;
+    store.flush().await;
+    let after = store.commit_stats();
+    let row = store.outbox_get(id).unwrap().unwrap();
+    assert_eq!((row.state, row.attempts), (OutboxState::Confirmed, 1));
+    // The row, its confirmation and the room's recovery position: no "sent" write.
+    assert_eq!(after.writes - before.writes, 3, "{before:?} -> {after:?}");
+    assert_eq!(
+        history_count(&state, "lobby", "prompt", "handed at once"),
+        1
+    );
+    assert_eq!(bot.handle.status().messages_out, 1);
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn each_message_is_delivered_once_whatever_rest_timestamps_look_like() {
     for format in ["seconds", "iso8601", "millis"] {

@@ -9,6 +9,7 @@
 //! overlap between live traffic and a recovery fetch (seconds of traffic).
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
@@ -40,12 +41,38 @@ pub fn same_instant(a: u64, b: u64) -> bool {
     a == b || ((a.is_multiple_of(1000) || b.is_multiple_of(1000)) && a.abs_diff(b) < 1000)
 }
 
+/// The timestamps seen with one content: nearly always one, kept inline.
+#[derive(Debug)]
+struct Stamps {
+    first: u64,
+    more: Vec<u64>,
+}
+
+impl Stamps {
+    fn any(&self, f: impl Fn(u64) -> bool) -> bool {
+        f(self.first) || self.more.iter().any(|t| f(*t))
+    }
+
+    /// Removes `ts`; true if none is left.
+    fn remove(&mut self, ts: u64) -> bool {
+        if self.first == ts {
+            match self.more.pop() {
+                Some(next) => self.first = next,
+                None => return true,
+            }
+        } else if let Some(i) = self.more.iter().position(|t| *t == ts) {
+            self.more.swap_remove(i);
+        }
+        false
+    }
+}
+
 /// Bounded FIFO set of messages.
 #[derive(Debug)]
 pub struct SeenSet {
     capacity: usize,
     order: VecDeque<(MessageKey, u64)>,
-    keys: HashMap<MessageKey, Vec<u64>>,
+    keys: HashMap<MessageKey, Stamps>,
 }
 
 impl SeenSet {
@@ -64,31 +91,42 @@ impl SeenSet {
         self.contains_key(&MessageKey::of(msg), msg.timestamp_ms)
     }
 
-    fn contains_key(&self, key: &MessageKey, timestamp_ms: u64) -> bool {
+    /// [`SeenSet::contains`] for a message whose key the caller has computed (the
+    /// digest hashes the whole text twice: a caller that also inserts computes it once).
+    pub fn contains_key(&self, key: &MessageKey, timestamp_ms: u64) -> bool {
         self.keys
             .get(key)
-            .is_some_and(|ts| ts.iter().any(|t| same_instant(*t, timestamp_ms)))
+            .is_some_and(|ts| ts.any(|t| same_instant(t, timestamp_ms)))
     }
 
     /// Records `msg`; returns false if it was already there.
     pub fn insert(&mut self, msg: &ChatMessage) -> bool {
-        // The digest once: it hashes the whole text twice.
-        let key = MessageKey::of(msg);
-        if self.contains_key(&key, msg.timestamp_ms) {
-            return false;
+        self.insert_key(MessageKey::of(msg), msg.timestamp_ms)
+    }
+
+    /// [`SeenSet::insert`] with the message's key computed by the caller.
+    pub fn insert_key(&mut self, key: MessageKey, timestamp_ms: u64) -> bool {
+        match self.keys.entry(key) {
+            Entry::Occupied(mut e) => {
+                if e.get().any(|t| same_instant(t, timestamp_ms)) {
+                    return false;
+                }
+                e.get_mut().more.push(timestamp_ms);
+            }
+            Entry::Vacant(e) => {
+                e.insert(Stamps {
+                    first: timestamp_ms,
+                    more: Vec::new(),
+                });
+            }
         }
-        self.keys.entry(key).or_default().push(msg.timestamp_ms);
-        self.order.push_back((key, msg.timestamp_ms));
+        self.order.push_back((key, timestamp_ms));
         while self.order.len() > self.capacity {
             if let Some((old, ts)) = self.order.pop_front()
-                && let Some(list) = self.keys.get_mut(&old)
+                && let Some(stamps) = self.keys.get_mut(&old)
+                && stamps.remove(ts)
             {
-                if let Some(i) = list.iter().position(|t| *t == ts) {
-                    list.swap_remove(i);
-                }
-                if list.is_empty() {
-                    self.keys.remove(&old);
-                }
+                self.keys.remove(&old);
             }
         }
         true

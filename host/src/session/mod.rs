@@ -489,7 +489,12 @@ impl Shared {
 
 #[derive(Debug)]
 enum Command {
-    Enqueued(OutboxEntry),
+    /// A reply whose row is committed; `handed`: the row says it was handed to a
+    /// connection already (its first send is recorded with no write of its own).
+    Enqueued {
+        entry: OutboxEntry,
+        handed: bool,
+    },
     Join(String),
     Leave(String),
     Shutdown,
@@ -535,12 +540,21 @@ impl SessionHandle {
         } else {
             Vec::new()
         };
-        let id = self.store.outbox_enqueue_with_positions(
+        // While the connection is active the row goes out as soon as it is committed:
+        // it is written as handed to the connection (no separate "sent" write). When
+        // the bot has no other message waiting, nothing is gained by committing on
+        // another thread while it goes on: it commits here, saving a hand-over.
+        let how = crate::store::ReplyRow {
+            handed: self.shared.state_tx.borrow().state == SessionState::Active,
+            here: self.shared.events.len() == 0,
+        };
+        let id = self.store.outbox_enqueue_reply(
             &self.shared.bot,
             room,
             text,
             created_at,
             positions,
+            how,
             move |id, committed| {
                 match committed {
                     Ok(()) => {
@@ -556,7 +570,8 @@ impl SessionHandle {
                         };
                         // The task takes it off `outbox_committing` as it adds it. If the
                         // task just stopped, the row stays for the next start.
-                        if cmds.send(Command::Enqueued(entry)).is_err() {
+                        let handed = how.handed;
+                        if cmds.send(Command::Enqueued { entry, handed }).is_err() {
                             shared.outbox_committing.fetch_sub(1, Ordering::Relaxed);
                         }
                     }

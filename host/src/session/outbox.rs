@@ -28,6 +28,9 @@ struct Open {
     sent_conn: Option<u64>,
     /// The rate limits held it back at least once (it is being paced).
     paced: bool,
+    /// Its row was written as handed to a connection (`sent`, one attempt) and it has
+    /// not been written to one yet: its first send needs no write of its own.
+    handed: bool,
 }
 
 /// Open (pending or sent-unconfirmed) entries of one bot, in id order.
@@ -59,6 +62,7 @@ impl Outbox {
                         entry,
                         sent_conn: None,
                         paced: false,
+                        handed: false,
                     },
                 )
             })
@@ -68,10 +72,18 @@ impl Outbox {
 
     /// Adds an entry the handle already persisted.
     pub fn add(&mut self, entry: OutboxEntry) {
+        self.add_handed(entry, false);
+    }
+
+    /// Adds an entry the handle already persisted; `handed`: its row was written as
+    /// handed to a connection already (see [`crate::store::ReplyRow::handed`]), so
+    /// its first send is recorded in memory only.
+    pub fn add_handed(&mut self, entry: OutboxEntry, handed: bool) {
         if entry.state.is_open() {
             self.open.insert(
                 entry.id,
                 Open {
+                    handed: handed && entry.attempts == 0,
                     entry,
                     sent_conn: None,
                     paced: false,
@@ -160,14 +172,17 @@ impl Outbox {
             .collect()
     }
 
-    /// Records that `id` was written to connection `conn` at `now_ms`.
+    /// Records that `id` was written to connection `conn` at `now_ms` (in the store
+    /// too, unless its row already says so: the first send of a handed entry).
     pub fn mark_sent(&mut self, id: OutboxId, conn: u64, now_ms: i64) {
         if let Some(o) = self.open.get_mut(&id) {
             o.sent_conn = Some(conn);
             o.entry.state = OutboxState::Sent;
             o.entry.attempts = o.entry.attempts.saturating_add(1);
             o.entry.sent_at = Some(now_ms);
-            self.store.outbox_mark_sent(id, now_ms);
+            if !std::mem::take(&mut o.handed) {
+                self.store.outbox_mark_sent(id, now_ms);
+            }
         }
     }
 
@@ -360,6 +375,40 @@ mod tests {
         assert_eq!(ob.depth(), 1);
         assert!(ob.get(new).is_some());
         assert_eq!(ob.depth_in(&joined(&["r"])), 1);
+    }
+
+    #[test]
+    fn a_handed_entry_writes_its_first_send_with_its_row_and_later_ones_alone() {
+        let (store, mut ob) = setup();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let how = crate::store::ReplyRow {
+            handed: true,
+            here: true,
+        };
+        let id =
+            store.outbox_enqueue_reply("bot", "r", "hi", 1_000, Vec::new(), how, move |_, r| {
+                tx.send(r).unwrap();
+            });
+        rx.recv().unwrap().unwrap();
+        let mut entry = store.outbox_get(id).unwrap().unwrap();
+        assert_eq!((entry.state, entry.attempts), (OutboxState::Sent, 1));
+        // What the session holds: not written to any connection yet.
+        entry.state = OutboxState::Pending;
+        entry.attempts = 0;
+        ob.add_handed(entry, true);
+        let row = |store: &Store| {
+            let e = store.outbox_get(id).unwrap().unwrap();
+            (e.state, e.attempts)
+        };
+        ob.mark_sent(id, 1, 2_000);
+        assert_eq!(ob.get(id).unwrap().attempts, 1);
+        assert_eq!(row(&store), (OutboxState::Sent, 1), "no second count");
+        // A re-send on the next connection is recorded on its own.
+        ob.mark_sent(id, 2, 3_000);
+        assert_eq!(ob.get(id).unwrap().attempts, 2);
+        assert_eq!(row(&store), (OutboxState::Sent, 2));
+        ob.confirm_echo(&echo("r", "hi", 3_500), None).unwrap();
+        assert_eq!(row(&store), (OutboxState::Confirmed, 2));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::dedupe::SeenSet;
+use super::dedupe::{MessageKey, SeenSet};
 use super::http::{Endpoints, error_chain, excerpt, redact};
 use super::identity::{self, Identity, Registration};
 use super::machine::{Disconnect, RetryPolicy, SessionState, plan_retry};
@@ -57,6 +57,8 @@ const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 const PROOF_OF_MEMBERSHIP: Duration = Duration::from_secs(1);
 /// Retries of a history request within one connection.
 const HISTORY_RETRIES: u32 = 2;
+/// Commands handled together before the outbox is flushed once for all of them.
+const COMMAND_BATCH: usize = 64;
 
 /// Everything `spawn` hands to the task.
 pub(super) struct Parts {
@@ -540,8 +542,8 @@ impl Supervisor {
                 self.stopping = Some(Instant::now());
                 false
             }
-            Some(Command::Enqueued(entry)) => {
-                self.enqueued(entry);
+            Some(Command::Enqueued { entry, handed }) => {
+                self.enqueued(entry, handed);
                 true
             }
             Some(Command::Join(room)) => {
@@ -585,8 +587,8 @@ impl Supervisor {
     /// A reply whose row is committed: into the outbox. What it answers is behind us,
     /// so the recovery position is saved with it: a host killed right after sending
     /// does not answer the same mention again after its restart.
-    fn enqueued(&mut self, entry: crate::store::OutboxEntry) {
-        self.outbox.add(entry);
+    fn enqueued(&mut self, entry: crate::store::OutboxEntry, handed: bool) {
+        self.outbox.add_handed(entry, handed);
         self.shared
             .outbox_committing
             .fetch_sub(1, Ordering::Relaxed);
@@ -1037,15 +1039,33 @@ impl Supervisor {
         true
     }
 
-    /// A command from the handle (or the group commit).
+    /// A command from the handle (or the group commit), and those queued behind it
+    /// (at most [`COMMAND_BATCH`]): one flush for all of them.
     fn on_command(&mut self, c: &mut Conn, cmd: Option<Command>) -> Result<(), ConnEnd> {
+        let mut cmd = cmd;
+        for _ in 0..COMMAND_BATCH {
+            self.command(c, cmd);
+            match self.cmds.try_recv() {
+                Ok(next) => cmd = Some(next),
+                Err(_) => break,
+            }
+        }
+        let joined = &c.joined;
+        c.unacked.retain(|r| joined.contains(r));
+        if c.unacked.is_empty() && c.recovery.is_none() && c.active_since.is_none() {
+            self.start_recovery(c);
+        }
+        self.flush_if_active(c)
+    }
+
+    fn command(&mut self, c: &mut Conn, cmd: Option<Command>) {
         match cmd {
             None | Some(Command::Shutdown) => {
                 if self.stopping.is_none() {
                     self.stopping = Some(Instant::now() + self.cfg.shutdown_flush);
                 }
             }
-            Some(Command::Enqueued(entry)) => self.enqueued(entry),
+            Some(Command::Enqueued { entry, handed }) => self.enqueued(entry, handed),
             Some(Command::Join(room)) => {
                 self.add_room(room.clone());
                 if c.joined.insert(room.clone()) {
@@ -1061,12 +1081,6 @@ impl Supervisor {
                 }
             }
         }
-        let joined = &c.joined;
-        c.unacked.retain(|r| joined.contains(r));
-        if c.unacked.is_empty() && c.recovery.is_none() && c.active_since.is_none() {
-            self.start_recovery(c);
-        }
-        self.flush_if_active(c)
     }
 
     /// A frame (or the end of the stream) from the server.
@@ -1598,7 +1612,8 @@ impl Supervisor {
 
     /// The one path every message takes: dedupe, confirm our own echoes, deliver.
     fn accept(&mut self, msg: ChatMessage, live: bool) {
-        if self.seen.contains(&msg) {
+        let key = MessageKey::of(&msg);
+        if self.seen.contains_key(&key, msg.timestamp_ms) {
             return;
         }
         let own = self.own_names.contains(&msg.from);
@@ -1608,12 +1623,12 @@ impl Supervisor {
             // the echo of an entry sent before a restart.
             if own && let Some(entry) = self.outbox.confirm_echo(&msg, Some(skew)) {
                 tracing::debug!(bot = self.bot(), id = %entry.id, "outbox entry confirmed by history");
-                self.seen.insert(&msg);
+                self.seen.insert_key(key, msg.timestamp_ms);
                 self.update_depth();
             }
             return;
         }
-        self.seen.insert(&msg);
+        self.seen.insert_key(key, msg.timestamp_ms);
         if own {
             let floor = if live { None } else { Some(skew) };
             if let Some(entry) = self.outbox.confirm_echo(&msg, floor) {

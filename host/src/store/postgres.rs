@@ -149,6 +149,8 @@ pub(crate) struct NewRow<'a> {
     pub(crate) text: &'a str,
     pub(crate) created_at: i64,
     pub(crate) positions: Vec<(String, u64)>,
+    /// Written as already handed to a connection (see [`super::ReplyRow`]).
+    pub(crate) handed: bool,
 }
 
 /// The PostgreSQL backend (a cloneable handle).
@@ -207,6 +209,8 @@ enum Write {
         room: String,
         text: String,
         created_at: i64,
+        /// Written as already handed to a connection: `sent`, one attempt.
+        handed: bool,
         /// Recovery positions of `bot` committed with the row.
         positions: Vec<(String, i64)>,
         fence: Option<FenceToken>,
@@ -724,6 +728,7 @@ impl Postgres {
             text,
             created_at,
             positions,
+            handed,
         } = row;
         let id = match self.next_id() {
             Ok(id) => id,
@@ -746,6 +751,7 @@ impl Postgres {
                 room: room.into(),
                 text: text.into(),
                 created_at,
+                handed,
                 positions: positions
                     .into_iter()
                     .map(|(r, ts)| (r, i64::try_from(ts).unwrap_or(i64::MAX)))
@@ -1229,6 +1235,7 @@ async fn apply(
             room,
             text,
             created_at,
+            handed,
             positions,
             fence,
         } => {
@@ -1236,15 +1243,25 @@ async fn apply(
                 return Ok(fenced(fence));
             }
             let epoch = fence.as_ref().map(|f| f.epoch);
+            let (state, attempts, sent_at) = if *handed {
+                ("sent", 1i32, Some(*created_at))
+            } else {
+                ("pending", 0i32, None)
+            };
             let st = stmts
                 .get(
                     tx,
-                    "INSERT INTO outbox (id, bot, room, text, created_at, state, attempts, epoch)
-                     VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6)",
+                    "INSERT INTO outbox (id, bot, room, text, created_at, state, attempts, sent_at, epoch)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 )
                 .await?;
             let n = tx
-                .execute(&st, &[id, bot, room, text, created_at, &epoch])
+                .execute(
+                    &st,
+                    &[
+                        id, bot, room, text, created_at, &state, &attempts, &sent_at, &epoch,
+                    ],
+                )
                 .await?;
             if !positions.is_empty() {
                 let st = stmts

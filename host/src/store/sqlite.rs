@@ -472,42 +472,40 @@ impl Sqlite {
     }
 
     /// Saves the recovery position of `bot`'s rooms in the next group commit (never
-    /// moving one back); a failure is logged.
+    /// moving one back); a failure is logged. Positions saved again before that commit
+    /// are merged into the ones waiting (one row per room and commit, the newest).
     pub fn save_room_positions(&self, bot: &str, positions: Vec<(String, u64)>) {
-        let bot = bot.to_string();
-        self.submit(
-            move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "INSERT INTO room_positions (bot, room, last_ts) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (bot, room) DO UPDATE
-                     SET last_ts = MAX(last_ts, excluded.last_ts)",
-                )?;
-                for (room, ts) in &positions {
-                    stmt.execute(params![bot, room, i64::try_from(*ts).unwrap_or(i64::MAX)])?;
-                }
-                Ok(())
-            },
-            |r| {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "cannot save recovery positions");
-                }
-            },
-            Urgency::Soon,
-        );
+        if positions.is_empty() {
+            return;
+        }
+        let mut q = self.queue();
+        let rooms = match q.positions.get_mut(bot) {
+            Some(rooms) => rooms,
+            None => q.positions.entry(bot.to_string()).or_default(),
+        };
+        for (room, ts) in positions {
+            let at = rooms.entry(room).or_insert(ts);
+            *at = (*at).max(ts);
+        }
+        self.queued(q, Urgency::Soon);
     }
 
     /// Forgets the recovery position of `bot` in `room` (it left the room).
     pub fn forget_room_position(&self, bot: &str, room: &str) {
-        let (bot, room) = (bot.to_string(), room.to_string());
-        self.submit(
-            move |conn| {
-                conn.prepare_cached("DELETE FROM room_positions WHERE bot = ?1 AND room = ?2")?
-                    .execute(params![bot, room])
-                    .map(drop)
+        let mut q = self.queue();
+        // A position of the room still waiting for its commit goes too (it would
+        // otherwise be written after the delete).
+        if let Some(rooms) = q.positions.get_mut(bot) {
+            rooms.remove(room);
+        }
+        q.jobs.push(Job {
+            work: Work::ForgetPosition {
+                bot: bot.to_string(),
+                room: room.to_string(),
             },
-            |_| {},
-            Urgency::Soon,
-        );
+            done: Done::Log("forget a recovery position", None),
+        });
+        self.queued(q, Urgency::Soon);
     }
 
     // ---- outbox --------------------------------------------------------------------
@@ -516,28 +514,41 @@ impl Sqlite {
     /// `durable` is called with that id (on a blocking thread) once the row is
     /// committed, or with the error that kept it from being committed. Nothing may
     /// send the message before `durable` has said `Ok`.
+    ///
+    /// With `handed`, the row is written as already handed to a connection (state
+    /// `sent`, one attempt): the caller is about to send it as soon as it is
+    /// committed, and records no separate send for that first write (one write
+    /// fewer per reply). A crash between the commit and the send then counts as a
+    /// send: the entry goes out again only if the recovered history lacks it, and
+    /// the crash costs it one of its re-sends, never a send beyond the cap.
+    /// With `here`, the caller has nothing else to do: if no commit is running, the
+    /// row is committed on the calling thread before this returns (no hand-over to
+    /// another thread); otherwise it joins the next commit, as always.
+    #[allow(clippy::too_many_arguments)]
     pub fn outbox_enqueue(
         &self,
         bot: &str,
         room: &str,
         text: &str,
         created_at: i64,
+        handed: bool,
+        here: bool,
         durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
     ) -> OutboxId {
         let id = OutboxId(self.commits.next_outbox_id.fetch_add(1, Ordering::SeqCst));
-        let (bot, room, text) = (bot.to_string(), room.to_string(), text.to_string());
-        self.submit(
-            move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO outbox (id, bot, room, text, created_at, state, attempts)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0)",
-                )?
-                .execute(params![id.0, bot, room, text, created_at])
-                .map(drop)
+        let mut q = self.queue();
+        q.jobs.push(Job {
+            work: Work::OutboxInsert {
+                id,
+                bot: bot.to_string(),
+                room: room.to_string(),
+                text: text.to_string(),
+                created_at,
+                handed,
             },
-            move |r| durable(id, r),
-            Urgency::Now,
-        );
+            done: Done::Call(Box::new(move |r| durable(id, r))),
+        });
+        self.queued(q, if here { Urgency::Here } else { Urgency::Now });
         id
     }
 
@@ -600,15 +611,8 @@ impl Sqlite {
     /// authoritative for this run.
     pub fn outbox_mark_sent(&self, id: OutboxId, sent_at: i64) {
         self.submit(
-            move |conn| {
-                conn.prepare_cached(
-                    "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?2
-                     WHERE id = ?1 AND state IN ('pending', 'sent')",
-                )?
-                .execute(params![id.0, sent_at])
-                .map(drop)
-            },
-            move |r| log_failed_write(r, "record an outbox send", id),
+            Work::MarkSent { id, at: sent_at },
+            Done::Log("record an outbox send", Some(id)),
             Urgency::Soon,
         );
     }
@@ -617,12 +621,8 @@ impl Sqlite {
     /// group commit; a failure is logged.
     pub fn outbox_finish(&self, id: OutboxId, state: OutboxState) {
         self.submit(
-            move |conn| {
-                conn.prepare_cached("UPDATE outbox SET state = ?2 WHERE id = ?1")?
-                    .execute(params![id.0, state.as_str()])
-                    .map(drop)
-            },
-            move |r| log_failed_write(r, "finish an outbox entry", id),
+            Work::Finish { id, state },
+            Done::Log("finish an outbox entry", Some(id)),
             Urgency::Soon,
         );
     }
@@ -642,10 +642,110 @@ impl Sqlite {
 // ---------------------------------------------------------------------------------------
 // group commit
 
-/// The statements of one write.
-type Work = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + Send>;
-/// Who to tell how it went.
-type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// One write, as data. Each is one statement, atomic by itself: a failing statement
+/// is undone by SQLite and leaves the transaction as it was, so no write needs a
+/// savepoint (two more statements per write, which were a third of the commit's cost).
+enum Work {
+    OutboxInsert {
+        id: OutboxId,
+        bot: String,
+        room: String,
+        text: String,
+        created_at: i64,
+        /// Written as handed to a connection (see [`Sqlite::outbox_enqueue`]).
+        handed: bool,
+    },
+    MarkSent {
+        id: OutboxId,
+        at: i64,
+    },
+    Finish {
+        id: OutboxId,
+        state: OutboxState,
+    },
+    ForgetPosition {
+        bot: String,
+        room: String,
+    },
+    /// Nothing: a flush waiting for the commit it rides in.
+    Nothing,
+}
+
+impl Work {
+    fn run(self, conn: &Connection) -> rusqlite::Result<()> {
+        match self {
+            Work::OutboxInsert {
+                id,
+                bot,
+                room,
+                text,
+                created_at,
+                handed,
+            } => {
+                let (state, attempts, sent_at) = if handed {
+                    (OutboxState::Sent, 1, Some(created_at))
+                } else {
+                    (OutboxState::Pending, 0, None)
+                };
+                conn.prepare_cached(
+                    "INSERT INTO outbox (id, bot, room, text, created_at, state, attempts, sent_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?
+                .execute(params![
+                    id.0,
+                    bot,
+                    room,
+                    text,
+                    created_at,
+                    state.as_str(),
+                    attempts,
+                    sent_at
+                ])
+                .map(drop)
+            }
+            Work::MarkSent { id, at } => conn
+                .prepare_cached(
+                    "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?2
+                     WHERE id = ?1 AND state IN ('pending', 'sent')",
+                )?
+                .execute(params![id.0, at])
+                .map(drop),
+            Work::Finish { id, state } => conn
+                .prepare_cached("UPDATE outbox SET state = ?2 WHERE id = ?1")?
+                .execute(params![id.0, state.as_str()])
+                .map(drop),
+            Work::ForgetPosition { bot, room } => conn
+                .prepare_cached("DELETE FROM room_positions WHERE bot = ?1 AND room = ?2")?
+                .execute(params![bot, room])
+                .map(drop),
+            Work::Nothing => Ok(()),
+        }
+    }
+}
+
+/// Who to tell how a write went.
+enum Done {
+    /// A caller waits for the outcome.
+    Call(Box<dyn FnOnce(Result<(), StoreError>) + Send>),
+    /// Bookkeeping: a failure is logged (what was being done, and the outbox entry).
+    Log(&'static str, Option<OutboxId>),
+}
+
+impl Done {
+    fn tell(self, result: Result<(), StoreError>) {
+        match self {
+            Done::Call(f) => f(result),
+            Done::Log(what, id) => {
+                if let Err(e) = result {
+                    match id {
+                        Some(id) => tracing::error!(%id, error = %e, "cannot {what}"),
+                        None => tracing::error!(error = %e, "cannot {what}"),
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// One write waiting for the next group commit: the statements, and who to tell.
 struct Job {
@@ -653,9 +753,14 @@ struct Job {
     done: Done,
 }
 
+/// Recovery positions waiting for the next commit: bot -> room -> newest timestamp.
+type Positions = std::collections::HashMap<String, std::collections::HashMap<String, u64>>;
+
 #[derive(Default)]
 struct CommitQueue {
     jobs: Vec<Job>,
+    /// Recovery positions, merged per bot and room until they are committed.
+    positions: Positions,
     /// A drain is running (or scheduled): new jobs join its next batch.
     running: bool,
     /// Commits are held back (tests: "nothing is sent before its row is committed").
@@ -664,10 +769,21 @@ struct CommitQueue {
     flush_scheduled: bool,
 }
 
+impl CommitQueue {
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.positions.is_empty()
+    }
+}
+
 /// Whether someone waits for a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Urgency {
-    /// A writer waits (a reply is not sent before its row is committed): commit now.
+    /// A writer waits and has nothing else to do: when no commit is running, commit
+    /// on its thread at once (no hand-over to another thread: the one-at-a-time
+    /// latency); else join the next commit.
+    Here,
+    /// A writer waits (a reply is not sent before its row is committed): commit now,
+    /// on the blocking pool, while the writer goes on.
     Now,
     /// Bookkeeping (a send, a confirmation, a recovery position): with the next
     /// commit, or within [`SOON`].
@@ -699,7 +815,7 @@ impl Drop for CommitHold {
         let lead = {
             let mut q = self.store.queue();
             q.held = false;
-            let lead = !q.running && !q.jobs.is_empty();
+            let lead = !q.running && !q.is_empty();
             if lead {
                 q.running = true;
             }
@@ -711,51 +827,62 @@ impl Drop for CommitHold {
     }
 }
 
-/// Hot-path writes (outbox rows, their sends and confirmations) are committed in
-/// groups: every write queued while a commit is running goes into the next one, a
-/// single transaction, and each writer is told only once its own row is committed.
-/// Under load one transaction carries many writes; alone, a write commits at once.
-/// The commit runs on tokio's blocking pool (inline when there is no runtime), never
-/// on the async worker that queued it.
+/// Hot-path writes (outbox rows, their sends and confirmations, recovery positions)
+/// are committed in groups: every write queued while a commit is running goes into
+/// the next one, a single transaction, and each writer is told only once its own row
+/// is committed. Under load one transaction carries many writes; alone, a write
+/// commits at once. The commit runs on tokio's blocking pool (inline when there is
+/// no runtime, or for a writer with nothing else to do: [`Urgency::Here`]).
+///
+/// Each write is one statement (no savepoint: SQLite undoes a failing statement by
+/// itself); recovery positions are merged per room while they wait, so a commit
+/// writes each room's position once.
 impl Sqlite {
     fn queue(&self) -> MutexGuard<'_, CommitQueue> {
         self.commits.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues `work` for the next group commit; `done` gets its outcome once the
-    /// transaction holding it has committed (or failed). A write someone waits for
-    /// ([`Urgency::Now`]) starts a commit at once if none is running; bookkeeping
+    /// transaction holding it has committed (or failed).
+    fn submit(&self, work: Work, done: Done, urgency: Urgency) {
+        let mut q = self.queue();
+        q.jobs.push(Job { work, done });
+        self.queued(q, urgency);
+    }
+
+    /// After a write was queued in `q`: a write someone waits for starts a commit at
+    /// once if none is running ([`Urgency::Here`]: on this thread); bookkeeping
     /// ([`Urgency::Soon`]) rides along with the next one, or is committed within
     /// [`SOON`] by itself.
-    fn submit(
-        &self,
-        work: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
-        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
-        urgency: Urgency,
-    ) {
-        let (lead, schedule) = {
-            let mut q = self.queue();
-            q.jobs.push(Job {
-                work: Box::new(work),
-                done: Box::new(done),
-            });
-            let idle = !q.running && !q.held;
-            match urgency {
-                Urgency::Now if idle => {
-                    q.running = true;
-                    (true, false)
+    fn queued(&self, mut q: MutexGuard<'_, CommitQueue>, urgency: Urgency) {
+        let idle = !q.running && !q.held;
+        enum Then {
+            Nothing,
+            DrainHere,
+            Drain,
+            Schedule,
+        }
+        let then = match urgency {
+            Urgency::Here | Urgency::Now if idle => {
+                q.running = true;
+                if urgency == Urgency::Here {
+                    Then::DrainHere
+                } else {
+                    Then::Drain
                 }
-                Urgency::Soon if idle && !q.flush_scheduled => {
-                    q.flush_scheduled = true;
-                    (false, true)
-                }
-                _ => (false, false),
             }
+            Urgency::Soon if idle && !q.flush_scheduled => {
+                q.flush_scheduled = true;
+                Then::Schedule
+            }
+            _ => Then::Nothing,
         };
-        if lead {
-            self.start_drain();
-        } else if schedule {
-            match tokio::runtime::Handle::try_current() {
+        drop(q);
+        match then {
+            Then::Nothing => {}
+            Then::DrainHere => self.drain_here(),
+            Then::Drain => self.start_drain(),
+            Then::Schedule => match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
                     let store = self.clone();
                     rt.spawn(async move {
@@ -764,7 +891,7 @@ impl Sqlite {
                     });
                 }
                 Err(_) => self.kick(),
-            }
+            },
         }
     }
 
@@ -773,7 +900,7 @@ impl Sqlite {
         let lead = {
             let mut q = self.queue();
             q.flush_scheduled = false;
-            let lead = !q.running && !q.held && !q.jobs.is_empty();
+            let lead = !q.running && !q.held && !q.is_empty();
             if lead {
                 q.running = true;
             }
@@ -786,9 +913,11 @@ impl Sqlite {
 
     /// Runs the commits on tokio's blocking pool (inline when there is no runtime), so
     /// the async workers go on while a batch is written and the next one gathers.
-    /// (Committing on the calling thread instead was measured: one-at-a-time latency
-    /// 106 -> 17 us per row, but replies per second through `roost serve` fell from
-    /// 22,000 to 9,300, as batches shrank to one row and the workers did the writing.)
+    /// (Committing every batch on the calling thread instead was measured: one-at-a-time
+    /// latency 106 -> 17 us per row, but replies per second through `roost serve` fell
+    /// from 22,000 to 9,300, as batches shrank to one row and the workers did the
+    /// writing. Hence [`Urgency::Here`] commits one batch on the caller's thread only
+    /// for a caller with nothing else to do.)
     fn start_drain(&self) {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
@@ -799,25 +928,56 @@ impl Sqlite {
         }
     }
 
-    /// Commits batches until the queue is empty.
-    fn drain(&self) {
-        loop {
-            let jobs = {
+    /// One batch on this thread (the caller holds `running`); whatever queued up
+    /// meanwhile goes to the blocking pool.
+    fn drain_here(&self) {
+        if let Some(batch) = self.take_batch() {
+            self.commit_batch(batch);
+            let more = {
                 let mut q = self.queue();
-                if q.jobs.is_empty() || q.held {
+                let more = !q.is_empty() && !q.held;
+                if !more {
                     q.running = false;
-                    return;
                 }
-                q.flush_scheduled = false;
-                std::mem::take(&mut q.jobs)
+                more
             };
-            self.commit_batch(jobs);
+            if more {
+                self.start_drain();
+            }
         }
     }
 
-    fn commit_batch(&self, jobs: Vec<Job>) {
-        let n = jobs.len() as u64;
-        let mut outcomes: Vec<(Job, rusqlite::Result<()>)> = Vec::with_capacity(jobs.len());
+    /// Commits batches until the queue is empty.
+    fn drain(&self) {
+        while let Some(batch) = self.take_batch() {
+            self.commit_batch(batch);
+        }
+    }
+
+    /// The queued writes, or None (and the drain ends) when there are none or commits
+    /// are held.
+    fn take_batch(&self) -> Option<(Vec<Job>, Positions)> {
+        let mut q = self.queue();
+        if q.is_empty() || q.held {
+            q.running = false;
+            return None;
+        }
+        q.flush_scheduled = false;
+        Some((
+            std::mem::take(&mut q.jobs),
+            std::mem::take(&mut q.positions),
+        ))
+    }
+
+    fn commit_batch(&self, (jobs, positions): (Vec<Job>, Positions)) {
+        // Writes: the rows touched (a flush's empty write is none).
+        let n = jobs
+            .iter()
+            .filter(|j| !matches!(j.work, Work::Nothing))
+            .count() as u64
+            + positions.values().map(|r| r.len() as u64).sum::<u64>();
+        let mut outcomes: Vec<(Done, rusqlite::Result<()>)> = Vec::with_capacity(jobs.len());
+        let mut positions_saved: rusqlite::Result<()> = Ok(());
         let committed = {
             let conn = self.lock();
             // The statements of every batch, prepared once (parsing them was 4 % of a
@@ -826,28 +986,42 @@ impl Sqlite {
                 conn.prepare_cached(sql)
                     .and_then(|mut stmt| stmt.execute([]).map(drop))
             };
-            let begun = run("BEGIN IMMEDIATE");
-            match begun {
+            match run("BEGIN IMMEDIATE") {
                 Err(e) => Err(e),
                 Ok(()) => {
-                    for mut job in jobs {
-                        let work = std::mem::replace(&mut job.work, Box::new(|_| Ok(())));
-                        // A savepoint per write: a failing write leaves no trace and
-                        // does not take the others down with it.
-                        let result = run("SAVEPOINT w").and_then(|()| match work(&conn) {
-                            Ok(()) => run("RELEASE w"),
-                            Err(e) => {
-                                let _ = conn.execute_batch("ROLLBACK TO w; RELEASE w");
-                                Err(e)
+                    // A statement that failed badly enough (I/O, disk full) may have
+                    // rolled the whole transaction back: nothing after it may run
+                    // outside it.
+                    let mut lost: Option<rusqlite::Error> = None;
+                    for job in jobs {
+                        let result = match &lost {
+                            Some(e) => Err(clone_error(e)),
+                            None => job.work.run(&conn),
+                        };
+                        if let Err(e) = &result
+                            && lost.is_none()
+                            && conn.is_autocommit()
+                        {
+                            lost = Some(clone_error(e));
+                        }
+                        outcomes.push((job.done, result));
+                    }
+                    if lost.is_none() && !positions.is_empty() {
+                        positions_saved = save_positions(&conn, &positions);
+                        if positions_saved.is_err() && conn.is_autocommit() {
+                            lost = positions_saved.as_ref().err().map(clone_error);
+                        }
+                    }
+                    match lost {
+                        Some(e) => Err(e),
+                        None => {
+                            let commit = run("COMMIT");
+                            if commit.is_err() {
+                                let _ = conn.execute_batch("ROLLBACK");
                             }
-                        });
-                        outcomes.push((job, result));
+                            commit
+                        }
                     }
-                    let commit = run("COMMIT");
-                    if commit.is_err() {
-                        let _ = conn.execute_batch("ROLLBACK");
-                    }
-                    commit
                 }
             }
         };
@@ -855,14 +1029,17 @@ impl Sqlite {
             Ok(()) => {
                 self.commits.batches.fetch_add(1, Ordering::Relaxed);
                 self.commits.writes.fetch_add(n, Ordering::Relaxed);
-                for (job, result) in outcomes {
-                    (job.done)(result.map_err(|e| self.err(e)));
+                if let Err(e) = positions_saved {
+                    tracing::error!(error = %e, "cannot save recovery positions");
+                }
+                for (done, result) in outcomes {
+                    done.tell(result.map_err(|e| self.err(e)));
                 }
             }
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, writes = n, "group commit failed");
-                for (job, _) in outcomes {
-                    (job.done)(Err(self.err(clone_error(&e))));
+                for (done, _) in outcomes {
+                    done.tell(Err(self.err(clone_error(&e))));
                 }
             }
         }
@@ -872,10 +1049,10 @@ impl Sqlite {
     pub async fn flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(
-            |_| Ok(()),
-            move |_| {
+            Work::Nothing,
+            Done::Call(Box::new(move |_| {
                 let _ = tx.send(());
-            },
+            })),
             Urgency::Now,
         );
         let _ = rx.await;
@@ -901,18 +1078,27 @@ impl Sqlite {
     }
 }
 
+/// Writes the merged recovery positions of one commit (a position never moves back).
+fn save_positions(conn: &Connection, positions: &Positions) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO room_positions (bot, room, last_ts) VALUES (?1, ?2, ?3)
+         ON CONFLICT (bot, room) DO UPDATE
+         SET last_ts = MAX(last_ts, excluded.last_ts)",
+    )?;
+    for (bot, rooms) in positions {
+        for (room, ts) in rooms {
+            stmt.execute(params![bot, room, i64::try_from(*ts).unwrap_or(i64::MAX)])?;
+        }
+    }
+    Ok(())
+}
+
 fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
     match e {
         rusqlite::Error::SqliteFailure(code, msg) => {
             rusqlite::Error::SqliteFailure(*code, msg.clone())
         }
         other => rusqlite::Error::ToSqlConversionFailure(other.to_string().into()),
-    }
-}
-
-fn log_failed_write(result: Result<(), StoreError>, what: &str, id: OutboxId) {
-    if let Err(e) = result {
-        tracing::error!(%id, error = %e, "cannot {what}");
     }
 }
 
@@ -1140,6 +1326,56 @@ mod tests {
         // Started over: the second batch overwrote the first's frames instead of
         // growing the file to about twice its size.
         assert!(second <= first + first / 10, "{first} -> {second}");
+    }
+
+    #[test]
+    fn positions_waiting_for_one_commit_are_merged_and_a_leave_wins() {
+        let store = Sqlite::open_in_memory().unwrap();
+        let hold = store.hold_commits();
+        store.save_room_positions("b", vec![("lobby".into(), 50), ("dev".into(), 7)]);
+        store.save_room_positions("b", vec![("lobby".into(), 40), ("dev".into(), 9)]);
+        store.save_room_positions("b", vec![("gone".into(), 3)]);
+        store.forget_room_position("b", "gone");
+        let before = store.commit_stats();
+        drop(hold);
+        let after = store.commit_stats();
+        assert_eq!(after.batches - before.batches, 1);
+        // Two rooms' positions and one delete: one write each.
+        assert_eq!(after.writes - before.writes, 3);
+        let mut pos = store.room_positions("b").unwrap();
+        pos.sort();
+        assert_eq!(pos, [("dev".to_string(), 9), ("lobby".to_string(), 50)]);
+    }
+
+    #[test]
+    fn a_failing_write_fails_alone_and_its_commit_goes_on() {
+        let store = Sqlite::open_in_memory().unwrap();
+        let facade = crate::store::Store::sqlite(store.clone());
+        let first = facade.outbox_push("b", "r", "one", 1).unwrap();
+        let hold = store.hold_commits();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A row whose id is taken fails (primary key); the one queued after it is kept.
+        store
+            .commits
+            .next_outbox_id
+            .store(first.0, Ordering::SeqCst);
+        let tx2 = tx.clone();
+        store.outbox_enqueue("b", "r", "dup", 2, false, false, move |_, r| {
+            tx2.send(r.is_ok()).unwrap();
+        });
+        store.outbox_enqueue("b", "r", "two", 3, false, false, move |_, r| {
+            tx.send(r.is_ok()).unwrap();
+        });
+        drop(hold);
+        assert!(!rx.recv().unwrap(), "the duplicate id fails");
+        assert!(rx.recv().unwrap(), "the next write is committed");
+        let texts: Vec<String> = store
+            .outbox_pending("b")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(texts, ["one", "two"]);
     }
 
     #[test]
