@@ -753,6 +753,21 @@ struct Job {
     done: Done,
 }
 
+impl Job {
+    /// Someone waits for this write (a reply's row, a flush).
+    fn waited_for(&self) -> bool {
+        matches!(self.done, Done::Call(_))
+    }
+}
+
+/// A batch with at least this many waited-for writes means load: the next one may
+/// gather (see [`Sqlite::drain`]).
+const GATHER_AFTER: usize = 2;
+/// Waited-for writes that make a batch worth committing at once.
+const GATHER_ENOUGH: usize = 16;
+/// How long a batch under load gathers (well under the group commit's 2 ms).
+const GATHER_WAIT: Duration = Duration::from_micros(150);
+
 /// Recovery positions waiting for the next commit: bot -> room -> newest timestamp.
 type Positions = std::collections::HashMap<String, std::collections::HashMap<String, u64>>;
 
@@ -947,11 +962,28 @@ impl Sqlite {
         }
     }
 
-    /// Commits batches until the queue is empty.
+    /// Commits batches until the queue is empty. Under load (the last batch carried
+    /// several writes someone waits for, and fewer than [`GATHER_ENOUGH`] of them are
+    /// queued now) it lets the next batch gather for [`GATHER_WAIT`] first: a commit's
+    /// cost is mostly per transaction (its WAL frames), so a few more rows per commit
+    /// cost less than another commit. A writer alone never waits for this.
     fn drain(&self) {
-        while let Some(batch) = self.take_batch() {
+        let mut loaded = false;
+        loop {
+            if loaded && self.waiting_writers() < GATHER_ENOUGH {
+                std::thread::sleep(GATHER_WAIT);
+            }
+            let Some(batch) = self.take_batch() else {
+                return;
+            };
+            loaded = batch.0.iter().filter(|j| j.waited_for()).count() >= GATHER_AFTER;
             self.commit_batch(batch);
         }
+    }
+
+    /// Queued writes someone waits for.
+    fn waiting_writers(&self) -> usize {
+        self.queue().jobs.iter().filter(|j| j.waited_for()).count()
     }
 
     /// The queued writes, or None (and the drain ends) when there are none or commits
