@@ -47,7 +47,7 @@ use super::{
 pub const DB_FILE: &str = "roost.db";
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -123,6 +123,13 @@ const MIGRATIONS: &[&str] = &[
         tokens    INTEGER NOT NULL,
         PRIMARY KEY (persona, bucket_ms)
     );
+    "#,
+    // 3 -> 4: the outbox index holds the open rows only (what a start reads). Every
+    // row used to stay in it, and each state change moved its entry: a reply's
+    // confirmation wrote one more index page to the WAL in every group commit.
+    r#"
+    DROP INDEX outbox_bot_state;
+    CREATE INDEX outbox_open ON outbox (bot, id) WHERE state IN ('pending', 'sent');
     "#,
 ];
 
@@ -1408,6 +1415,84 @@ mod tests {
             .map(|e| e.text)
             .collect();
         assert_eq!(texts, ["one", "two"]);
+    }
+
+    #[test]
+    fn the_open_rows_are_read_through_their_partial_index() {
+        let store = Sqlite::open_in_memory().unwrap();
+        let plan: Vec<String> = {
+            let conn = store.lock();
+            let mut stmt = conn
+                .prepare(
+                    "EXPLAIN QUERY PLAN SELECT id, bot, room, text, created_at, state, attempts, sent_at
+                     FROM outbox WHERE bot = ?1 AND state IN ('pending', 'sent') ORDER BY id",
+                )
+                .unwrap();
+            stmt.query_map(["b"], |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert!(plan.iter().any(|d| d.contains("outbox_open")), "{plan:?}");
+        // Rows leave the index as they are finished, and come back if reopened.
+        let facade = crate::store::Store::sqlite(store.clone());
+        let a = facade.outbox_push("b", "r", "one", 1).unwrap();
+        let b = facade.outbox_push("b", "r", "two", 2).unwrap();
+        store.outbox_finish(a, OutboxState::Confirmed);
+        store.outbox_mark_sent(b, 3);
+        let open: Vec<OutboxId> = store
+            .outbox_pending("b")
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(open, [b]);
+        let indexed: i64 = store
+            .lock()
+            .query_row(
+                "SELECT COUNT(*) FROM outbox INDEXED BY outbox_open
+                 WHERE bot = 'b' AND state IN ('pending', 'sent')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 1);
+    }
+
+    #[test]
+    fn migrating_from_version_3_keeps_open_rows_readable() {
+        let tmp = tempdir();
+        {
+            let mut conn = Connection::open(tmp.path().join(DB_FILE)).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..3] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 3).unwrap();
+            tx.execute(
+                "INSERT INTO outbox (id, bot, room, text, created_at, state, attempts)
+                 VALUES (1, 'b', 'r', 'done', 1, 'confirmed', 1),
+                        (2, 'b', 'r', 'open', 2, 'sent', 1),
+                        (3, 'b', 'r', 'new', 3, 'pending', 0)",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = Sqlite::open(tmp.path()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        let open: Vec<String> = store
+            .outbox_pending("b")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(open, ["open", "new"]);
+        // New ids continue after the old ones.
+        let id = crate::store::Store::sqlite(store.clone())
+            .outbox_push("b", "r", "next", 4)
+            .unwrap();
+        assert_eq!(id, OutboxId(4));
     }
 
     #[test]
