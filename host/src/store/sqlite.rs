@@ -787,6 +787,9 @@ struct CommitQueue {
     running: bool,
     /// Commits are held back (tests: "nothing is sent before its row is committed").
     held: bool,
+    /// Commits pause while the checkpointer starts the WAL over (see
+    /// [`checkpoint_round`]).
+    checkpointing: bool,
     /// A commit of bookkeeping writes is scheduled.
     flush_scheduled: bool,
 }
@@ -794,6 +797,11 @@ struct CommitQueue {
 impl CommitQueue {
     fn is_empty(&self) -> bool {
         self.jobs.is_empty() && self.positions.is_empty()
+    }
+
+    /// Commits may not start now.
+    fn paused(&self) -> bool {
+        self.held || self.checkpointing
     }
 }
 
@@ -837,7 +845,7 @@ impl Drop for CommitHold {
         let lead = {
             let mut q = self.store.queue();
             q.held = false;
-            let lead = !q.running && !q.is_empty();
+            let lead = !q.running && !q.paused() && !q.is_empty();
             if lead {
                 q.running = true;
             }
@@ -877,7 +885,7 @@ impl Sqlite {
     /// ([`Urgency::Soon`]) rides along with the next one, or is committed within
     /// [`SOON`] by itself.
     fn queued(&self, mut q: MutexGuard<'_, CommitQueue>, urgency: Urgency) {
-        let idle = !q.running && !q.held;
+        let idle = !q.running && !q.paused();
         enum Then {
             Nothing,
             DrainHere,
@@ -922,7 +930,7 @@ impl Sqlite {
         let lead = {
             let mut q = self.queue();
             q.flush_scheduled = false;
-            let lead = !q.running && !q.held && !q.is_empty();
+            let lead = !q.running && !q.paused() && !q.is_empty();
             if lead {
                 q.running = true;
             }
@@ -957,7 +965,7 @@ impl Sqlite {
             self.commit_batch(batch);
             let more = {
                 let mut q = self.queue();
-                let more = !q.is_empty() && !q.held;
+                let more = !q.is_empty() && !q.paused();
                 if !more {
                     q.running = false;
                 }
@@ -997,7 +1005,7 @@ impl Sqlite {
     /// are held.
     fn take_batch(&self) -> Option<(Vec<Job>, Positions)> {
         let mut q = self.queue();
-        if q.is_empty() || q.held {
+        if q.is_empty() || q.paused() {
             q.running = false;
             return None;
         }
@@ -1165,12 +1173,13 @@ const RESTART_WAIT: Duration = Duration::from_millis(20);
 /// for at most [`RESTART_WAIT`] (their busy handler waits), then gives up until the
 /// next round. The thread ends when the last handle is dropped.
 fn spawn_checkpointer(store: &Sqlite) {
-    let path = store.path.to_path_buf();
+    let path = store.path.clone();
     let weak: Weak<Committer> = Arc::downgrade(&store.commits);
+    let weak_conn = Arc::downgrade(&store.conn);
     let spawned = std::thread::Builder::new()
         .name("roost-checkpoint".into())
         .spawn(move || {
-            let conn = match Connection::open(&path) {
+            let conn = match Connection::open(path.as_path()) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "no background WAL checkpoints");
@@ -1180,10 +1189,15 @@ fn spawn_checkpointer(store: &Sqlite) {
             let _ = conn.busy_timeout(BUSY_TIMEOUT);
             loop {
                 std::thread::sleep(CHECKPOINT_EVERY);
-                if weak.upgrade().is_none() {
+                let (Some(commits), Some(db)) = (weak.upgrade(), weak_conn.upgrade()) else {
                     return;
-                }
-                checkpoint_round(&conn, &path);
+                };
+                let store = Sqlite {
+                    conn: db,
+                    path: path.clone(),
+                    commits,
+                };
+                checkpoint_round(&conn, &store);
             }
         });
     if let Err(e) = spawned {
@@ -1192,8 +1206,14 @@ fn spawn_checkpointer(store: &Sqlite) {
 }
 
 /// One round of [`spawn_checkpointer`]: a passive checkpoint, and a restarting one
-/// when the WAL is still long.
-fn checkpoint_round(conn: &Connection, path: &Path) {
+/// when the WAL is still long. A restart needs a moment without commits, which a
+/// steady stream of them never leaves a busy handler: so the group commit pauses
+/// for it (the batch in progress finishes; new writes queue up meanwhile), for the
+/// restart's few pages and syncs, once in a while, instead of the WAL growing (every
+/// new WAL page a fresh page of the file: the kernel's page allocation and zeroing
+/// were a tenth of a busy host's CPU).
+fn checkpoint_round(conn: &Connection, store: &Sqlite) {
+    let (path, commits) = (store.path(), &store.commits);
     // (frames in the WAL, frames checkpointed)
     let checkpoint = |mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
@@ -1205,11 +1225,33 @@ fn checkpoint_round(conn: &Connection, path: &Path) {
             tracing::debug!(path = %path.display(), error = %e, "WAL checkpoint failed");
         }
         Ok((frames, _)) if frames > RESTART_WAL_FRAMES => {
+            let queue = || commits.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue().checkpointing = true;
+            // The batch being committed finishes first (bounded: then the restart's
+            // own busy wait applies).
+            let deadline = std::time::Instant::now() + RESTART_WAIT;
+            while queue().running && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(100));
+            }
             let _ = conn.busy_timeout(RESTART_WAIT);
             if let Err(e) = checkpoint("RESTART") {
                 tracing::debug!(path = %path.display(), error = %e, "WAL restart failed");
             }
             let _ = conn.busy_timeout(BUSY_TIMEOUT);
+            let resume = {
+                let mut q = queue();
+                q.checkpointing = false;
+                let resume = !q.running && !q.held && !q.is_empty();
+                if resume {
+                    q.running = true;
+                }
+                resume
+            };
+            if resume {
+                // What queued up during the pause is committed now (on this thread,
+                // which has no runtime to hand it to).
+                store.start_drain();
+            }
         }
         Ok(_) => {}
     }
@@ -1359,7 +1401,7 @@ mod tests {
             "{frames_first} frames"
         );
         let conn = Connection::open(store.path()).unwrap();
-        checkpoint_round(&conn, store.path());
+        checkpoint_round(&conn, &store);
         write(400);
         let second = std::fs::metadata(&wal).unwrap().len();
         // Started over: the second batch overwrote the first's frames instead of
