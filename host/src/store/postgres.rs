@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, NoTls, Statement, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
 use super::{
     CommitStats, FenceToken, KvQuota, KvSetError, OutboxEntry, OutboxId, OutboxState, StoreError,
@@ -1174,6 +1175,60 @@ impl Stmts {
         self.0.insert(sql, s.clone());
         Ok(s)
     }
+    /// Runs `sql` (prepared once per connection) in `tx`; the rows it touched.
+    async fn execute(
+        &mut self,
+        tx: &Transaction<'_>,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let st = self.get(tx, sql).await?;
+        tx.execute(&st, params).await
+    }
+
+    /// The one row `sql` (prepared once per connection) returns in `tx`.
+    async fn query_one(
+        &mut self,
+        tx: &Transaction<'_>,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error> {
+        let st = self.get(tx, sql).await?;
+        tx.query_one(&st, params).await
+    }
+
+    /// The row, if any, `sql` (prepared once per connection) returns in `tx`.
+    async fn query_opt(
+        &mut self,
+        tx: &Transaction<'_>,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let st = self.get(tx, sql).await?;
+        tx.query_opt(&st, params).await
+    }
+}
+
+/// Moves the recovery positions of `bot` forward (never back); the rows touched.
+async fn save_positions(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    bot: &String,
+    positions: &[(String, i64)],
+) -> Result<u64, tokio_postgres::Error> {
+    let st = stmts
+        .get(
+            tx,
+            "INSERT INTO room_positions (bot, room, last_ts) VALUES ($1, $2, $3)
+             ON CONFLICT (bot, room) DO UPDATE
+             SET last_ts = GREATEST(room_positions.last_ts, excluded.last_ts)",
+        )
+        .await?;
+    let mut n = 0;
+    for (room, ts) in positions {
+        n += tx.execute(&st, &[bot, room, ts]).await?;
+    }
+    Ok(n)
 }
 
 /// Runs `writes` in one transaction: the outer error is a database error (nothing
@@ -1202,14 +1257,12 @@ async fn holds(
     let Some(f) = fence else {
         return Ok(true);
     };
-    let st = stmts
-        .get(
+    Ok(stmts
+        .query_opt(
             tx,
             "SELECT 1 FROM leases WHERE persona = $1 AND holder = $2 AND epoch = $3 FOR SHARE",
+            &[&f.persona, &f.host, &f.epoch],
         )
-        .await?;
-    Ok(tx
-        .query_opt(&st, &[&f.persona, &f.host, &f.epoch])
         .await?
         .is_some())
 }
@@ -1248,51 +1301,35 @@ async fn apply(
             } else {
                 ("pending", 0i32, None)
             };
-            let st = stmts
-                .get(
+            let n = stmts
+                .execute(
                     tx,
                     "INSERT INTO outbox (id, bot, room, text, created_at, state, attempts, sent_at, epoch)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[id, bot, room, text, created_at, &state, &attempts, &sent_at, &epoch],
                 )
                 .await?;
-            let n = tx
-                .execute(
-                    &st,
-                    &[
-                        id, bot, room, text, created_at, &state, &attempts, &sent_at, &epoch,
-                    ],
-                )
-                .await?;
-            if !positions.is_empty() {
-                let st = stmts
-                    .get(
-                        tx,
-                        "INSERT INTO room_positions (bot, room, last_ts) VALUES ($1, $2, $3)
-                         ON CONFLICT (bot, room) DO UPDATE
-                         SET last_ts = GREATEST(room_positions.last_ts, excluded.last_ts)",
-                    )
-                    .await?;
-                for (room, ts) in positions {
-                    tx.execute(&st, &[bot, room, ts]).await?;
-                }
-            }
+            save_positions(tx, stmts, bot, positions).await?;
             Ok(n)
         }
         Write::MarkSent { id, sent_at } => {
-            let st = stmts
-                .get(
+            Ok(stmts
+                .execute(
                     tx,
                     "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = $2
                      WHERE id = $1 AND state IN ('pending', 'sent')",
+                    &[id, sent_at],
                 )
-                .await?;
-            Ok(tx.execute(&st, &[id, sent_at]).await?)
+                .await?)
         }
         Write::Finish { id, state } => {
-            let st = stmts
-                .get(tx, "UPDATE outbox SET state = $2 WHERE id = $1")
-                .await?;
-            Ok(tx.execute(&st, &[id, state]).await?)
+            Ok(stmts
+                .execute(
+                    tx,
+                    "UPDATE outbox SET state = $2 WHERE id = $1",
+                    &[id, state],
+                )
+                .await?)
         }
         Write::Positions {
             bot,
@@ -1302,31 +1339,19 @@ async fn apply(
             if !holds(tx, stmts, fence).await? {
                 return Ok(fenced(fence));
             }
-            let st = stmts
-                .get(
-                    tx,
-                    "INSERT INTO room_positions (bot, room, last_ts) VALUES ($1, $2, $3)
-                     ON CONFLICT (bot, room) DO UPDATE
-                     SET last_ts = GREATEST(room_positions.last_ts, excluded.last_ts)",
-                )
-                .await?;
-            let mut n = 0;
-            for (room, ts) in positions {
-                n += tx.execute(&st, &[bot, room, ts]).await?;
-            }
-            Ok(n)
+            Ok(save_positions(tx, stmts, bot, positions).await?)
         }
         Write::ForgetPosition { bot, room, fence } => {
             if !holds(tx, stmts, fence).await? {
                 return Ok(fenced(fence));
             }
-            let st = stmts
-                .get(
+            Ok(stmts
+                .execute(
                     tx,
                     "DELETE FROM room_positions WHERE bot = $1 AND room = $2",
+                    &[bot, room],
                 )
-                .await?;
-            Ok(tx.execute(&st, &[bot, room]).await?)
+                .await?)
         }
         Write::Credentials {
             server,
@@ -1334,44 +1359,45 @@ async fn apply(
             name,
             key,
         } => {
-            let st = stmts
-                .get(
+            Ok(stmts
+                .execute(
                     tx,
                     "INSERT INTO credentials (server, persona, name, key, created_at)
                      VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (server, persona) DO UPDATE
                      SET name = excluded.name, key = excluded.key, created_at = excluded.created_at",
+                    &[server, persona, name, key, &super::now_ms()],
                 )
-                .await?;
-            Ok(tx
-                .execute(&st, &[server, persona, name, key, &super::now_ms()])
                 .await?)
         }
         Write::DeleteCredentials { server, persona } => {
-            let st = stmts
-                .get(
+            Ok(stmts
+                .execute(
                     tx,
                     "DELETE FROM credentials WHERE server = $1 AND persona = $2",
+                    &[server, persona],
                 )
-                .await?;
-            Ok(tx.execute(&st, &[server, persona]).await?)
+                .await?)
         }
         Write::Registration {
             server,
             persona,
             at,
         } => {
-            let st = stmts
-                .get(
+            stmts
+                .execute(
                     tx,
                     "INSERT INTO registrations (server, persona, at) VALUES ($1, $2, $3)",
+                    &[server, persona, at],
                 )
                 .await?;
-            tx.execute(&st, &[server, persona, at]).await?;
-            let st = stmts
-                .get(tx, "DELETE FROM registrations WHERE at < $1")
+            stmts
+                .execute(
+                    tx,
+                    "DELETE FROM registrations WHERE at < $1",
+                    &[&(at - 7 * 86_400_000)],
+                )
                 .await?;
-            tx.execute(&st, &[&(at - 7 * 86_400_000)]).await?;
             Ok(1)
         }
         Write::Adopt {
@@ -1422,24 +1448,24 @@ async fn apply(
             // The namespace's running size, its row locked so that writers of one
             // namespace (on any host) take turns, and the entry replaced: two
             // primary-key lookups.
-            let st = stmts
-                .get(
+            let used = stmts
+                .query_one(
                     tx,
                     "INSERT INTO kv_usage (persona, bytes) VALUES ($1, 0)
                      ON CONFLICT (persona) DO UPDATE SET bytes = kv_usage.bytes
                      RETURNING bytes",
+                    &[persona],
                 )
-                .await?;
-            let used = tx.query_one(&st, &[persona]).await?.get::<_, i64>(0).max(0) as u64;
-            let st = stmts
-                .get(
+                .await?
+                .get::<_, i64>(0)
+                .max(0) as u64;
+            let replaced = stmts
+                .query_opt(
                     tx,
                     "SELECT (octet_length(key) + octet_length(value))::bigint
                      FROM kv WHERE persona = $1 AND key = $2",
+                    &[persona, key],
                 )
-                .await?;
-            let replaced = tx
-                .query_opt(&st, &[persona, key])
                 .await?
                 .map_or(0, |r| r.get::<_, i64>(0).max(0) as u64)
                 .min(used);
@@ -1451,18 +1477,21 @@ async fn apply(
                     quota: quota.total_bytes,
                 }));
             }
-            let st = stmts
-                .get(
+            let n = stmts
+                .execute(
                     tx,
                     "INSERT INTO kv (persona, key, value) VALUES ($1, $2, $3)
                      ON CONFLICT (persona, key) DO UPDATE SET value = excluded.value",
+                    &[persona, key, value],
                 )
                 .await?;
-            let n = tx.execute(&st, &[persona, key, value]).await?;
-            let st = stmts
-                .get(tx, "UPDATE kv_usage SET bytes = $2 WHERE persona = $1")
+            stmts
+                .execute(
+                    tx,
+                    "UPDATE kv_usage SET bytes = $2 WHERE persona = $1",
+                    &[persona, &(would_use as i64)],
+                )
                 .await?;
-            tx.execute(&st, &[persona, &(would_use as i64)]).await?;
             Ok(n)
         }
         Write::KvDelete {
@@ -1473,23 +1502,24 @@ async fn apply(
             if !holds(tx, stmts, fence).await? {
                 return Ok(fenced(fence));
             }
-            let st = stmts
-                .get(
+            let Some(freed) = stmts
+                .query_opt(
                     tx,
                     "DELETE FROM kv WHERE persona = $1 AND key = $2
                      RETURNING (octet_length(key) + octet_length(value))::bigint",
+                    &[persona, key],
                 )
-                .await?;
-            let Some(freed) = tx.query_opt(&st, &[persona, key]).await? else {
+                .await?
+            else {
                 return Ok(Ok(0));
             };
-            let st = stmts
-                .get(
+            stmts
+                .execute(
                     tx,
                     "UPDATE kv_usage SET bytes = GREATEST(bytes - $2, 0) WHERE persona = $1",
+                    &[persona, &freed.get::<_, i64>(0)],
                 )
                 .await?;
-            tx.execute(&st, &[persona, &freed.get::<_, i64>(0)]).await?;
             Ok(1)
         }
         Write::BudgetSave {
@@ -1503,40 +1533,40 @@ async fn apply(
                 return Ok(fenced(fence));
             }
             if *tokens == 0 {
-                let st = stmts
-                    .get(
+                stmts
+                    .execute(
                         tx,
                         "DELETE FROM llm_budget WHERE persona = $1 AND bucket_ms = $2",
+                        &[persona, bucket_ms],
                     )
                     .await?;
-                tx.execute(&st, &[persona, bucket_ms]).await?;
             } else {
-                let st = stmts
-                    .get(
+                stmts
+                    .execute(
                         tx,
                         "INSERT INTO llm_budget (persona, bucket_ms, tokens) VALUES ($1, $2, $3)
                          ON CONFLICT (persona, bucket_ms) DO UPDATE SET tokens = excluded.tokens",
+                        &[persona, bucket_ms, tokens],
                     )
                     .await?;
-                tx.execute(&st, &[persona, bucket_ms, tokens]).await?;
             }
-            let st = stmts
-                .get(
+            stmts
+                .execute(
                     tx,
                     "DELETE FROM llm_budget WHERE persona = $1 AND bucket_ms < $2",
+                    &[persona, forget_before_ms],
                 )
                 .await?;
-            tx.execute(&st, &[persona, forget_before_ms]).await?;
             Ok(1)
         }
         Write::Prune { before } => {
-            let st = stmts
-                .get(
+            Ok(stmts
+                .execute(
                     tx,
                     "DELETE FROM outbox WHERE state NOT IN ('pending', 'sent') AND created_at < $1",
+                    &[before],
                 )
-                .await?;
-            Ok(tx.execute(&st, &[before]).await?)
+                .await?)
         }
     })
 }
