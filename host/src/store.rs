@@ -1230,6 +1230,12 @@ mod suite {
         store
             .save_credentials("http://a", "p", "name-1", &key)
             .unwrap();
+        credentials_read_replaced_and_deleted(&store);
+    }
+
+    /// With `name-1` / `secret-key-1` saved for `p` on `http://a`: read back (the key
+    /// never in Debug), replaced, deleted.
+    pub(super) fn credentials_read_replaced_and_deleted(store: &Store) {
         let creds = store.credentials("http://a", "p").unwrap().unwrap();
         assert_eq!(creds.name, "name-1");
         assert_eq!(creds.key.expose(), "secret-key-1");
