@@ -241,6 +241,18 @@ mod tests {
     /// Away long enough that the outage share lowers no ceiling.
     const LONG: Duration = Duration::from_secs(3600);
 
+    /// [`plan_retry`] for a bot away [`LONG`], not re-registered, with no slow-down
+    /// signal in the last minute.
+    fn retry(
+        p: &RetryPolicy,
+        attempt: u32,
+        up_for: Option<Duration>,
+        next: Next,
+        rng: &mut StdRng,
+    ) -> Retry {
+        plan_retry(p, attempt, up_for, LONG, next, false, false, rng)
+    }
+
     fn policy() -> RetryPolicy {
         RetryPolicy {
             backoff: Backoff::default(),
@@ -289,16 +301,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut attempt = 0;
         for expected in 1..=5 {
-            let r = plan_retry(
-                &p,
-                attempt,
-                None,
-                LONG,
-                Next::Reconnect,
-                false,
-                false,
-                &mut rng,
-            );
+            let r = retry(&p, attempt, None, Next::Reconnect, &mut rng);
             assert_eq!(r.attempt, expected);
             assert!(r.delay <= p.backoff.ceiling(attempt));
             attempt = r.attempt;
@@ -310,30 +313,12 @@ mod tests {
             Duration::from_secs(3),
             Duration::from_secs(30),
         ] {
-            let r = plan_retry(
-                &p,
-                attempt,
-                Some(up),
-                LONG,
-                Next::Reconnect,
-                false,
-                false,
-                &mut rng,
-            );
+            let r = retry(&p, attempt, Some(up), Next::Reconnect, &mut rng);
             assert_eq!(r.attempt, 1, "after {up:?} up");
             assert!(r.delay <= Duration::from_millis(250), "{r:?}");
         }
         // Failures that never became active keep escalating.
-        let r = plan_retry(
-            &p,
-            attempt,
-            None,
-            LONG,
-            Next::Reconnect,
-            false,
-            false,
-            &mut rng,
-        );
+        let r = retry(&p, attempt, None, Next::Reconnect, &mut rng);
         assert_eq!(r.attempt, 6);
     }
 
@@ -370,7 +355,7 @@ mod tests {
                 &mut rng,
             );
             longest = longest.max(r.delay);
-            let r = plan_retry(&p, 1, None, LONG, Next::VerifyKey, false, false, &mut rng);
+            let r = retry(&p, 1, None, Next::VerifyKey, &mut rng);
             assert!(r.delay <= p.backoff.ceiling(1), "{r:?}");
         }
         assert!(longest <= p.backoff.base && longest > p.backoff.base / 2);
@@ -383,16 +368,7 @@ mod tests {
         }
         assert!(longest > Duration::from_secs(20), "{longest:?}");
         // A connection that became active is a fresh start whatever `away_for` says.
-        let r = plan_retry(
-            &p,
-            10,
-            Some(Duration::ZERO),
-            LONG,
-            Next::Reconnect,
-            false,
-            false,
-            &mut rng,
-        );
+        let r = retry(&p, 10, Some(Duration::ZERO), Next::Reconnect, &mut rng);
         assert!(r.delay <= p.backoff.base, "{r:?}");
     }
 
@@ -401,7 +377,7 @@ mod tests {
         let p = policy();
         let mut rng = StdRng::seed_from_u64(2);
         for a in 0..10 {
-            let r = plan_retry(&p, a, None, LONG, Next::SlowDown, false, false, &mut rng);
+            let r = retry(&p, a, None, Next::SlowDown, &mut rng);
             assert!(r.delay >= Duration::from_secs(5), "{r:?}");
             assert!(!r.reregister);
         }
@@ -414,16 +390,7 @@ mod tests {
         let up = Some(Duration::from_secs(1));
         for attempt in [0, 3, 9] {
             // A connection that was active, closed with "try again later" once.
-            let r = plan_retry(
-                &p,
-                attempt,
-                up,
-                LONG,
-                Next::SlowDown,
-                false,
-                false,
-                &mut rng,
-            );
+            let r = retry(&p, attempt, up, Next::SlowDown, &mut rng);
             assert!(r.delay <= p.backoff.base, "{r:?}");
             assert_eq!(r.attempt, 1);
             // The same within a minute of the last one: the floor holds.
@@ -431,7 +398,7 @@ mod tests {
             assert!(r.delay >= p.rate_limit_backoff, "{r:?}");
         }
         // Refused before it became active (a 429 upgrade): the floor holds too.
-        let r = plan_retry(&p, 0, None, LONG, Next::SlowDown, false, false, &mut rng);
+        let r = retry(&p, 0, None, Next::SlowDown, &mut rng);
         assert!(r.delay >= p.rate_limit_backoff, "{r:?}");
     }
 
@@ -439,14 +406,11 @@ mod tests {
     fn reregister_is_immediate_once_then_backs_off() {
         let p = policy();
         let mut rng = StdRng::seed_from_u64(3);
-        let first = plan_retry(
+        let first = retry(
             &p,
             0,
             Some(Duration::from_secs(1)),
-            LONG,
             Next::Reregister,
-            false,
-            false,
             &mut rng,
         );
         assert!(first.reregister);
