@@ -241,6 +241,46 @@ pub struct CommitStats {
     pub writes: u64,
 }
 
+/// Where a bot stands in one room, as saved for its next start: everything up to
+/// `last_ts` (Unix ms, server time) was handed to it. While the recovery of what
+/// followed `last_ts` has not finished, the bot may already have heard messages live
+/// past that gap: `live` is the (first, last) timestamp of such a run, all of it
+/// handed over, so a restart fetches the gap again without handing that run over a
+/// second time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RoomPosition {
+    pub room: String,
+    pub last_ts: u64,
+    pub live: Option<(u64, u64)>,
+}
+
+impl RoomPosition {
+    /// A position with nothing heard past it.
+    pub fn at(room: impl Into<String>, last_ts: u64) -> Self {
+        RoomPosition {
+            room: room.into(),
+            last_ts,
+            live: None,
+        }
+    }
+}
+
+/// A `room_positions` row as both databases store it (timestamps as signed
+/// integers; a live run only when both of its ends are there).
+fn position_from_row(
+    room: String,
+    last_ts: i64,
+    live_from: Option<i64>,
+    live_until: Option<i64>,
+) -> RoomPosition {
+    let ms = |t: i64| u64::try_from(t).unwrap_or(0);
+    RoomPosition {
+        room,
+        last_ts: ms(last_ts),
+        live: live_from.zip(live_until).map(|(a, b)| (ms(a), ms(b))),
+    }
+}
+
 /// How [`Store::outbox_enqueue_reply`] writes and commits a reply's row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReplyRow {
@@ -743,14 +783,15 @@ impl Store {
 
     // ---- recovery positions --------------------------------------------------------
 
-    /// The newest timestamp (Unix ms) delivered from each room of `bot`, as last saved.
-    pub fn room_positions(&self, bot: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Where `bot` stands in each of its rooms, as last saved.
+    pub fn room_positions(&self, bot: &str) -> Result<Vec<RoomPosition>, StoreError> {
         dispatch!(self, b => b.room_positions(bot))
     }
 
     /// Saves the recovery position of `bot`'s rooms in the next group commit (never
-    /// moving one back); a failure is logged. Fenced like every write.
-    pub fn save_room_positions(&self, bot: &str, positions: Vec<(String, u64)>) {
+    /// moving one back; a position's `live` run is the newest one saved at or past
+    /// the stored `last_ts`); a failure is logged. Fenced like every write.
+    pub fn save_room_positions(&self, bot: &str, positions: Vec<RoomPosition>) {
         match &self.backend {
             Backend::Sqlite(s) => s.save_room_positions(bot, positions),
             Backend::Postgres(p) => match self.fence(bot) {
@@ -827,7 +868,7 @@ impl Store {
         room: &str,
         text: &str,
         created_at: i64,
-        positions: Vec<(String, u64)>,
+        positions: Vec<RoomPosition>,
         how: ReplyRow,
         durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
     ) -> OutboxId {
@@ -1053,6 +1094,7 @@ mod suite {
         identities_by_name_and_suffix,
         registrations_are_counted_since,
         recovery_positions_never_move_back,
+        a_live_run_goes_with_the_newest_position,
         legacy_identity_moves_to_the_label,
         outbox_ids_are_unique_and_increasing,
         running_usage_matches_a_full_count_through_writes_and_deletes,
@@ -1277,27 +1319,50 @@ mod suite {
     }
 
     fn recovery_positions_never_move_back(store: Store) {
-        store.save_room_positions("b", vec![("lobby".into(), 50), ("dev".into(), 7)]);
+        let at = RoomPosition::at;
+        store.save_room_positions("b", vec![at("lobby", 50), at("dev", 7)]);
         settle(&store);
-        store.save_room_positions("b", vec![("lobby".into(), 40)]);
+        store.save_room_positions("b", vec![at("lobby", 40)]);
         settle(&store);
         let mut pos = store.room_positions("b").unwrap();
         pos.sort();
-        assert_eq!(pos, [("dev".to_string(), 7), ("lobby".to_string(), 50)]);
+        assert_eq!(pos, [at("dev", 7), at("lobby", 50)]);
         store.forget_room_position("b", "dev");
+        settle(&store);
+        assert_eq!(store.room_positions("b").unwrap(), [at("lobby", 50)]);
+        assert!(store.room_positions("other").unwrap().is_empty());
+    }
+
+    fn a_live_run_goes_with_the_newest_position(store: Store) {
+        let held = |live| RoomPosition {
+            live: Some(live),
+            ..RoomPosition::at("lobby", 50)
+        };
+        store.save_room_positions("b", vec![held((60, 70))]);
+        settle(&store);
+        assert_eq!(store.room_positions("b").unwrap(), [held((60, 70))]);
+        // The run grows while the position waits at the gap.
+        store.save_room_positions("b", vec![held((60, 90))]);
+        settle(&store);
+        assert_eq!(store.room_positions("b").unwrap(), [held((60, 90))]);
+        // An older position (another holder's, saved late) changes nothing.
+        store.save_room_positions("b", vec![RoomPosition::at("lobby", 40)]);
+        settle(&store);
+        assert_eq!(store.room_positions("b").unwrap(), [held((60, 90))]);
+        // The gap recovered: the position moves past the run, which goes.
+        store.save_room_positions("b", vec![RoomPosition::at("lobby", 95)]);
         settle(&store);
         assert_eq!(
             store.room_positions("b").unwrap(),
-            [("lobby".to_string(), 50)]
+            [RoomPosition::at("lobby", 95)]
         );
-        assert!(store.room_positions("other").unwrap().is_empty());
     }
 
     fn legacy_identity_moves_to_the_label(store: Store) {
         let k = ApiKey::new("k");
         store.save_credentials("s", "Echo Bot", "echo", &k).unwrap();
         store.outbox_push("Echo Bot", "lobby", "hi", 1).unwrap();
-        store.save_room_positions("Echo Bot", vec![("lobby".into(), 9)]);
+        store.save_room_positions("Echo Bot", vec![RoomPosition::at("lobby", 9)]);
         settle(&store);
         assert!(
             !store
@@ -1317,7 +1382,7 @@ mod suite {
         assert_eq!(store.outbox_pending("echo").unwrap().len(), 1);
         assert_eq!(
             store.room_positions("echo").unwrap(),
-            [("lobby".to_string(), 9)]
+            [RoomPosition::at("lobby", 9)]
         );
         // The label has its own identity now: nothing more moves.
         store

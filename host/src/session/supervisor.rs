@@ -34,7 +34,7 @@ use super::recovery::{self, FetchError, FetchParams, Recovered, RoomFetch};
 use super::{Backoff, Command, SessionConfig, SessionEvent, Shared, StateSnapshot};
 use crate::policy::{LimitKind, RateLimited, RateLimits};
 use crate::protocol::{ChatMessage, ClientFrame, ServerFrame};
-use crate::store::{Store, now_ms};
+use crate::store::{RoomPosition, Store, now_ms};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -97,6 +97,80 @@ struct RoomState {
     /// history answers (the saved position is not held back for it: after a restart
     /// such a gap stays a counted gap).
     unfetched: Option<(u64, u64)>,
+    /// While `gap` is open: the (connection, first, last timestamp) of the messages
+    /// heard live past it on one connection, every one of them handed over. Saved
+    /// with the position held back at the gap, so a restart fetches the gap again
+    /// without handing this run over twice. (A new connection starts a new run: what
+    /// was said between the two is part of the gap.)
+    live_past_gap: Option<(u64, u64, u64)>,
+    /// The same run as saved by the previous start (it is not in this run's dedupe
+    /// set): recovered messages within it are not handed over again.
+    heard_before_restart: Option<(u64, u64)>,
+}
+
+impl RoomState {
+    fn new(since_ms: u64, last_ts: Option<u64>, heard_before_restart: Option<(u64, u64)>) -> Self {
+        RoomState {
+            since_ms,
+            last_ts,
+            checked_from: None,
+            dirty: false,
+            heard_at: None,
+            gap: None,
+            unfetched: None,
+            live_past_gap: None,
+            heard_before_restart,
+        }
+    }
+
+    /// The position to save: the newest timestamp handed over, or, while a recovery
+    /// has not finished and live messages went past its gap, the gap's start with the
+    /// live run (see [`RoomPosition`]).
+    fn position(&self, room: &str) -> Option<RoomPosition> {
+        let ts = self.last_ts?;
+        let (last_ts, newest_run) = match self.gap {
+            Some((_, until)) if until < ts => (
+                until,
+                self.live_past_gap.map(|(_, first, last)| (first, last)),
+            ),
+            _ => (ts, None),
+        };
+        let earlier_run = self.heard_before_restart.filter(|r| r.1 > last_ts);
+        Some(RoomPosition {
+            room: room.to_string(),
+            last_ts,
+            live: newest_run.or(earlier_run),
+        })
+    }
+
+    /// A message handed to the bot: the position moves on (and, past an open gap,
+    /// the live run on connection `conn` grows).
+    fn delivered(&mut self, ts: u64, live: bool, conn: u64) {
+        if live
+            && let Some((_, until)) = self.gap
+            && ts > until
+        {
+            self.live_past_gap = match self.live_past_gap {
+                Some((c, first, last)) if c == conn => Some((c, first, last.max(ts))),
+                _ => Some((conn, ts, ts)),
+            };
+        }
+        let newest = self.last_ts.map_or(ts, |t| t.max(ts));
+        if self.last_ts != Some(newest) {
+            self.last_ts = Some(newest);
+            self.dirty = true;
+        }
+    }
+
+    /// The room's gap is closed (recovered, or given up as a counted gap).
+    fn gap_closed(&mut self) {
+        if let Some((_, until)) = self.gap.take()
+            && self.last_ts.is_some_and(|t| t > until)
+        {
+            self.dirty = true; // the position held back at the gap moves on
+        }
+        self.live_past_gap = None;
+    }
 }
 
 /// The state of one connection (see [`Supervisor::serve`]).
@@ -301,7 +375,11 @@ impl Supervisor {
         // Where each room was left at the last stop: messages posted while roost was
         // stopped (within the retention) are recovered once after this start.
         let retention = u64::try_from(parts.config.retention.as_millis()).unwrap_or(u64::MAX);
-        let saved: HashMap<String, u64> = parts
+        // Positions are server timestamps: one a little ahead of our clock (the
+        // server's runs ahead, or it stamps a burst one millisecond apart) is kept;
+        // one further ahead than the allowed skew is not believed.
+        let skew = u64::try_from(parts.config.clock_skew.as_millis()).unwrap_or(u64::MAX);
+        let saved: HashMap<String, RoomPosition> = parts
             .store
             .room_positions(parts.config.persona_id())
             .unwrap_or_else(|e| {
@@ -309,28 +387,26 @@ impl Supervisor {
                 Vec::new()
             })
             .into_iter()
-            .filter(|(_, ts)| *ts >= now.saturating_sub(retention) && *ts <= now)
+            .filter(|p| {
+                p.last_ts >= now.saturating_sub(retention) && p.last_ts <= now.saturating_add(skew)
+            })
+            .map(|p| (p.room.clone(), p))
             .collect();
         let rooms = parts
             .config
             .rooms
             .iter()
             .map(|r| {
-                let last = saved.get(r).copied();
-                (
-                    r.clone(),
-                    RoomState {
-                        // Up to and including the saved position was delivered before
-                        // the stop (this run's dedupe set does not know it).
-                        since_ms: last.map_or(now, |t| t.saturating_add(1).min(now)),
-                        last_ts: last,
-                        checked_from: None,
-                        dirty: false,
-                        heard_at: None,
-                        gap: None,
-                        unfetched: None,
-                    },
-                )
+                let saved = saved.get(r);
+                let last = saved.map(|p| p.last_ts);
+                // Up to and including the saved position was delivered before the
+                // stop, and so was its live run (this run's dedupe set knows neither).
+                let state = RoomState::new(
+                    last.map_or(now, |t| t.saturating_add(1)),
+                    last,
+                    saved.and_then(|p| p.live),
+                );
+                (r.clone(), state)
             })
             .collect();
         let seen = SeenSet::new(parts.config.seen_capacity);
@@ -558,15 +634,9 @@ impl Supervisor {
     }
 
     fn add_room(&mut self, room: String) {
-        self.rooms.entry(room).or_insert_with(|| RoomState {
-            since_ms: now_u64(),
-            last_ts: None,
-            checked_from: None,
-            dirty: false,
-            heard_at: None,
-            gap: None,
-            unfetched: None,
-        });
+        self.rooms
+            .entry(room)
+            .or_insert_with(|| RoomState::new(now_u64(), None, None));
     }
 
     fn remove_room(&mut self, room: &str) {
@@ -598,21 +668,16 @@ impl Supervisor {
 
     /// Saves the recovery position of every room that moved (in the next group commit).
     fn save_positions(&mut self) {
-        let moved: Vec<(String, u64)> = self
+        let moved: Vec<RoomPosition> = self
             .rooms
             .iter_mut()
             .filter(|(_, st)| st.dirty)
             .filter_map(|(room, st)| {
-                let ts = st.last_ts?;
-                match st.gap {
-                    // Not past a gap still being recovered: its start now, the rest
-                    // once it is recovered.
-                    Some((_, until)) if until < ts => Some((room.clone(), until)),
-                    _ => {
-                        st.dirty = false;
-                        Some((room.clone(), ts))
-                    }
-                }
+                let at = st.position(room)?;
+                // Not past a gap still being recovered: its start (and the live run)
+                // now, the rest once it is recovered.
+                st.dirty = false;
+                Some(at)
             })
             .collect();
         if !moved.is_empty() {
@@ -1580,7 +1645,8 @@ impl Supervisor {
             }
             if let Some(st) = self.rooms.get_mut(&r.room) {
                 st.checked_from = r.complete_since;
-                let gap = st.gap.take();
+                let gap = st.gap;
+                st.gap_closed();
                 st.unfetched = if r.failed.is_some() { gap } else { None };
             }
             batch.extend(r.messages.into_iter().map(|m| (m, false)));
@@ -1603,10 +1669,13 @@ impl Supervisor {
     fn replayable(&self, msg: &ChatMessage) -> bool {
         let retention = u64::try_from(self.cfg.retention.as_millis()).unwrap_or(u64::MAX);
         let fresh = msg.timestamp_ms >= now_u64().saturating_sub(retention);
-        let after_join = self
-            .rooms
-            .get(&msg.room)
-            .is_some_and(|r| msg.timestamp_ms >= r.since_ms);
+        let ts = msg.timestamp_ms;
+        let after_join = self.rooms.get(&msg.room).is_some_and(|r| {
+            ts >= r.since_ms
+                && !r
+                    .heard_before_restart
+                    .is_some_and(|(first, last)| (first..=last).contains(&ts))
+        });
         fresh && after_join
     }
 
@@ -1637,22 +1706,19 @@ impl Supervisor {
             }
         }
         if let Some(room) = self.rooms.get_mut(&msg.room) {
-            let ts = room
-                .last_ts
-                .map_or(msg.timestamp_ms, |t| t.max(msg.timestamp_ms));
             if live {
                 room.heard_at = Some(Instant::now());
             }
-            if room.last_ts != Some(ts) {
-                room.last_ts = Some(ts);
-                room.dirty = true;
-                if self.store.is_shared() {
-                    self.shared
-                        .delivered
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(msg.room.clone(), ts);
-                }
+            room.delivered(msg.timestamp_ms, live, self.conn_seq);
+            if room.dirty
+                && self.store.is_shared()
+                && let Some(at) = room.position(&msg.room)
+            {
+                self.shared
+                    .delivered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(msg.room.clone(), at);
             }
         }
         self.deliver(msg);

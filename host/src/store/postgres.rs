@@ -32,13 +32,13 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
 use super::{
-    CommitStats, FenceToken, KvQuota, KvSetError, OutboxEntry, OutboxId, OutboxState, StoreError,
-    StoredCredentials,
+    CommitStats, FenceToken, KvQuota, KvSetError, OutboxEntry, OutboxId, OutboxState, RoomPosition,
+    StoreError, StoredCredentials,
 };
 use crate::protocol::ApiKey;
 
 /// The schema version this build writes to PostgreSQL.
-pub const PG_SCHEMA_VERSION: i64 = 2;
+pub const PG_SCHEMA_VERSION: i64 = 3;
 
 /// Migrations, index `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -114,6 +114,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (persona, bucket_ms)
     );
     "#,
+    // 2 -> 3: a position held back before a recovery that has not finished keeps the
+    // run of messages the bot already heard live past it, so the next holder does not
+    // hand them over again.
+    r#"
+    ALTER TABLE room_positions ADD COLUMN live_from BIGINT;
+    ALTER TABLE room_positions ADD COLUMN live_until BIGINT;
+    "#,
 ];
 
 /// Ids per block of outbox ids.
@@ -149,7 +156,7 @@ pub(crate) struct NewRow<'a> {
     pub(crate) room: &'a str,
     pub(crate) text: &'a str,
     pub(crate) created_at: i64,
-    pub(crate) positions: Vec<(String, u64)>,
+    pub(crate) positions: Vec<RoomPosition>,
     /// Written as already handed to a connection (see [`super::ReplyRow`]).
     pub(crate) handed: bool,
 }
@@ -213,7 +220,7 @@ enum Write {
         /// Written as already handed to a connection: `sent`, one attempt.
         handed: bool,
         /// Recovery positions of `bot` committed with the row.
-        positions: Vec<(String, i64)>,
+        positions: Vec<RoomPosition>,
         fence: Option<FenceToken>,
     },
     MarkSent {
@@ -226,7 +233,7 @@ enum Write {
     },
     Positions {
         bot: String,
-        positions: Vec<(String, i64)>,
+        positions: Vec<RoomPosition>,
         fence: Option<FenceToken>,
     },
     ForgetPosition {
@@ -641,18 +648,19 @@ impl Postgres {
 
     // ---- recovery positions --------------------------------------------------------
 
-    pub(crate) fn room_positions(&self, bot: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    pub(crate) fn room_positions(&self, bot: &str) -> Result<Vec<RoomPosition>, StoreError> {
         let bot = bot.to_string();
         self.read(move |c| async move {
             let rows = c
                 .query(
-                    "SELECT room, last_ts FROM room_positions WHERE bot = $1",
+                    "SELECT room, last_ts, live_from, live_until FROM room_positions
+                     WHERE bot = $1",
                     &[&bot],
                 )
                 .await?;
             Ok(rows
                 .iter()
-                .map(|r| (r.get(0), u64::try_from(r.get::<_, i64>(1)).unwrap_or(0)))
+                .map(|r| super::position_from_row(r.get(0), r.get(1), r.get(2), r.get(3)))
                 .collect())
         })
     }
@@ -660,13 +668,9 @@ impl Postgres {
     pub(crate) fn save_room_positions(
         &self,
         bot: &str,
-        positions: Vec<(String, u64)>,
+        positions: Vec<RoomPosition>,
         fence: Option<FenceToken>,
     ) {
-        let positions = positions
-            .into_iter()
-            .map(|(room, ts)| (room, i64::try_from(ts).unwrap_or(i64::MAX)))
-            .collect();
         self.submit(
             Write::Positions {
                 bot: bot.into(),
@@ -753,10 +757,7 @@ impl Postgres {
                 text: text.into(),
                 created_at,
                 handed,
-                positions: positions
-                    .into_iter()
-                    .map(|(r, ts)| (r, i64::try_from(ts).unwrap_or(i64::MAX)))
-                    .collect(),
+                positions,
                 fence,
             },
             move |r| durable(OutboxId(id), r.map(drop).map_err(store_only)),
@@ -1209,24 +1210,34 @@ impl Stmts {
     }
 }
 
-/// Moves the recovery positions of `bot` forward (never back); the rows touched.
+/// Moves the recovery positions of `bot` forward (never back; a live run is the one
+/// saved with the newest position); the rows touched.
 async fn save_positions(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
     bot: &String,
-    positions: &[(String, i64)],
+    positions: &[RoomPosition],
 ) -> Result<u64, tokio_postgres::Error> {
     let st = stmts
         .get(
             tx,
-            "INSERT INTO room_positions (bot, room, last_ts) VALUES ($1, $2, $3)
+            "INSERT INTO room_positions (bot, room, last_ts, live_from, live_until)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (bot, room) DO UPDATE
-             SET last_ts = GREATEST(room_positions.last_ts, excluded.last_ts)",
+             SET live_from = CASE WHEN excluded.last_ts >= room_positions.last_ts
+                                  THEN excluded.live_from ELSE room_positions.live_from END,
+                 live_until = CASE WHEN excluded.last_ts >= room_positions.last_ts
+                                   THEN excluded.live_until ELSE room_positions.live_until END,
+                 last_ts = GREATEST(room_positions.last_ts, excluded.last_ts)",
         )
         .await?;
+    let ms = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
     let mut n = 0;
-    for (room, ts) in positions {
-        n += tx.execute(&st, &[bot, room, ts]).await?;
+    for p in positions {
+        let (from, until) = (p.live.map(|l| ms(l.0)), p.live.map(|l| ms(l.1)));
+        n += tx
+            .execute(&st, &[bot, &p.room, &ms(p.last_ts), &from, &until])
+            .await?;
     }
     Ok(n)
 }

@@ -39,7 +39,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::protocol::ApiKey;
 
 use super::{
-    CommitStats, KvQuota, KvSetError, OutboxEntry, OutboxId, OutboxState, StoreError,
+    CommitStats, KvQuota, KvSetError, OutboxEntry, OutboxId, OutboxState, RoomPosition, StoreError,
     StoredCredentials, Synchronous, now_ms,
 };
 
@@ -47,7 +47,7 @@ use super::{
 pub const DB_FILE: &str = "roost.db";
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -130,6 +130,13 @@ const MIGRATIONS: &[&str] = &[
     r#"
     DROP INDEX outbox_bot_state;
     CREATE INDEX outbox_open ON outbox (bot, id) WHERE state IN ('pending', 'sent');
+    "#,
+    // 4 -> 5: a position held back before a recovery that has not finished keeps the
+    // run of messages the bot already heard live past it, so a restart does not hand
+    // them over again.
+    r#"
+    ALTER TABLE room_positions ADD COLUMN live_from INTEGER;
+    ALTER TABLE room_positions ADD COLUMN live_until INTEGER;
     "#,
 ];
 
@@ -459,29 +466,32 @@ impl Sqlite {
 
     // ---- recovery positions --------------------------------------------------------
 
-    /// The newest timestamp (Unix ms) delivered from each room of `bot`, as last saved.
-    pub fn room_positions(&self, bot: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Where `bot` stands in each of its rooms, as last saved.
+    pub fn room_positions(&self, bot: &str) -> Result<Vec<RoomPosition>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn
-            .prepare_cached("SELECT room, last_ts FROM room_positions WHERE bot = ?1")
+            .prepare_cached(
+                "SELECT room, last_ts, live_from, live_until FROM room_positions WHERE bot = ?1",
+            )
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params![bot], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                Ok(super::position_from_row(
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                ))
             })
             .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (room, ts) = row.map_err(|e| self.err(e))?;
-            out.push((room, u64::try_from(ts).unwrap_or(0)));
-        }
-        Ok(out)
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
     }
 
     /// Saves the recovery position of `bot`'s rooms in the next group commit (never
     /// moving one back); a failure is logged. Positions saved again before that commit
     /// are merged into the ones waiting (one row per room and commit, the newest).
-    pub fn save_room_positions(&self, bot: &str, positions: Vec<(String, u64)>) {
+    pub fn save_room_positions(&self, bot: &str, positions: Vec<RoomPosition>) {
         if positions.is_empty() {
             return;
         }
@@ -490,9 +500,11 @@ impl Sqlite {
             Some(rooms) => rooms,
             None => q.positions.entry(bot.to_string()).or_default(),
         };
-        for (room, ts) in positions {
-            let at = rooms.entry(room).or_insert(ts);
-            *at = (*at).max(ts);
+        for p in positions {
+            let at = rooms.entry(p.room).or_insert((p.last_ts, p.live));
+            if p.last_ts >= at.0 {
+                *at = (p.last_ts, p.live);
+            }
         }
         self.queued(q, Urgency::Soon);
     }
@@ -775,8 +787,10 @@ const GATHER_ENOUGH: usize = 16;
 /// How long a batch under load gathers (well under the group commit's 2 ms).
 const GATHER_WAIT: Duration = Duration::from_micros(150);
 
-/// Recovery positions waiting for the next commit: bot -> room -> newest timestamp.
-type Positions = std::collections::HashMap<String, std::collections::HashMap<String, u64>>;
+/// Recovery positions waiting for the next commit: bot -> room -> the newest
+/// timestamp and its live run (see [`RoomPosition`]).
+type Positions =
+    std::collections::HashMap<String, std::collections::HashMap<String, (u64, Option<(u64, u64)>)>>;
 
 #[derive(Default)]
 struct CommitQueue {
@@ -1125,16 +1139,29 @@ impl Sqlite {
     }
 }
 
-/// Writes the merged recovery positions of one commit (a position never moves back).
+/// Writes the merged recovery positions of one commit (a position never moves back;
+/// its live run is the one saved with the newest position).
 fn save_positions(conn: &Connection, positions: &Positions) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO room_positions (bot, room, last_ts) VALUES (?1, ?2, ?3)
+        "INSERT INTO room_positions (bot, room, last_ts, live_from, live_until)
+         VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (bot, room) DO UPDATE
-         SET last_ts = MAX(last_ts, excluded.last_ts)",
+         SET live_from = CASE WHEN excluded.last_ts >= last_ts
+                              THEN excluded.live_from ELSE live_from END,
+             live_until = CASE WHEN excluded.last_ts >= last_ts
+                               THEN excluded.live_until ELSE live_until END,
+             last_ts = MAX(last_ts, excluded.last_ts)",
     )?;
+    let ms = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
     for (bot, rooms) in positions {
-        for (room, ts) in rooms {
-            stmt.execute(params![bot, room, i64::try_from(*ts).unwrap_or(i64::MAX)])?;
+        for (room, (ts, live)) in rooms {
+            stmt.execute(params![
+                bot,
+                room,
+                ms(*ts),
+                live.map(|l| ms(l.0)),
+                live.map(|l| ms(l.1))
+            ])?;
         }
     }
     Ok(())
@@ -1413,9 +1440,17 @@ mod tests {
     fn positions_waiting_for_one_commit_are_merged_and_a_leave_wins() {
         let store = Sqlite::open_in_memory().unwrap();
         let hold = store.hold_commits();
-        store.save_room_positions("b", vec![("lobby".into(), 50), ("dev".into(), 7)]);
-        store.save_room_positions("b", vec![("lobby".into(), 40), ("dev".into(), 9)]);
-        store.save_room_positions("b", vec![("gone".into(), 3)]);
+        let live = RoomPosition {
+            live: Some((60, 70)),
+            ..RoomPosition::at("lobby", 50)
+        };
+        store.save_room_positions(
+            "b",
+            vec![RoomPosition::at("lobby", 50), RoomPosition::at("dev", 7)],
+        );
+        store.save_room_positions("b", vec![live.clone(), RoomPosition::at("dev", 9)]);
+        store.save_room_positions("b", vec![RoomPosition::at("lobby", 40)]);
+        store.save_room_positions("b", vec![RoomPosition::at("gone", 3)]);
         store.forget_room_position("b", "gone");
         let before = store.commit_stats();
         drop(hold);
@@ -1425,7 +1460,8 @@ mod tests {
         assert_eq!(after.writes - before.writes, 3);
         let mut pos = store.room_positions("b").unwrap();
         pos.sort();
-        assert_eq!(pos, [("dev".to_string(), 9), ("lobby".to_string(), 50)]);
+        // The newest position's live run is kept; an older position changes nothing.
+        assert_eq!(pos, [RoomPosition::at("dev", 9), live]);
     }
 
     #[test]
@@ -1519,10 +1555,20 @@ mod tests {
                 [],
             )
             .unwrap();
+            tx.execute(
+                "INSERT INTO room_positions (bot, room, last_ts) VALUES ('b', 'r', 42)",
+                [],
+            )
+            .unwrap();
             tx.commit().unwrap();
         }
         let store = Sqlite::open(tmp.path()).unwrap();
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        // A position saved before live runs were kept has none.
+        assert_eq!(
+            store.room_positions("b").unwrap(),
+            [RoomPosition::at("r", 42)]
+        );
         let open: Vec<String> = store
             .outbox_pending("b")
             .unwrap()
