@@ -478,7 +478,7 @@ struct Shared {
     /// bot. A reply's outbox row is committed together with them (one transaction),
     /// so a host that dies after it cannot leave the next holder a mention that was
     /// answered but looks unanswered.
-    delivered: Mutex<std::collections::HashMap<String, u64>>,
+    delivered: Mutex<std::collections::HashMap<String, crate::store::RoomPosition>>,
 }
 
 impl Shared {
@@ -529,13 +529,13 @@ impl SessionHandle {
         self.shared
             .outbox_committing
             .fetch_add(1, Ordering::Relaxed);
-        let positions: Vec<(String, u64)> = if self.store.is_shared() {
+        let positions: Vec<crate::store::RoomPosition> = if self.store.is_shared() {
             self.shared
                 .delivered
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|(r, ts)| (r.clone(), *ts))
+                .values()
+                .cloned()
                 .collect()
         } else {
             Vec::new()
@@ -670,7 +670,7 @@ impl SessionHandle {
 
     /// Graceful shutdown: while connected, waits up to `shutdown_flush` for the outbox to
     /// drain, then closes the socket with a normal close (1000). Returns once the session
-    /// has stopped.
+    /// has stopped and its last writes (the recovery positions) are committed.
     pub async fn shutdown(&self) {
         let mut rx = self.watch();
         // Replies queued just before are handed to the task before it flushes.
@@ -678,6 +678,7 @@ impl SessionHandle {
         let _ = self.cmds.send(Command::Shutdown);
         // The task publishes Stopped last; if it is gone the sender is dropped.
         let _ = rx.wait_for(|s| s.state == SessionState::Stopped).await;
+        self.store.flush().await;
     }
 }
 
