@@ -1240,6 +1240,46 @@ async fn messages_posted_while_roost_was_stopped_are_recovered_once_after_a_rest
     srv.shutdown().await;
 }
 
+/// A stop while a slow recovery is still running: the position stays before the gap,
+/// and the messages already heard live past it are saved with it, so the next start
+/// fetches the gap once and does not hand the live ones over again.
+#[tokio::test(start_paused = true)]
+async fn a_restart_during_a_slow_recovery_hands_over_the_gap_once_and_the_live_run_not_again() {
+    use roost::devserver::FaultSpan;
+    let srv = server().await;
+    let state = srv.state();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let mut bot = start(config(&srv.base_url(), "napper"), &store);
+        active(&bot.handle, 1).await;
+        drain_to_marker(&mut bot, &state, "settled").await;
+        outage(&srv, &bot).await;
+        state
+            .post_message("other", "lobby", "missed while away")
+            .unwrap();
+        srv.faults()
+            .slow_history(Duration::from_secs(60), FaultSpan::Next(1));
+        srv.faults().accept_upgrades();
+        active(&bot.handle, 2).await;
+        assert_eq!(bot.handle.status().recoveries_overdue, 1);
+        let got = drain_to_marker(&mut bot, &state, "heard live").await;
+        assert_eq!(count_text(&got, "missed while away"), 0, "{got:?}");
+        // Stopped long before the history answers.
+        bot.handle.shutdown().await;
+    }
+    srv.faults().clear_history_faults();
+    let store = Store::open(dir.path()).unwrap();
+    let mut bot = start(config(&srv.base_url(), "napper"), &store);
+    active(&bot.handle, 1).await;
+    let got = drain_to_marker(&mut bot, &state, "after the start").await;
+    assert_eq!(count_text(&got, "missed while away"), 1, "{got:?}");
+    assert_eq!(count_text(&got, "heard live"), 0, "{got:?}");
+    assert_eq!(count_text(&got, "settled"), 0, "{got:?}");
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
 /// A join the server forgot, learned from a refused send: every room is joined again
 /// and what was said in them meanwhile is fetched, once.
 #[tokio::test(start_paused = true)]
