@@ -172,35 +172,46 @@ pub struct Retry {
 /// a server away for minutes still sees the full exponential backoff (30 s at 4 min).
 pub const OUTAGE_SHARE: u32 = 8;
 
-/// Decides the next attempt.
-///
-/// - `attempt`: consecutive attempts that never became active.
-/// - `up_for`: how long the connection that just ended was active (None: it never became
-///   active); any `Some` resets the escalation.
-/// - `away_for`: how long the bot has been without an active connection (since the last
-///   one ended, or since the session started trying); the delay's ceiling is the
-///   backoff's for `attempt`, lowered to `away_for / OUTAGE_SHARE` (never below the base).
-/// - `reregistered`: whether we already re-registered since the last healthy connection.
-///   The first re-registration is immediate; a key rejected again right after a fresh
-///   registration backs off before registering again, so a broken server cannot make
-///   us register in a tight loop.
-/// - `slowed_recently`: whether another slow-down signal came within
-///   [`SLOW_DOWN_MEMORY`]. A single slow-down close (1013, 4008, 4029) of a connection
-///   that was active is one fault like any other: the first retry comes within the base
-///   jitter. The `rate_limit_backoff` floor holds for a repeated one, and for a refusal
-///   before the connection became active (a 429 upgrade), so a server that keeps asking
-///   us to slow down gets its pause.
-#[allow(clippy::too_many_arguments)]
-pub fn plan_retry<R: Rng + ?Sized>(
-    policy: &RetryPolicy,
-    attempt: u32,
-    up_for: Option<Duration>,
-    away_for: Duration,
-    next: Next,
-    reregistered: bool,
-    slowed_recently: bool,
-    rng: &mut R,
-) -> Retry {
+/// What the next attempt is planned from: how the last attempt ended, and what came
+/// before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ended {
+    /// Consecutive attempts that never became active.
+    pub attempt: u32,
+    /// How long the connection that just ended was active (None: it never became
+    /// active); any `Some` resets the escalation.
+    pub up_for: Option<Duration>,
+    /// How long the bot has been without an active connection (since the last one
+    /// ended, or since the session started trying); the delay's ceiling is the
+    /// backoff's for `attempt`, lowered to `away_for / OUTAGE_SHARE` (never below the
+    /// base).
+    pub away_for: Duration,
+    /// What the way it ended calls for.
+    pub next: Next,
+    /// Whether we already re-registered since the last healthy connection. The first
+    /// re-registration is immediate; a key rejected again right after a fresh
+    /// registration backs off before registering again, so a broken server cannot make
+    /// us register in a tight loop.
+    pub reregistered: bool,
+    /// Whether another slow-down signal came within [`SLOW_DOWN_MEMORY`]. A single
+    /// slow-down close (1013, 4008, 4029) of a connection that was active is one fault
+    /// like any other: the first retry comes within the base jitter. The
+    /// `rate_limit_backoff` floor holds for a repeated one, and for a refusal before the
+    /// connection became active (a 429 upgrade), so a server that keeps asking us to
+    /// slow down gets its pause.
+    pub slowed_recently: bool,
+}
+
+/// Decides the next attempt (see [`Ended`] for what each fact changes).
+pub fn plan_retry<R: Rng + ?Sized>(policy: &RetryPolicy, ended: &Ended, rng: &mut R) -> Retry {
+    let Ended {
+        attempt,
+        up_for,
+        away_for,
+        next,
+        reregistered,
+        slowed_recently,
+    } = *ended;
     // A connection that became active ends the escalation: after any single fault the
     // first retry comes within the base jitter, however many faults came before.
     // Escalation is for consecutive attempts that never became active.
@@ -241,8 +252,20 @@ mod tests {
     /// Away long enough that the outage share lowers no ceiling.
     const LONG: Duration = Duration::from_secs(3600);
 
-    /// [`plan_retry`] for a bot away [`LONG`], not re-registered, with no slow-down
+    /// An attempt ended for a bot away [`LONG`], not re-registered, with no slow-down
     /// signal in the last minute.
+    fn ended(attempt: u32, up_for: Option<Duration>, next: Next) -> Ended {
+        Ended {
+            attempt,
+            up_for,
+            away_for: LONG,
+            next,
+            reregistered: false,
+            slowed_recently: false,
+        }
+    }
+
+    /// [`plan_retry`] after [`ended`].
     fn retry(
         p: &RetryPolicy,
         attempt: u32,
@@ -250,7 +273,7 @@ mod tests {
         next: Next,
         rng: &mut StdRng,
     ) -> Retry {
-        plan_retry(p, attempt, up_for, LONG, next, false, false, rng)
+        plan_retry(p, &ended(attempt, up_for, next), rng)
     }
 
     fn policy() -> RetryPolicy {
@@ -328,32 +351,22 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(4);
         // Ten failed attempts would allow 30 s; eight seconds away allow 1 s.
         for _ in 0..200 {
-            let r = plan_retry(
-                &p,
-                10,
-                None,
-                Duration::from_secs(8),
-                Next::Reconnect,
-                false,
-                false,
-                &mut rng,
-            );
+            let eight_s_away = Ended {
+                away_for: Duration::from_secs(8),
+                ..ended(10, None, Next::Reconnect)
+            };
+            let r = plan_retry(&p, &eight_s_away, &mut rng);
             assert_eq!(r.attempt, 11, "the attempts still count");
             assert!(r.delay <= Duration::from_secs(1), "{r:?}");
         }
         // Never below the base, and never above the attempt's own ceiling.
         let mut longest = Duration::ZERO;
         for _ in 0..200 {
-            let r = plan_retry(
-                &p,
-                10,
-                None,
-                Duration::ZERO,
-                Next::Reconnect,
-                false,
-                false,
-                &mut rng,
-            );
+            let just_gone = Ended {
+                away_for: Duration::ZERO,
+                ..ended(10, None, Next::Reconnect)
+            };
+            let r = plan_retry(&p, &just_gone, &mut rng);
             longest = longest.max(r.delay);
             let r = retry(&p, 1, None, Next::VerifyKey, &mut rng);
             assert!(r.delay <= p.backoff.ceiling(1), "{r:?}");
@@ -362,8 +375,11 @@ mod tests {
         // Minutes away: the full backoff again.
         let mut longest = Duration::ZERO;
         for _ in 0..200 {
-            let away = Duration::from_secs(240);
-            let r = plan_retry(&p, 10, None, away, Next::Reconnect, false, false, &mut rng);
+            let minutes_away = Ended {
+                away_for: Duration::from_secs(240),
+                ..ended(10, None, Next::Reconnect)
+            };
+            let r = plan_retry(&p, &minutes_away, &mut rng);
             longest = longest.max(r.delay);
         }
         assert!(longest > Duration::from_secs(20), "{longest:?}");
@@ -394,7 +410,11 @@ mod tests {
             assert!(r.delay <= p.backoff.base, "{r:?}");
             assert_eq!(r.attempt, 1);
             // The same within a minute of the last one: the floor holds.
-            let r = plan_retry(&p, attempt, up, LONG, Next::SlowDown, false, true, &mut rng);
+            let again = Ended {
+                slowed_recently: true,
+                ..ended(attempt, up, Next::SlowDown)
+            };
+            let r = plan_retry(&p, &again, &mut rng);
             assert!(r.delay >= p.rate_limit_backoff, "{r:?}");
         }
         // Refused before it became active (a 429 upgrade): the floor holds too.
@@ -417,7 +437,11 @@ mod tests {
         assert_eq!(first.delay, Duration::ZERO);
         let mut saw_nonzero = false;
         for _ in 0..20 {
-            let again = plan_retry(&p, 3, None, LONG, Next::Reregister, true, false, &mut rng);
+            let rejected_again = Ended {
+                reregistered: true,
+                ..ended(3, None, Next::Reregister)
+            };
+            let again = plan_retry(&p, &rejected_again, &mut rng);
             assert!(again.reregister);
             assert!(again.delay <= p.backoff.ceiling(3));
             saw_nonzero |= again.delay > Duration::ZERO;

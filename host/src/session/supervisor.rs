@@ -28,7 +28,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use super::dedupe::{MessageKey, SeenSet};
 use super::http::{Endpoints, error_chain, excerpt, redact};
 use super::identity::{self, Identity, Registration};
-use super::machine::{Disconnect, RetryPolicy, SessionState, plan_retry};
+use super::machine::{Disconnect, Ended, RetryPolicy, SessionState, plan_retry};
 use super::outbox::Outbox;
 use super::recovery::{self, FetchError, FetchParams, Recovered, RoomFetch};
 use super::{Backoff, Command, SessionConfig, SessionEvent, Shared, StateSnapshot};
@@ -493,16 +493,15 @@ impl Supervisor {
                     let slowed_recently = self
                         .last_slow_down
                         .is_some_and(|t| t.elapsed() < super::machine::SLOW_DOWN_MEMORY);
-                    let retry = plan_retry(
-                        &policy,
-                        self.attempt,
+                    let ended = Ended {
+                        attempt: self.attempt,
                         up_for,
-                        self.away_since.elapsed(),
-                        cause.next(),
-                        self.reregistered,
+                        away_for: self.away_since.elapsed(),
+                        next: cause.next(),
+                        reregistered: self.reregistered,
                         slowed_recently,
-                        &mut self.rng,
-                    );
+                    };
+                    let retry = plan_retry(&policy, &ended, &mut self.rng);
                     if slow_down {
                         self.last_slow_down = Some(Instant::now());
                         self.shared.throttles.fetch_add(1, Ordering::Relaxed);
@@ -1338,6 +1337,7 @@ impl Supervisor {
                 st.gap = Some((fetch.after_ms, fetch.have_until_ms));
             }
         }
+        let mut sent = false;
         for room in rooms {
             if !c.joined.contains(&room) {
                 continue;
@@ -1345,8 +1345,11 @@ impl Supervisor {
             let frame = ClientFrame::Join { room: room.clone() }.encode();
             let _ = c.out_tx.try_send(Message::Text(frame.into()));
             c.rejoined.insert(room);
+            sent = true;
         }
-        self.shared.rejoins.fetch_add(1, Ordering::Relaxed);
+        if sent {
+            self.shared.rejoins.fetch_add(1, Ordering::Relaxed);
+        }
         if c.catch_up_at.is_none() && !c.rejoined.is_empty() {
             c.catch_up_at = Some(Instant::now() + self.cfg.join_ack_timeout);
         }
