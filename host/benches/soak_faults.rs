@@ -141,6 +141,14 @@ struct Args {
     /// this bench], e.g. an older release to compare against.
     #[arg(long, default_value = ROOST)]
     roost: PathBuf,
+    /// Draw server faults only from these kinds (comma-separated names as in the
+    /// report: `drop`, `close` for any close code, `not_joined`, ...) [default: all].
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<String>,
+    /// A `[session]` setting for every host's roost.toml, as KEY=VALUE (repeatable),
+    /// e.g. `--session membership_check_ms=1000`.
+    #[arg(long = "session", value_name = "KEY=VALUE")]
+    session: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -420,6 +428,7 @@ impl Host {
         root: &Path,
         echo: &Path,
         server_url: &str,
+        session: &[String],
     ) -> anyhow::Result<Host> {
         let dir = root.join(label);
         std::fs::create_dir_all(dir.join("plugins"))?;
@@ -437,6 +446,15 @@ impl Host {
              [policy.loop_guard]\n\
              max_exchanges = 1000000000\n",
         );
+        if !session.is_empty() {
+            toml.push_str("\n[session]\n");
+            for setting in session {
+                let (key, value) = setting
+                    .split_once('=')
+                    .with_context(|| format!("--session {setting}: expected KEY=VALUE"))?;
+                let _ = writeln!(toml, "{} = {}", key.trim(), value.trim());
+            }
+        }
         let _ = write!(
             toml,
             "\n[personas.{label}]\nname = \"{label}\"\nrooms = [{rooms}]\n"
@@ -977,6 +995,24 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let chain_every = Duration::from_secs_f64(args.chain_every.max(0.5));
     let grace = Duration::from_secs_f64(args.grace.max(0.0));
     let bots = args.bots.clamp(2, 8);
+    let kinds: Vec<Kind> = if args.kinds.is_empty() {
+        SERVER_KINDS.to_vec()
+    } else {
+        let name = |k: &Kind| match k {
+            Kind::Close(_) => "close".to_string(),
+            k => k.name(),
+        };
+        args.kinds
+            .iter()
+            .map(|want| {
+                SERVER_KINDS
+                    .iter()
+                    .find(|k| name(k) == *want)
+                    .copied()
+                    .with_context(|| format!("--kinds: no server fault kind {want:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
 
     let tmp = tempfile::Builder::new().prefix("roost-soak-").tempdir()?;
     let root = tmp.path().to_owned();
@@ -1006,6 +1042,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             &root,
             &echo,
             &server.base_url(),
+            &args.session,
         )?);
     }
     let driver = Arc::new(Driver {
@@ -1134,7 +1171,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             };
             (kind, detail, vec![bot])
         } else {
-            let kind = SERVER_KINDS[soak.rng.random_range(0..SERVER_KINDS.len())];
+            let kind = kinds[soak.rng.random_range(0..kinds.len())];
             let (kind, detail) = soak.server_fault(&mut server, kind).await;
             (kind, detail, (0..bots).collect())
         };
@@ -1403,6 +1440,8 @@ fn report(
     json!({
         "seed": seed,
         "roost": soak.args.roost.display().to_string(),
+        "kinds": if soak.args.kinds.is_empty() { vec!["all".to_string()] } else { soak.args.kinds.clone() },
+        "session_settings": soak.args.session,
         "bots": t.names.iter().map(|n| n[0].clone()).collect::<Vec<_>>(),
         "setup_s": (setup.as_secs_f64() * 10.0).round() / 10.0,
         "fault_phase_s": (fault_phase.as_secs_f64() * 10.0).round() / 10.0,
