@@ -104,7 +104,9 @@ struct RoomState {
     /// was said between the two is part of the gap.)
     live_past_gap: Option<(u64, u64, u64)>,
     /// The same run as saved by the previous start (it is not in this run's dedupe
-    /// set): recovered messages within it are not handed over again.
+    /// set): recovered messages within it are not handed over again. One run is kept
+    /// per room: if this start also stops before its recovery finishes, after having
+    /// heard messages live, its own run is saved instead.
     heard_before_restart: Option<(u64, u64)>,
 }
 
@@ -1831,6 +1833,52 @@ fn now_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_waits_at_an_open_gap_with_the_live_run_of_one_connection() {
+        let mut st = RoomState::new(100, Some(100), None);
+        st.delivered(105, true, 1);
+        assert_eq!(st.position("r"), Some(RoomPosition::at("r", 105)));
+        // A recovery of what followed 105 starts; live messages go past it.
+        st.gap = Some((104, 105));
+        st.delivered(120, true, 1);
+        st.delivered(121, true, 1);
+        let held = |last, live| RoomPosition {
+            live,
+            ..RoomPosition::at("r", last)
+        };
+        assert_eq!(st.position("r"), Some(held(105, Some((120, 121)))));
+        // Recovered (not live) messages are not part of the run.
+        st.delivered(110, false, 1);
+        assert_eq!(st.position("r"), Some(held(105, Some((120, 121)))));
+        // A new connection: what was said between the two is in the gap, so the run
+        // starts again rather than claiming it.
+        st.delivered(130, true, 2);
+        assert_eq!(st.position("r"), Some(held(105, Some((130, 130)))));
+        // The gap recovered: the position moves past everything.
+        st.gap_closed();
+        assert!(st.dirty);
+        assert_eq!(st.position("r"), Some(RoomPosition::at("r", 130)));
+    }
+
+    #[test]
+    fn a_run_saved_before_a_restart_is_kept_until_the_position_passes_it() {
+        let mut st = RoomState::new(101, Some(100), Some((120, 130)));
+        let held = |last, live| RoomPosition {
+            live,
+            ..RoomPosition::at("r", last)
+        };
+        assert_eq!(st.position("r"), Some(held(100, Some((120, 130)))));
+        // This start's recovery is slow too: still the old run (nothing new went past).
+        st.gap = Some((99, 100));
+        assert_eq!(st.position("r"), Some(held(100, Some((120, 130)))));
+        // A live run of its own replaces it: one run is kept, so after yet another
+        // restart the old one would be handed over again (a duplicate, never a loss).
+        st.delivered(140, true, 1);
+        assert_eq!(st.position("r"), Some(held(100, Some((140, 140)))));
+        st.gap_closed();
+        assert_eq!(st.position("r"), Some(RoomPosition::at("r", 140)));
+    }
 
     #[test]
     fn error_frames_are_classified_by_code_message_and_retry_hint() {
