@@ -103,6 +103,8 @@ pub struct SessionSection {
     pub dead_after_intervals: u32,
     /// How often each quiet room's member list is checked for the bot (0: never).
     pub membership_check_ms: u64,
+    /// Member-list requests per second of the whole process, about (0: no bound).
+    pub membership_checks_per_second: u32,
     pub backoff_base_ms: u64,
     pub backoff_cap_ms: u64,
     /// `0` = retry forever.
@@ -131,6 +133,7 @@ impl Default for SessionSection {
             ping_interval_ms: d.ping_interval.as_millis() as u64,
             dead_after_intervals: d.dead_after_intervals,
             membership_check_ms: d.membership_check.as_millis() as u64,
+            membership_checks_per_second: d.membership_checks_per_second,
             backoff_base_ms: d.backoff.base.as_millis() as u64,
             backoff_cap_ms: d.backoff.cap.as_millis() as u64,
             max_attempts: d.backoff.max_attempts.unwrap_or(0),
@@ -848,6 +851,7 @@ impl Config {
             ping_interval: Duration::from_millis(s.ping_interval_ms),
             dead_after_intervals: s.dead_after_intervals.max(1),
             membership_check: Duration::from_millis(s.membership_check_ms),
+            membership_checks_per_second: s.membership_checks_per_second,
             healthy_after: Duration::from_millis(s.healthy_after_ms),
             retention: Duration::from_secs(s.retention_secs),
             outbox_ttl: Duration::from_secs(s.outbox_ttl_secs),

@@ -234,6 +234,29 @@ static MEMBER_LISTS: LazyLock<Mutex<MemberLists>> = LazyLock::new(Default::defau
 /// URL → (when it was fetched, the names it listed).
 type MemberLists = HashMap<String, (Instant, Arc<Vec<String>>)>;
 
+/// How long a session on the server at `endpoints` waits between two member-list
+/// checks: `shortest`, or longer when the rooms this process checks on that server
+/// need it to keep within `per_second` requests a second (each room's list is fetched
+/// at most twice a period: bots share a list for half a period). `per_second` zero:
+/// no bound.
+pub fn membership_period(endpoints: &Endpoints, shortest: Duration, per_second: u32) -> Duration {
+    if per_second == 0 {
+        return shortest;
+    }
+    let rooms = {
+        let mut lists = lock(&MEMBER_LISTS);
+        // Rooms nobody asked about lately (left, or their bots gone) stop counting.
+        lists.retain(|_, (at, _)| at.elapsed() <= FORGET_MEMBER_LIST);
+        let base = endpoints.base();
+        lists.keys().filter(|url| url.starts_with(base)).count()
+    };
+    let needed = Duration::from_secs_f64(2.0 * rooms as f64 / f64::from(per_second));
+    shortest.max(needed)
+}
+
+/// A member list not fetched again for this long no longer counts as a room checked.
+const FORGET_MEMBER_LIST: Duration = Duration::from_secs(600);
+
 /// Of `rooms`, those whose member list (`GET /api/rooms/:room/agents`) names none of
 /// `names`: the server no longer counts us in them. A room whose list cannot be read
 /// (an error, a timeout, an unexpected shape) is not reported: only a list that answers
@@ -342,6 +365,36 @@ fn decode_lenient(body: &[u8]) -> Option<(Vec<ChatMessage>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_checks_slow_down_with_the_rooms_of_one_server() {
+        let busy = Endpoints::parse("http://budget-busy.invalid:1").unwrap();
+        let other = Endpoints::parse("http://budget-other.invalid:1").unwrap();
+        let second = Duration::from_secs(1);
+        assert_eq!(membership_period(&busy, second, 16), second);
+        {
+            let mut lists = lock(&MEMBER_LISTS);
+            for i in 0..40 {
+                let url = busy.room_agents(&format!("room-{i}"));
+                lists.insert(url.into(), (Instant::now(), Arc::new(Vec::new())));
+            }
+            // Long unasked: no longer counted.
+            if let Some(long_ago) = Instant::now().checked_sub(FORGET_MEMBER_LIST * 2) {
+                for i in 0..40 {
+                    let url = busy.room_agents(&format!("gone-{i}"));
+                    lists.insert(url.into(), (long_ago, Arc::new(Vec::new())));
+                }
+            }
+        }
+        // 40 rooms at 16 requests a second: each checked every 5 s.
+        assert_eq!(membership_period(&busy, second, 16), Duration::from_secs(5));
+        // A longer configured period stays; no bound leaves the configured one.
+        let minute = Duration::from_secs(60);
+        assert_eq!(membership_period(&busy, minute, 16), minute);
+        assert_eq!(membership_period(&busy, second, 0), second);
+        // Another server's rooms are its own budget.
+        assert_eq!(membership_period(&other, second, 16), second);
+    }
 
     #[test]
     fn lenient_decoding() {

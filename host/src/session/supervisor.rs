@@ -949,11 +949,13 @@ impl Supervisor {
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let check_every = self.cfg.membership_check;
-        let mut membership_tick = tokio::time::interval_at(
-            Instant::now() + check_every.max(HOUSEKEEPING),
-            check_every.max(HOUSEKEEPING),
-        );
-        membership_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The first check comes at a random point of the second period, so bots that
+        // connected together (a host starting thousands) do not all ask at once.
+        let first_check = {
+            let period = self.membership_period();
+            period + period.mul_f64(self.rng.random::<f64>())
+        };
+        let mut membership_due = Box::pin(tokio::time::sleep(first_check));
 
         loop {
             if self.shutdown_due(&c) {
@@ -988,8 +990,11 @@ impl Supervisor {
                     c.hold_until = None;
                     self.on_recovered(&mut c, result).map(|()| self.catch_up(&mut c, None))
                 }
-                _ = membership_tick.tick(), if !check_every.is_zero() => {
+                () = &mut membership_due, if !check_every.is_zero() => {
                     self.check_membership(&mut c);
+                    membership_due
+                        .as_mut()
+                        .reset(Instant::now() + self.membership_period());
                     Ok(())
                 }
                 missing = wait_task(&mut c.membership), if c.membership.is_some() => {
@@ -1393,6 +1398,15 @@ impl Supervisor {
 
     /// Asks the server whether it still counts us in each room that has not just
     /// delivered a message (one that did, within [`PROOF_OF_MEMBERSHIP`], did).
+    /// The time to the next member-list check (see [`recovery::membership_period`]).
+    fn membership_period(&self) -> Duration {
+        recovery::membership_period(
+            &self.endpoints,
+            self.cfg.membership_check.max(HOUSEKEEPING),
+            self.cfg.membership_checks_per_second,
+        )
+    }
+
     fn check_membership(&mut self, c: &mut Conn) {
         if c.active_since.is_none() || c.membership.is_some() || !c.rejoined.is_empty() {
             return;
@@ -1418,7 +1432,7 @@ impl Supervisor {
             rooms,
             self.own_names.clone(),
             self.cfg.request_timeout,
-            self.cfg.membership_check / 2,
+            self.membership_period() / 2,
         ))));
     }
 
