@@ -139,15 +139,17 @@ pub struct SessionConfig {
     /// room (`GET /api/rooms/:room/agents`; a room that delivered a message within the
     /// last second is not asked, and the bots of one process share each list for half a
     /// period). A room that no longer lists us is joined again and what was missed in it
-    /// is fetched; so is every room after a `not_joined` error. A server that forgets a
-    /// join says nothing until the bot sends, so this is how soon a bot that only
-    /// listens is back (default 1 s; zero: never check). See
-    /// `membership_checks_per_second` for the bound on a process with many rooms.
+    /// is fetched; so is every room after a `not_joined` error. Each check asks about
+    /// one quiet room, the one asked about longest ago (a server that loses a
+    /// connection's joins loses them all, and one room tells); a room found missing
+    /// has every quiet room asked about at once. A server that forgets a join says
+    /// nothing until the bot sends, so this is how soon a bot that only listens is back
+    /// (default 500 ms; zero: never check).
     pub membership_check: Duration,
-    /// The most member-list requests per second the whole process makes, about: with
-    /// more rooms than this allows at `membership_check`, every session checks less
-    /// often (every `2 × rooms / this` seconds), so a host with hundreds of rooms does
-    /// not poll the server hundreds of times a second (default 16; zero: no bound).
+    /// The most member-list requests per second the process makes to one server: with
+    /// more connections (and rooms) than this allows at `membership_check`, every
+    /// connection checks less often, so a host with thousands of bots does not poll the
+    /// server thousands of times a second (default 16; zero: no bound).
     pub membership_checks_per_second: u32,
     /// How long to wait after joining for the server to confirm the joins (any message
     /// from the room, normally its "joined" line) before recovering anyway (default 3 s).
@@ -205,7 +207,7 @@ impl Default for SessionConfig {
             max_reregistrations_per_day: 3,
             retention: Duration::from_secs(3600),
             clock_skew: Duration::from_secs(5),
-            membership_check: Duration::from_secs(1),
+            membership_check: Duration::from_millis(500),
             membership_checks_per_second: 16,
             join_ack_timeout: Duration::from_secs(3),
             recovery_hold: Duration::from_secs(1),

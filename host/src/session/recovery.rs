@@ -234,23 +234,54 @@ static MEMBER_LISTS: LazyLock<Mutex<MemberLists>> = LazyLock::new(Default::defau
 /// URL → (when it was fetched, the names it listed).
 type MemberLists = HashMap<String, (Instant, Arc<Vec<String>>)>;
 
-/// How long a session on the server at `endpoints` waits between two member-list
-/// checks: `shortest`, or longer when the rooms this process checks on that server
-/// need it to keep within `per_second` requests a second (each room's list is fetched
-/// at most twice a period: bots share a list for half a period). `per_second` zero:
-/// no bound.
+/// Connections of this process that check their membership, per server.
+static CHECKERS: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(Default::default);
+
+/// A connection counted among its server's [`CHECKERS`] while it lives.
+pub struct Checker {
+    base: String,
+}
+
+impl Checker {
+    pub fn register(endpoints: &Endpoints) -> Checker {
+        let base = endpoints.base().to_string();
+        *lock(&CHECKERS).entry(base.clone()).or_default() += 1;
+        Checker { base }
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        let mut checkers = lock(&CHECKERS);
+        if let Some(n) = checkers.get_mut(&self.base) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                checkers.remove(&self.base);
+            }
+        }
+    }
+}
+
+/// How long a connection to the server at `endpoints` waits between two member-list
+/// checks (one room each, a list fetched by another connection of this process less
+/// than a period ago reused): `shortest`, or longer when this process's connections
+/// to that server would otherwise ask it more than `per_second` times a second. That
+/// is at most one request per connection and per room a period, so the bound counts
+/// the smaller of the two. `per_second` zero: no bound.
 pub fn membership_period(endpoints: &Endpoints, shortest: Duration, per_second: u32) -> Duration {
     if per_second == 0 {
         return shortest;
     }
+    let base = endpoints.base();
     let rooms = {
         let mut lists = lock(&MEMBER_LISTS);
         // Rooms nobody asked about lately (left, or their bots gone) stop counting.
         lists.retain(|_, (at, _)| at.elapsed() <= FORGET_MEMBER_LIST);
-        let base = endpoints.base();
         lists.keys().filter(|url| url.starts_with(base)).count()
     };
-    let needed = Duration::from_secs_f64(2.0 * rooms as f64 / f64::from(per_second));
+    let connections = lock(&CHECKERS).get(base).copied().unwrap_or(1);
+    let askers = rooms.max(1).min(connections.max(1));
+    let needed = Duration::from_secs_f64(askers as f64 / f64::from(per_second));
     shortest.max(needed)
 }
 
@@ -261,7 +292,8 @@ const FORGET_MEMBER_LIST: Duration = Duration::from_secs(600);
 /// `names`: the server no longer counts us in them. A room whose list cannot be read
 /// (an error, a timeout, an unexpected shape) is not reported: only a list that answers
 /// and leaves us out is evidence. A list another session of this process fetched less
-/// than `max_age` ago is used instead of asking again.
+/// than `max_age` ago is used instead of asking again. The rooms are asked about
+/// together.
 pub async fn rooms_missing_us(
     http: reqwest::Client,
     endpoints: Endpoints,
@@ -271,33 +303,36 @@ pub async fn rooms_missing_us(
     timeout: Duration,
     max_age: Duration,
 ) -> Vec<String> {
-    let mut missing = Vec::new();
-    for room in rooms {
-        let url = endpoints.room_agents(&room);
-        let cached = lock(&MEMBER_LISTS)
-            .get(url.as_str())
-            .filter(|(at, _)| at.elapsed() <= max_age)
-            .map(|(_, list)| list.clone());
-        let list = match cached {
-            Some(list) => list,
-            None => match fetch_members(&http, url.clone(), &key, timeout).await {
-                Some(list) => {
-                    let list = Arc::new(list);
-                    let mut lists = lock(&MEMBER_LISTS);
-                    if lists.len() >= 4096 {
-                        lists.retain(|_, (at, _)| at.elapsed() <= max_age);
-                    }
-                    lists.insert(url.into(), (Instant::now(), list.clone()));
-                    list
-                }
-                None => continue,
-            },
-        };
-        if !list.iter().any(|n| names.contains(n)) {
-            missing.push(room);
+    let lists = rooms.iter().map(|room| {
+        let url = endpoints.room_agents(room);
+        let (http, key) = (&http, &key);
+        async move {
+            let cached = lock(&MEMBER_LISTS)
+                .get(url.as_str())
+                .filter(|(at, _)| at.elapsed() <= max_age)
+                .map(|(_, list)| list.clone());
+            if cached.is_some() {
+                return cached;
+            }
+            let list = Arc::new(fetch_members(http, url.clone(), key, timeout).await?);
+            let mut lists = lock(&MEMBER_LISTS);
+            if lists.len() >= 4096 {
+                lists.retain(|_, (at, _)| at.elapsed() <= max_age);
+            }
+            lists.insert(url.into(), (Instant::now(), list.clone()));
+            Some(list)
         }
-    }
-    missing
+    });
+    let lists = futures_util::future::join_all(lists).await;
+    rooms
+        .into_iter()
+        .zip(lists)
+        .filter(|(_, list)| {
+            list.as_ref()
+                .is_some_and(|l| !l.iter().any(|n| names.contains(n)))
+        })
+        .map(|(room, _)| room)
+        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -367,11 +402,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn member_checks_slow_down_with_the_rooms_of_one_server() {
+    fn member_checks_slow_down_with_the_rooms_and_connections_of_one_server() {
         let busy = Endpoints::parse("http://budget-busy.invalid:1").unwrap();
         let other = Endpoints::parse("http://budget-other.invalid:1").unwrap();
-        let second = Duration::from_secs(1);
-        assert_eq!(membership_period(&busy, second, 16), second);
+        let short = Duration::from_millis(100);
+        assert_eq!(membership_period(&busy, short, 16), short);
         {
             let mut lists = lock(&MEMBER_LISTS);
             for i in 0..40 {
@@ -386,14 +421,28 @@ mod tests {
                 }
             }
         }
-        // 40 rooms at 16 requests a second: each checked every 5 s.
-        assert_eq!(membership_period(&busy, second, 16), Duration::from_secs(5));
+        // 40 rooms, but one connection asking one room a period: no need to wait.
+        assert_eq!(membership_period(&busy, short, 16), short);
+        // 8 connections: 8 requests a period at most, 16 a second allowed.
+        let eight: Vec<_> = (0..8).map(|_| Checker::register(&busy)).collect();
+        assert_eq!(
+            membership_period(&busy, short, 16),
+            Duration::from_millis(500)
+        );
+        // 200 connections over the 40 rooms: a list each period per room at most.
+        let more: Vec<_> = (0..192).map(|_| Checker::register(&busy)).collect();
+        assert_eq!(
+            membership_period(&busy, short, 16),
+            Duration::from_millis(2500)
+        );
         // A longer configured period stays; no bound leaves the configured one.
         let minute = Duration::from_secs(60);
         assert_eq!(membership_period(&busy, minute, 16), minute);
-        assert_eq!(membership_period(&busy, second, 0), second);
-        // Another server's rooms are its own budget.
-        assert_eq!(membership_period(&other, second, 16), second);
+        assert_eq!(membership_period(&busy, short, 0), short);
+        // Another server's rooms and connections are its own budget.
+        assert_eq!(membership_period(&other, short, 16), short);
+        drop((eight, more));
+        assert_eq!(membership_period(&busy, short, 16), short);
     }
 
     #[test]

@@ -208,6 +208,11 @@ struct Conn {
     catch_up_ready: BTreeSet<String>,
     /// The running member-list check: the rooms that no longer list us.
     membership: Option<AbortOnDrop<Vec<String>>>,
+    /// Whether the running check asks about every quiet room (after one room was found
+    /// missing) rather than the next one in turn.
+    membership_full: bool,
+    /// When each room's member list was last asked about on this connection.
+    member_checked: HashMap<String, Instant>,
 }
 
 impl Conn {
@@ -949,6 +954,8 @@ impl Supervisor {
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let check_every = self.cfg.membership_check;
+        let _checking =
+            (!check_every.is_zero()).then(|| recovery::Checker::register(&self.endpoints));
         // The first check comes at a random point of the second period, so bots that
         // connected together (a host starting thousands) do not all ask at once.
         let first_check = {
@@ -991,7 +998,7 @@ impl Supervisor {
                     self.on_recovered(&mut c, result).map(|()| self.catch_up(&mut c, None))
                 }
                 () = &mut membership_due, if !check_every.is_zero() => {
-                    self.check_membership(&mut c);
+                    self.check_membership(&mut c, false);
                     membership_due
                         .as_mut()
                         .reset(Instant::now() + self.membership_period());
@@ -1083,6 +1090,8 @@ impl Supervisor {
             catch_up_at: None,
             catch_up_ready: BTreeSet::new(),
             membership: None,
+            membership_full: false,
+            member_checked: HashMap::new(),
         };
         if c.unacked.is_empty() {
             self.start_recovery(&mut c);
@@ -1396,8 +1405,6 @@ impl Supervisor {
         c.recovery = Some(self.spawn_recovery(&c.identity, plan));
     }
 
-    /// Asks the server whether it still counts us in each room that has not just
-    /// delivered a message (one that did, within [`PROOF_OF_MEMBERSHIP`], did).
     /// The time to the next member-list check (see [`recovery::membership_period`]).
     fn membership_period(&self) -> Duration {
         recovery::membership_period(
@@ -1407,24 +1414,38 @@ impl Supervisor {
         )
     }
 
-    fn check_membership(&mut self, c: &mut Conn) {
+    /// Asks the server whether it still counts us in a room that has not just
+    /// delivered a message (one that did, within [`PROOF_OF_MEMBERSHIP`], did): the
+    /// quiet room asked about longest ago, one per check (a server that loses a
+    /// connection's joins loses them all, and one room tells), or every quiet room
+    /// when `full` (one was found missing: which others are?).
+    fn check_membership(&mut self, c: &mut Conn, full: bool) {
         if c.active_since.is_none() || c.membership.is_some() || !c.rejoined.is_empty() {
             return;
         }
-        let rooms: Vec<String> = c
-            .joined
-            .iter()
-            .filter(|room| {
-                self.rooms.get(*room).is_none_or(|st| {
-                    st.heard_at
-                        .is_none_or(|t| t.elapsed() >= PROOF_OF_MEMBERSHIP)
-                })
+        let quiet = c.joined.iter().filter(|room| {
+            self.rooms.get(*room).is_none_or(|st| {
+                st.heard_at
+                    .is_none_or(|t| t.elapsed() >= PROOF_OF_MEMBERSHIP)
             })
-            .cloned()
-            .collect();
+        });
+        let rooms: Vec<String> = if full {
+            quiet.cloned().collect()
+        } else {
+            quiet
+                .min_by_key(|room| c.member_checked.get(*room).copied())
+                .into_iter()
+                .cloned()
+                .collect()
+        };
         if rooms.is_empty() {
             return;
         }
+        let now = Instant::now();
+        for room in &rooms {
+            c.member_checked.insert(room.clone(), now);
+        }
+        c.membership_full = full;
         c.membership = Some(AbortOnDrop(tokio::spawn(recovery::rooms_missing_us(
             self.http.clone(),
             self.endpoints.clone(),
@@ -1432,13 +1453,26 @@ impl Supervisor {
             rooms,
             self.own_names.clone(),
             self.cfg.request_timeout,
-            self.membership_period() / 2,
+            // After a miss, lists of the other rooms fetched before it prove nothing.
+            if full {
+                Duration::ZERO
+            } else {
+                self.membership_period()
+            },
         ))));
     }
 
     fn on_membership(&mut self, c: &mut Conn, missing: Vec<String>) {
         if missing.is_empty() || c.active_since.is_none() {
             return;
+        }
+        if !c.membership_full && c.joined.len() > 1 {
+            // One room no longer lists us: ask about the others at once, so every
+            // forgotten room is joined again together.
+            self.check_membership(c, true);
+            if c.membership.is_some() {
+                return;
+            }
         }
         tracing::warn!(
             bot = self.bot(),
