@@ -1348,6 +1348,68 @@ async fn a_silently_forgotten_join_is_noticed_by_the_member_check() {
     srv.shutdown().await;
 }
 
+/// Joins forgotten in several quiet rooms: one member check finds one room missing,
+/// every other room is asked about at once, and all are joined again together; a
+/// mention said in each meanwhile is delivered once.
+#[tokio::test(start_paused = true)]
+async fn forgotten_joins_in_many_rooms_are_all_noticed_from_one_check() {
+    let srv = server().await;
+    let state = srv.state();
+    let rooms = ["lobby", "dev", "misc", "quiz"];
+    for room in &rooms[1..] {
+        state.create_room(room, "").unwrap();
+    }
+    let (_dir, store) = temp_store();
+    let mut cfg = config(&srv.base_url(), "roomy");
+    cfg.rooms = rooms.iter().map(|r| r.to_string()).collect();
+    let mut bot = start(cfg, &store);
+    active(&bot.handle, 1).await;
+    let period = SessionConfig::default().membership_check;
+    tokio::time::sleep(period * 6).await;
+    assert_eq!(bot.handle.status().rejoins, 0, "listed: nothing to do");
+    srv.faults().forget_joins();
+    let t = Instant::now();
+    for room in rooms {
+        state
+            .post_message("other", room, &format!("@roomy in {room}?"))
+            .unwrap();
+    }
+    // The rooms are fetched in any order: wait until every mention is in.
+    let mut waiting: Vec<String> = rooms.iter().map(|r| format!("@roomy in {r}?")).collect();
+    let mut got = recv_until(&mut bot.rx, "every missed mention", |m| {
+        waiting.retain(|t| *t != m.text);
+        waiting.is_empty()
+    })
+    .await;
+    // Not one check period per room: one for the first miss, then all at once.
+    let took = t.elapsed();
+    assert!(
+        took <= period * 2 + SessionConfig::default().join_ack_timeout,
+        "noticed after {took:?}"
+    );
+    assert_eq!(bot.handle.status().rejoins, 1, "one rejoin for every room");
+    for room in rooms {
+        assert!(
+            state
+                .room_agents(room)
+                .unwrap()
+                .iter()
+                .any(|a| a.name == "roomy"),
+            "{room} joined again"
+        );
+    }
+    got.extend(drain_to_marker(&mut bot, &state, "and after").await);
+    for room in rooms {
+        assert_eq!(
+            count_text(&got, &format!("@roomy in {room}?")),
+            1,
+            "{got:?}"
+        );
+    }
+    bot.handle.shutdown().await;
+    srv.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn not_joined_and_rate_limit_error_frames_are_acted_on() {
     use roost::devserver::FaultSpan;
