@@ -292,8 +292,10 @@ const FORGET_MEMBER_LIST: Duration = Duration::from_secs(600);
 /// `names`: the server no longer counts us in them. A room whose list cannot be read
 /// (an error, a timeout, an unexpected shape) is not reported: only a list that answers
 /// and leaves us out is evidence. A list another session of this process fetched less
-/// than `max_age` ago is used instead of asking again. The rooms are asked about
+/// than `max_age` ago, and after `joined` (when our joins were confirmed: an older list
+/// cannot name us yet), is used instead of asking again. The rooms are asked about
 /// together.
+#[allow(clippy::too_many_arguments)]
 pub async fn rooms_missing_us(
     http: reqwest::Client,
     endpoints: Endpoints,
@@ -302,6 +304,7 @@ pub async fn rooms_missing_us(
     names: Vec<String>,
     timeout: Duration,
     max_age: Duration,
+    joined: Instant,
 ) -> Vec<String> {
     let lists = rooms.iter().map(|room| {
         let url = endpoints.room_agents(room);
@@ -309,7 +312,7 @@ pub async fn rooms_missing_us(
         async move {
             let cached = lock(&MEMBER_LISTS)
                 .get(url.as_str())
-                .filter(|(at, _)| at.elapsed() <= max_age)
+                .filter(|(at, _)| at.elapsed() <= max_age && *at >= joined)
                 .map(|(_, list)| list.clone());
             if cached.is_some() {
                 return cached;
@@ -400,6 +403,45 @@ fn decode_lenient(body: &[u8]) -> Option<(Vec<ChatMessage>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bots of one process share member lists, but a list fetched before a bot's join
+    /// was confirmed cannot name it: it is never taken as a sign the server forgot it.
+    #[tokio::test]
+    async fn a_member_list_older_than_the_join_is_no_evidence() {
+        let server = crate::devserver::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            crate::devserver::ServerConfig::default(),
+        )
+        .await
+        .unwrap();
+        let state = server.state();
+        let late = state.register("late", "").unwrap();
+        let endpoints = Endpoints::parse(&server.base_url()).unwrap();
+        // Another bot's check cached the list just before "late" joined.
+        let url = endpoints.room_agents("lobby");
+        let before = Arc::new(vec!["early".to_string()]);
+        lock(&MEMBER_LISTS).insert(url.to_string(), (Instant::now(), before));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let joined = Instant::now();
+        state.join_room("late", "lobby").unwrap();
+        let check = |joined| {
+            rooms_missing_us(
+                reqwest::Client::new(),
+                endpoints.clone(),
+                late.key.clone(),
+                vec!["lobby".to_string()],
+                vec!["late".to_string()],
+                Duration::from_secs(5),
+                Duration::from_secs(60),
+                joined,
+            )
+        };
+        assert!(check(joined).await.is_empty(), "asked the server, listed");
+        // Fetched after the join, the list is shared (and says so).
+        lock(&MEMBER_LISTS).insert(url.to_string(), (Instant::now(), Arc::new(Vec::new())));
+        assert_eq!(check(joined).await, ["lobby"]);
+        server.shutdown().await;
+    }
 
     #[test]
     fn member_checks_slow_down_with_the_rooms_and_connections_of_one_server() {

@@ -213,6 +213,9 @@ struct Conn {
     membership_full: bool,
     /// When each room's member list was last asked about on this connection.
     member_checked: HashMap<String, Instant>,
+    /// When this connection's joins were last confirmed (it went active, or a room
+    /// joined again answered): a member list fetched before cannot name us.
+    joins_confirmed: Instant,
 }
 
 impl Conn {
@@ -1012,6 +1015,7 @@ impl Supervisor {
                 () = sleep_until_due(c.catch_up_at), if c.catch_up_at.is_some() => {
                     // Joins not confirmed in time: fetch anyway.
                     c.catch_up_at = None;
+                    c.joins_confirmed = Instant::now();
                     let rooms = std::mem::take(&mut c.rejoined);
                     self.catch_up(&mut c, Some(rooms));
                     Ok(())
@@ -1092,6 +1096,7 @@ impl Supervisor {
             membership: None,
             membership_full: false,
             member_checked: HashMap::new(),
+            joins_confirmed: now,
         };
         if c.unacked.is_empty() {
             self.start_recovery(&mut c);
@@ -1188,6 +1193,7 @@ impl Supervisor {
                             self.start_recovery(c);
                         }
                         if c.rejoined.remove(&room) {
+                            c.joins_confirmed = Instant::now();
                             if c.rejoined.is_empty() {
                                 c.catch_up_at = None;
                             }
@@ -1274,6 +1280,7 @@ impl Supervisor {
     fn go_active(&mut self, c: &mut Conn) -> Result<(), ConnEnd> {
         let now = Instant::now();
         c.active_since = Some(now);
+        c.joins_confirmed = now;
         self.set_state(SessionState::Active);
         self.shared.status().active_since = Some(now);
         self.flush(c)
@@ -1459,6 +1466,7 @@ impl Supervisor {
             } else {
                 self.membership_period()
             },
+            c.joins_confirmed,
         ))));
     }
 
