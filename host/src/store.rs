@@ -296,6 +296,12 @@ pub struct ReplyRow {
     /// the calling thread before the call returns, with no hand-over to another
     /// thread. SQLite only; otherwise it joins the next group commit.
     pub here: bool,
+    /// More replies of the caller follow at once (its bot has more messages
+    /// waiting): the row starts no commit of its own but waits for the caller's
+    /// last reply, which commits them together on its thread ([`ReplyRow::here`]),
+    /// or for [`Store::commit_waiting`], and at worst for the bookkeeping commit a
+    /// couple of milliseconds later. SQLite only.
+    pub later: bool,
 }
 
 /// Size limits of one persona's key/value namespace. Sizes count the key's UTF-8 bytes
@@ -873,9 +879,7 @@ impl Store {
         durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
     ) -> OutboxId {
         match &self.backend {
-            Backend::Sqlite(s) => {
-                s.outbox_enqueue(bot, room, text, created_at, how.handed, how.here, durable)
-            }
+            Backend::Sqlite(s) => s.outbox_enqueue(bot, room, text, created_at, how, durable),
             Backend::Postgres(p) => p.outbox_enqueue(
                 postgres::NewRow {
                     bot,
@@ -918,6 +922,15 @@ impl Store {
     /// Returns how many rows went.
     pub fn outbox_prune(&self, before: i64) -> Result<usize, StoreError> {
         dispatch!(self, b => b.outbox_prune(before))
+    }
+
+    /// Commits on this thread the rows queued with [`ReplyRow::later`], unless a
+    /// commit is running that takes them (SQLite; nothing to do otherwise). For a
+    /// caller whose run of replies ended without a last one.
+    pub fn commit_waiting(&self) {
+        if let Backend::Sqlite(s) = &self.backend {
+            s.commit_waiting();
+        }
     }
 
     /// Waits until every write queued before this call is committed.

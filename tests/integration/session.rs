@@ -1103,6 +1103,7 @@ async fn a_crash_between_commit_and_send_costs_a_re_send_never_an_extra_send() {
     let how = ReplyRow {
         handed: true,
         here: true,
+        ..Default::default()
     };
     let created = roost::store::now_ms();
     let id = store.outbox_enqueue_reply(

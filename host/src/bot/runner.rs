@@ -220,6 +220,9 @@ impl Bot {
                                 _ => None,
                             };
                             apply(&label, &session, &history, effects);
+                            if events.is_empty() {
+                                session.commit_waiting();
+                            }
                             if let (Some(s), Some((delivered, live))) = (&shadow, for_shadow) {
                                 s.offer(delivered, live);
                             }
@@ -235,6 +238,8 @@ impl Bot {
                         }
                     }
                 }
+                // Replies queued to be committed with a later one go now.
+                session.commit_waiting();
             })
         };
         tracing::info!(bot = %label, name = %m.name, rooms = ?m.rooms, "bot started");

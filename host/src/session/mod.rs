@@ -553,10 +553,15 @@ impl SessionHandle {
         // While the connection is active the row goes out as soon as it is committed:
         // it is written as handed to the connection (no separate "sent" write). When
         // the bot has no other message waiting, nothing is gained by committing on
-        // another thread while it goes on: it commits here, saving a hand-over.
+        // another thread while it goes on: it commits here (with the rows of its
+        // earlier replies still waiting), saving a hand-over. With more messages
+        // waiting, its next replies follow at once: the row waits to be committed
+        // with the last of them (see `ReplyRow::later`).
+        let alone = self.shared.events.len() == 0;
         let how = crate::store::ReplyRow {
             handed: self.shared.state_tx.borrow().state == SessionState::Active,
-            here: self.shared.events.len() == 0,
+            here: alone,
+            later: !alone,
         };
         let id = self.store.outbox_enqueue_reply(
             &self.shared.bot,
@@ -599,6 +604,14 @@ impl SessionHandle {
             },
         );
         Ok(id)
+    }
+
+    /// Commits on this thread the replies [`SessionHandle::send`] queued while more
+    /// messages waited ([`crate::store::ReplyRow::later`]), unless a running commit
+    /// takes them. For a bot whose last waiting message had no reply (they would
+    /// otherwise wait for the store's bookkeeping flush, 2 ms), and as it stops.
+    pub fn commit_waiting(&self) {
+        self.store.commit_waiting();
     }
 
     /// Joins `room` now (if connected) and on every later connection.

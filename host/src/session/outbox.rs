@@ -384,6 +384,7 @@ mod tests {
         let how = crate::store::ReplyRow {
             handed: true,
             here: true,
+            ..Default::default()
         };
         let id =
             store.outbox_enqueue_reply("bot", "r", "hi", 1_000, Vec::new(), how, move |_, r| {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::net::TcpStream;
@@ -59,6 +59,9 @@ const PROOF_OF_MEMBERSHIP: Duration = Duration::from_secs(1);
 const HISTORY_RETRIES: u32 = 2;
 /// Commands handled together before the outbox is flushed once for all of them.
 const COMMAND_BATCH: usize = 64;
+/// Frames the session takes from the socket in one turn of its loop, after the one
+/// that woke it, when they are already there.
+const FRAMES_PER_TURN: usize = 16;
 
 /// Everything `spawn` hands to the task.
 pub(super) struct Parts {
@@ -966,6 +969,10 @@ impl Supervisor {
             period + period.mul_f64(self.rng.random::<f64>())
         };
         let mut membership_due = Box::pin(tokio::time::sleep(first_check));
+        // One timer for the dead-peer deadline, moved on only when it fires (a fresh
+        // one per frame cost a timer registration and removal each).
+        let dead = tokio::time::sleep_until(c.dead_at);
+        tokio::pin!(dead);
 
         loop {
             if self.shutdown_due(&c) {
@@ -980,12 +987,34 @@ impl Supervisor {
             let awaiting_acks = !recovering && c.active_since.is_none();
             let step = tokio::select! {
                 cmd = self.cmds.recv() => self.on_command(&mut c, cmd),
-                frame = stream.next() => self.on_frame(&mut c, frame),
+                frame = stream.next() => {
+                    // The frames already read go in this turn (up to a bound), not
+                    // one per pass over every branch.
+                    let mut step = self.on_frame(&mut c, frame);
+                    for _ in 0..FRAMES_PER_TURN {
+                        if step.is_err() {
+                            break;
+                        }
+                        let Some(frame) = stream.next().now_or_never() else {
+                            break;
+                        };
+                        step = self.on_frame(&mut c, frame);
+                    }
+                    step
+                }
                 _ = ping.tick() => {
                     let _ = c.out_tx.try_send(Message::Ping(Default::default()));
                     Ok(())
                 }
-                () = tokio::time::sleep_until(c.dead_at) => Err(lost(Disconnect::DeadPeer, c.up_for())),
+                () = &mut dead => {
+                    if Instant::now() >= c.dead_at {
+                        Err(lost(Disconnect::DeadPeer, c.up_for()))
+                    } else {
+                        // Frames came since it was set: wait for the newest deadline.
+                        dead.as_mut().reset(c.dead_at);
+                        Ok(())
+                    }
+                }
                 () = tokio::time::sleep_until(c.ack_deadline), if awaiting_acks => {
                     tracing::debug!(
                         bot = self.bot(),

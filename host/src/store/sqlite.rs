@@ -550,10 +550,10 @@ impl Sqlite {
         room: &str,
         text: &str,
         created_at: i64,
-        handed: bool,
-        here: bool,
+        how: super::ReplyRow,
         durable: impl FnOnce(OutboxId, Result<(), StoreError>) + Send + 'static,
     ) -> OutboxId {
+        let handed = how.handed;
         let id = OutboxId(self.commits.next_outbox_id.fetch_add(1, Ordering::SeqCst));
         let mut q = self.queue();
         q.jobs.push(Job {
@@ -567,8 +567,32 @@ impl Sqlite {
             },
             done: Done::Call(Box::new(move |r| durable(id, r))),
         });
-        self.queued(q, if here { Urgency::Here } else { Urgency::Now });
+        let urgency = if how.here {
+            Urgency::Here
+        } else if how.later {
+            Urgency::Soon
+        } else {
+            Urgency::Now
+        };
+        self.queued(q, urgency);
         id
+    }
+
+    /// Commits the writes someone waits for on this thread, if there are any and no
+    /// commit is running (which would take them): the caller's last
+    /// [`ReplyRow::later`] rows, when nothing else is coming.
+    pub fn commit_waiting(&self) {
+        let lead = {
+            let mut q = self.queue();
+            let lead = !q.running && !q.paused() && q.jobs.iter().any(Job::waited_for);
+            if lead {
+                q.running = true;
+            }
+            lead
+        };
+        if lead {
+            self.drain_inline();
+        }
     }
 
     /// The open (pending or sent, unconfirmed) entries of `bot`, oldest first.
@@ -786,6 +810,9 @@ const GATHER_AFTER: usize = 2;
 const GATHER_ENOUGH: usize = 16;
 /// How long a batch under load gathers (well under the group commit's 2 ms).
 const GATHER_WAIT: Duration = Duration::from_micros(150);
+/// Batches a writer's thread commits before it hands the rest to the blocking pool
+/// (see [`Sqlite::drain_inline`]).
+const INLINE_BATCHES: usize = 4;
 
 /// Recovery positions waiting for the next commit: bot -> room -> the newest
 /// timestamp and its live run (see [`RoomPosition`]).
@@ -829,7 +856,8 @@ enum Urgency {
     /// A writer waits (a reply is not sent before its row is committed): commit now,
     /// on the blocking pool, while the writer goes on.
     Now,
-    /// Bookkeeping (a send, a confirmation, a recovery position): with the next
+    /// Bookkeeping (a send, a confirmation, a recovery position), or a reply whose
+    /// writer has more coming ([`super::ReplyRow::later`]): with the next
     /// commit, or within [`SOON`].
     Soon,
 }
@@ -875,8 +903,9 @@ impl Drop for CommitHold {
 /// are committed in groups: every write queued while a commit is running goes into
 /// the next one, a single transaction, and each writer is told only once its own row
 /// is committed. Under load one transaction carries many writes; alone, a write
-/// commits at once. The commit runs on tokio's blocking pool (inline when there is
-/// no runtime, or for a writer with nothing else to do: [`Urgency::Here`]).
+/// commits at once. A writer with nothing else to do commits on its own thread
+/// ([`Urgency::Here`], a few batches at most, as does the bookkeeping flush); the
+/// rest runs on tokio's blocking pool (inline when there is no runtime).
 ///
 /// Each write is one statement (no savepoint: SQLite undoes a failing statement by
 /// itself); recovery positions are merged per room while they wait, so a commit
@@ -924,23 +953,24 @@ impl Sqlite {
         drop(q);
         match then {
             Then::Nothing => {}
-            Then::DrainHere => self.drain_here(),
+            Then::DrainHere => self.drain_inline(),
             Then::Drain => self.start_drain(),
             Then::Schedule => match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
                     let store = self.clone();
                     rt.spawn(async move {
                         tokio::time::sleep(SOON).await;
-                        store.kick();
+                        store.kick(true);
                     });
                 }
-                Err(_) => self.kick(),
+                Err(_) => self.kick(false),
             },
         }
     }
 
-    /// Starts a commit of whatever is queued, unless one is running or held.
-    fn kick(&self) {
+    /// Starts a commit of whatever is queued, unless one is running or held; with
+    /// `here`, on this thread ([`Sqlite::drain_inline`]).
+    fn kick(&self, here: bool) {
         let lead = {
             let mut q = self.queue();
             q.flush_scheduled = false;
@@ -950,7 +980,9 @@ impl Sqlite {
             }
             lead
         };
-        if lead {
+        if lead && here {
+            self.drain_inline();
+        } else if lead {
             self.start_drain();
         }
     }
@@ -960,8 +992,9 @@ impl Sqlite {
     /// (Committing every batch on the calling thread instead was measured: one-at-a-time
     /// latency 106 -> 17 us per row, but replies per second through `roost serve` fell
     /// from 22,000 to 9,300, as batches shrank to one row and the workers did the
-    /// writing. Hence [`Urgency::Here`] commits one batch on the caller's thread only
-    /// for a caller with nothing else to do.)
+    /// writing. Hence [`Urgency::Here`] commits on the caller's thread only for a
+    /// caller with nothing else to do, and a caller with more replies coming queues
+    /// them with [`Urgency::Soon`] first: its batches stay large.)
     fn start_drain(&self) {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
@@ -972,22 +1005,28 @@ impl Sqlite {
         }
     }
 
-    /// One batch on this thread (the caller holds `running`); whatever queued up
-    /// meanwhile goes to the blocking pool.
-    fn drain_here(&self) {
-        if let Some(batch) = self.take_batch() {
-            self.commit_batch(batch);
-            let more = {
-                let mut q = self.queue();
-                let more = !q.is_empty() && !q.paused();
-                if !more {
-                    q.running = false;
-                }
-                more
+    /// Commits what is queued on this thread, without gathering (the caller holds
+    /// `running`): a few batches at most, then whatever still comes goes to the
+    /// blocking pool (a steady stream from many writers must not hold one async
+    /// worker). Handing small batches to another thread costs more than writing
+    /// them: a wake-up and a context switch each way.
+    fn drain_inline(&self) {
+        for _ in 0..INLINE_BATCHES {
+            let Some(batch) = self.take_batch() else {
+                return;
             };
-            if more {
-                self.start_drain();
+            self.commit_batch(batch);
+        }
+        let more = {
+            let mut q = self.queue();
+            let more = !q.is_empty() && !q.paused();
+            if !more {
+                q.running = false;
             }
+            more
+        };
+        if more {
+            self.start_drain();
         }
     }
 
@@ -1379,6 +1418,66 @@ mod tests {
         tempfile::tempdir().unwrap()
     }
 
+    /// Rows queued with `later` start no commit: the caller's `commit_waiting` commits
+    /// them all in one transaction on its own thread, before it returns.
+    #[tokio::test(start_paused = true)]
+    async fn later_rows_wait_for_commit_waiting_and_go_in_one_transaction() {
+        let tmp = tempdir();
+        let store = Sqlite::open(tmp.path()).unwrap();
+        let before = store.commit_stats();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let later = crate::store::ReplyRow {
+            handed: true,
+            later: true,
+            ..Default::default()
+        };
+        for (i, text) in ["one", "two", "three"].into_iter().enumerate() {
+            let told = told.clone();
+            store.outbox_enqueue("b", "r", text, i as i64, later, move |id, r| {
+                told.lock().unwrap().push((id, r.is_ok()));
+            });
+        }
+        assert!(told.lock().unwrap().is_empty(), "no row committed yet");
+        assert!(store.outbox_pending("b").unwrap().is_empty());
+        store.commit_waiting();
+        let told = told.lock().unwrap().clone();
+        assert_eq!(told.len(), 3, "all told before commit_waiting returned");
+        assert!(told.iter().all(|(_, ok)| *ok));
+        assert!(told.windows(2).all(|w| w[0].0 < w[1].0), "in order");
+        let after = store.commit_stats();
+        assert_eq!(after.batches - before.batches, 1);
+        assert_eq!(after.writes - before.writes, 3);
+        let texts: Vec<String> = store
+            .outbox_pending("b")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(texts, ["one", "two", "three"]);
+        // Nothing waits: a second call commits nothing.
+        store.commit_waiting();
+        assert_eq!(store.commit_stats().batches, after.batches);
+    }
+
+    /// A `later` row whose caller never calls `commit_waiting` (its last message
+    /// had no reply) is committed by the bookkeeping flush within [`SOON`].
+    #[tokio::test(start_paused = true)]
+    async fn a_later_row_left_waiting_is_committed_within_soon() {
+        let tmp = tempdir();
+        let store = Sqlite::open(tmp.path()).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let later = crate::store::ReplyRow {
+            later: true,
+            ..Default::default()
+        };
+        store.outbox_enqueue("b", "r", "alone", 1, later, move |_, r| {
+            let _ = tx.send(r.is_ok());
+        });
+        let ok = tokio::time::timeout(SOON * 2, rx).await;
+        assert_eq!(ok.map(Result::ok), Ok(Some(true)));
+        assert_eq!(store.outbox_pending("b").unwrap().len(), 1);
+    }
+
     #[test]
     fn creates_dir_schema_and_modes() {
         let tmp = tempdir();
@@ -1477,10 +1576,10 @@ mod tests {
             .next_outbox_id
             .store(first.0, Ordering::SeqCst);
         let tx2 = tx.clone();
-        store.outbox_enqueue("b", "r", "dup", 2, false, false, move |_, r| {
+        store.outbox_enqueue("b", "r", "dup", 2, Default::default(), move |_, r| {
             tx2.send(r.is_ok()).unwrap();
         });
-        store.outbox_enqueue("b", "r", "two", 3, false, false, move |_, r| {
+        store.outbox_enqueue("b", "r", "two", 3, Default::default(), move |_, r| {
             tx.send(r.is_ok()).unwrap();
         });
         drop(hold);
