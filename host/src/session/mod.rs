@@ -789,6 +789,9 @@ pub fn spawn_with(
     ))
 }
 
+/// Idle REST connections kept open to one server for the next request.
+const IDLE_CONNECTIONS_PER_SERVER: usize = 64;
+
 /// One HTTP client per connect timeout for every session of the process: a client
 /// holds a connection pool and TLS roots, which thousands of bots need only once.
 fn shared_http_client(connect_timeout: Duration) -> Result<reqwest::Client, SessionError> {
@@ -806,6 +809,9 @@ fn shared_http_client(connect_timeout: Duration) -> Result<reqwest::Client, Sess
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
+        // Thousands of bots starting together fetch their histories at once: the
+        // connections that burst opens are not all kept open afterwards.
+        .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_SERVER)
         .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| SessionError::Http(http::error_chain(&e)))?;
