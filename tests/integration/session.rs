@@ -52,6 +52,15 @@ fn temp_store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// A bot named `name` on `base_url` with the store in `dir` (as a host started on
+/// that folder again would), active on its first connection.
+async fn started_in(dir: &std::path::Path, base_url: &str, name: &str) -> Bot {
+    let store = Store::open(dir).unwrap();
+    let bot = start(config(base_url, name), &store);
+    active(&bot.handle, 1).await;
+    bot
+}
+
 /// A bot named `name` on `base_url` with a store of its own, active on its first
 /// connection; the folder holding the store must outlive the bot.
 async fn started(base_url: &str, name: &str) -> (tempfile::TempDir, Bot) {
@@ -1216,9 +1225,7 @@ async fn messages_posted_while_roost_was_stopped_are_recovered_once_after_a_rest
     let state = srv.state();
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = Store::open(dir.path()).unwrap();
-        let mut bot = start(config(&srv.base_url(), "sleeper"), &store);
-        active(&bot.handle, 1).await;
+        let mut bot = started_in(dir.path(), &srv.base_url(), "sleeper").await;
         drain_to_marker(&mut bot, &state, "before the stop").await;
         bot.handle.shutdown().await;
     }
@@ -1227,9 +1234,7 @@ async fn messages_posted_while_roost_was_stopped_are_recovered_once_after_a_rest
         .post_message("other", "lobby", "said while roost was stopped")
         .unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let store = Store::open(dir.path()).unwrap();
-    let mut bot = start(config(&srv.base_url(), "sleeper"), &store);
-    active(&bot.handle, 1).await;
+    let mut bot = started_in(dir.path(), &srv.base_url(), "sleeper").await;
     let got = drain_to_marker(&mut bot, &state, "after the start").await;
     assert_eq!(
         count_text(&got, "said while roost was stopped"),
@@ -1251,9 +1256,7 @@ async fn a_restart_during_a_slow_recovery_hands_over_the_gap_once_and_the_live_r
     let state = srv.state();
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = Store::open(dir.path()).unwrap();
-        let mut bot = start(config(&srv.base_url(), "napper"), &store);
-        active(&bot.handle, 1).await;
+        let mut bot = started_in(dir.path(), &srv.base_url(), "napper").await;
         drain_to_marker(&mut bot, &state, "settled").await;
         outage(&srv, &bot).await;
         state
@@ -1270,9 +1273,7 @@ async fn a_restart_during_a_slow_recovery_hands_over_the_gap_once_and_the_live_r
         bot.handle.shutdown().await;
     }
     srv.faults().clear_history_faults();
-    let store = Store::open(dir.path()).unwrap();
-    let mut bot = start(config(&srv.base_url(), "napper"), &store);
-    active(&bot.handle, 1).await;
+    let mut bot = started_in(dir.path(), &srv.base_url(), "napper").await;
     let got = drain_to_marker(&mut bot, &state, "after the start").await;
     assert_eq!(count_text(&got, "missed while away"), 1, "{got:?}");
     assert_eq!(count_text(&got, "heard live"), 0, "{got:?}");

@@ -1418,6 +1418,16 @@ mod tests {
         tempfile::tempdir().unwrap()
     }
 
+    /// The texts of `bot`'s open outbox rows, oldest first.
+    fn pending_texts(store: &Sqlite, bot: &str) -> Vec<String> {
+        store
+            .outbox_pending(bot)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect()
+    }
+
     /// Rows queued with `later` start no commit: the caller's `commit_waiting` commits
     /// them all in one transaction on its own thread, before it returns.
     #[tokio::test(start_paused = true)]
@@ -1447,12 +1457,7 @@ mod tests {
         let after = store.commit_stats();
         assert_eq!(after.batches - before.batches, 1);
         assert_eq!(after.writes - before.writes, 3);
-        let texts: Vec<String> = store
-            .outbox_pending("b")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.text)
-            .collect();
+        let texts = pending_texts(&store, "b");
         assert_eq!(texts, ["one", "two", "three"]);
         // Nothing waits: a second call commits nothing.
         store.commit_waiting();
@@ -1585,12 +1590,7 @@ mod tests {
         drop(hold);
         assert!(!rx.recv().unwrap(), "the duplicate id fails");
         assert!(rx.recv().unwrap(), "the next write is committed");
-        let texts: Vec<String> = store
-            .outbox_pending("b")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.text)
-            .collect();
+        let texts = pending_texts(&store, "b");
         assert_eq!(texts, ["one", "two"]);
     }
 
@@ -1668,13 +1668,7 @@ mod tests {
             store.room_positions("b").unwrap(),
             [RoomPosition::at("r", 42)]
         );
-        let open: Vec<String> = store
-            .outbox_pending("b")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.text)
-            .collect();
-        assert_eq!(open, ["open", "new"]);
+        assert_eq!(pending_texts(&store, "b"), ["open", "new"]);
         // New ids continue after the old ones.
         let id = crate::store::Store::sqlite(store.clone())
             .outbox_push("b", "r", "next", 4)
