@@ -137,7 +137,7 @@ pub struct SessionConfig {
     pub clock_skew: Duration,
     /// How often an active connection checks that the server still counts it in each
     /// room (`GET /api/rooms/:room/agents`; a room that delivered a message within the
-    /// last second is not asked, and the bots of one process share each list for half a
+    /// last second is not asked, and the bots of one process share each list for a
     /// period). A room that no longer lists us is joined again and what was missed in it
     /// is fetched; so is every room after a `not_joined` error. Each check asks about
     /// one quiet room, the one asked about longest ago (a server that loses a
@@ -484,8 +484,9 @@ struct Shared {
     /// The bot's end reads these.
     events: Arc<EventQueue>,
     membership: Membership,
-    /// With a shared store: each room's position up to the last message handed to the
-    /// bot. A reply's outbox row is committed together with them (one transaction),
+    /// With a shared store: each room's position as it would be saved now (up to the
+    /// last message handed to the bot, or held at a gap still being recovered, with
+    /// its live run). A reply's outbox row is committed together with them (one transaction),
     /// so a host that dies after it cannot leave the next holder a mention that was
     /// answered but looks unanswered.
     delivered: Mutex<std::collections::HashMap<String, crate::store::RoomPosition>>,

@@ -1030,10 +1030,9 @@ impl Supervisor {
                     self.on_recovered(&mut c, result).map(|()| self.catch_up(&mut c, None))
                 }
                 () = &mut membership_due, if !check_every.is_zero() => {
-                    self.check_membership(&mut c, false);
-                    membership_due
-                        .as_mut()
-                        .reset(Instant::now() + self.membership_period());
+                    let period = self.membership_period();
+                    self.check_membership(&mut c, Some(period));
+                    membership_due.as_mut().reset(Instant::now() + period);
                     Ok(())
                 }
                 missing = wait_task(&mut c.membership), if c.membership.is_some() => {
@@ -1453,9 +1452,12 @@ impl Supervisor {
     /// Asks the server whether it still counts us in a room that has not just
     /// delivered a message (one that did, within [`PROOF_OF_MEMBERSHIP`], did): the
     /// quiet room asked about longest ago, one per check (a server that loses a
-    /// connection's joins loses them all, and one room tells), or every quiet room
-    /// when `full` (one was found missing: which others are?).
-    fn check_membership(&mut self, c: &mut Conn, full: bool) {
+    /// connection's joins loses them all, and one room tells), reusing a list another
+    /// bot of the process fetched within `reuse_for`; or, with `None`, every quiet
+    /// room with fresh lists (one was found missing: which others are? Lists fetched
+    /// before the miss prove nothing).
+    fn check_membership(&mut self, c: &mut Conn, reuse_for: Option<Duration>) {
+        let full = reuse_for.is_none();
         if c.active_since.is_none() || c.membership.is_some() || !c.rejoined.is_empty() {
             return;
         }
@@ -1489,12 +1491,7 @@ impl Supervisor {
             rooms,
             self.own_names.clone(),
             self.cfg.request_timeout,
-            // After a miss, lists of the other rooms fetched before it prove nothing.
-            if full {
-                Duration::ZERO
-            } else {
-                self.membership_period()
-            },
+            reuse_for.unwrap_or(Duration::ZERO),
             c.joins_confirmed,
         ))));
     }
@@ -1506,7 +1503,7 @@ impl Supervisor {
         if !c.membership_full && c.joined.len() > 1 {
             // One room no longer lists us: ask about the others at once, so every
             // forgotten room is joined again together.
-            self.check_membership(c, true);
+            self.check_membership(c, None);
             if c.membership.is_some() {
                 return;
             }
