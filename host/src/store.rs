@@ -281,6 +281,13 @@ fn position_from_row(
     }
 }
 
+/// The `last_ts`, `live_from` and `live_until` columns of a `room_positions` row as
+/// both databases store them: the inverse of [`position_from_row`].
+fn position_columns(last_ts: u64, live: Option<(u64, u64)>) -> (i64, Option<i64>, Option<i64>) {
+    let ms = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+    (ms(last_ts), live.map(|l| ms(l.0)), live.map(|l| ms(l.1)))
+}
+
 /// How [`Store::outbox_enqueue_reply`] writes and commits a reply's row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReplyRow {

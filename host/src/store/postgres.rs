@@ -1231,13 +1231,10 @@ async fn save_positions(
                  last_ts = GREATEST(room_positions.last_ts, excluded.last_ts)",
         )
         .await?;
-    let ms = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
     let mut n = 0;
     for p in positions {
-        let (from, until) = (p.live.map(|l| ms(l.0)), p.live.map(|l| ms(l.1)));
-        n += tx
-            .execute(&st, &[bot, &p.room, &ms(p.last_ts), &from, &until])
-            .await?;
+        let (ts, from, until) = super::position_columns(p.last_ts, p.live);
+        n += tx.execute(&st, &[bot, &p.room, &ts, &from, &until]).await?;
     }
     Ok(n)
 }

@@ -1191,16 +1191,10 @@ fn save_positions(conn: &Connection, positions: &Positions) -> rusqlite::Result<
                                THEN excluded.live_until ELSE live_until END,
              last_ts = MAX(last_ts, excluded.last_ts)",
     )?;
-    let ms = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
     for (bot, rooms) in positions {
         for (room, (ts, live)) in rooms {
-            stmt.execute(params![
-                bot,
-                room,
-                ms(*ts),
-                live.map(|l| ms(l.0)),
-                live.map(|l| ms(l.1))
-            ])?;
+            let (ts, from, until) = super::position_columns(*ts, *live);
+            stmt.execute(params![bot, room, ts, from, until])?;
         }
     }
     Ok(())
